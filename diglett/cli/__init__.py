@@ -1,0 +1,1 @@
+"""Command-line entry points: diglett (agent), diglett-server and diglett-admin."""

@@ -1,0 +1,1 @@
+"""Hook modules, installed as ``diglett.hooks``; they see only diglett.signals payloads."""
