@@ -1,0 +1,425 @@
+"""The multiplexing state machine of one agent connection, after the handshake: sans-IO.
+
+Bytes go in through ``receive_data`` and come out as events; commands (open, data, fin,
+reset, acknowledge, ping, goaway) queue frames that ``data_to_send`` packs into sealed
+records. This module owns stream ids, stream states and credit windows. It must not touch
+sockets, gevent, the registry or signals: diglett.tunnel drives it over a socket.
+"""
+
+import collections
+from dataclasses import dataclass
+
+from diglett import wire
+from diglett.crypto import DecryptError, RECORD_HEADER_SIZE, TAG_SIZE
+from diglett.wire import ErrorCode, FrameType, ProtocolError
+
+DEFAULT_WINDOW = 256 * 1024  # per-stream credit per direction (W0)
+DEFAULT_MAX_STREAMS = 16384  # concurrent streams per agent
+OUTPUT_CHUNK = 256 * 1024  # bytes data_to_send returns at most per call (writer latency)
+MAX_PENDING_PONGS = 4  # PINGs beyond this many unanswered are dropped (ping flood)
+
+SERVER = "server"
+AGENT = "agent"
+
+
+# Events. Frozen and slotted: cheap to create on the data path, safe to pass around.
+@dataclass(frozen=True, slots=True)
+class ConfigReceived:
+    config: dict  # the agent's CONFIG JSON (server side)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    info: dict  # the server's OK JSON (agent side)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    code: int  # ERROR from the server (agent side); the server closes next
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    stream_id: int  # a client connected on the server (agent side)
+    info: dict
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    stream_id: int  # the peer half-closed: no more DATA will come
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    stream_id: int
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdated:
+    stream_id: int  # more send credit: a blocked sender may go on
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GoAwayReceived:
+    code: int
+    reason: str
+
+
+_FIN = None  # marker in a stream's send queue: the FIN goes out after the queued DATA
+
+
+class StreamState:
+    """Flow-control bookkeeping of one stream; buffers of delivered bytes live in the I/O layer."""
+
+    __slots__ = (
+        "stream_id", "send_credit", "recv_allowed", "unacked", "queue", "ready",
+        "fin_queued", "fin_sent", "fin_received",
+    )
+
+    def __init__(self, stream_id, window):
+        self.stream_id = stream_id
+        self.send_credit = window  # bytes of DATA we may still send
+        self.recv_allowed = window  # bytes of DATA the peer may still send
+        self.unacked = 0  # delivered bytes whose credit has not been returned yet
+        self.queue = collections.deque()  # DATA payloads and at most one _FIN, in order
+        self.ready = False  # listed in Session._ready
+        self.fin_queued = False
+        self.fin_sent = False
+        self.fin_received = False
+
+
+class Session:
+    """One side of an authenticated agent connection (role SERVER or AGENT)."""
+
+    def __init__(self, role, send_cipher, recv_cipher, *, window=DEFAULT_WINDOW,
+                 max_streams=DEFAULT_MAX_STREAMS):
+        self.role = role
+        self.window = window  # the agent learns the real value from OK
+        self.max_streams = max_streams
+        self.streams = {}
+        self.last_stream_id = 0  # highest id opened; lower ids not in streams are closed
+        self.configured = False  # CONFIG seen (server) or OK/ERROR seen (agent)
+        self.records_in = 0
+        self.records_out = 0
+        self._send_cipher = send_cipher
+        self._recv_cipher = recv_cipher
+        self._inbuf = bytearray()
+        self._body_len = None  # decrypted length of the record being received
+        self._control = collections.deque()  # encoded non-DATA frames, sent first
+        self._ready = collections.deque()  # streams with queued DATA or FIN, round robin
+        self._pending_pongs = 0
+
+    # ----- commands -------------------------------------------------------------------
+    def send_config(self, config):
+        self._control.append(wire.encode_frame(
+            FrameType.CONFIG, 0, wire.encode_json(config, wire.MAX_CONFIG_SIZE)))
+
+    def accept(self, info):
+        self.window = info["window"]
+        self._control.append(wire.encode_frame(
+            FrameType.OK, 0, wire.encode_json(info, wire.MAX_CONFIG_SIZE)))
+
+    def refuse(self, code, reason):
+        self._control.append(wire.encode_frame(
+            FrameType.ERROR, 0, wire.encode_code_reason(code, reason)))
+
+    def open_stream(self, info=None):
+        """Server: a client connected; returns the new stream id (ids are never reused)."""
+        if self.last_stream_id >= wire.MAX_STREAM_ID:
+            raise ProtocolError("stream ids exhausted", ErrorCode.NO_ERROR)
+        self.last_stream_id += 1
+        stream_id = self.last_stream_id
+        self.streams[stream_id] = StreamState(stream_id, self.window)
+        payload = wire.encode_json(info, wire.MAX_OPEN_INFO_SIZE) if info else b""
+        self._control.append(wire.encode_frame(FrameType.OPEN, stream_id, payload))
+        return stream_id
+
+    def send_credit(self, stream_id):
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.fin_queued:
+            return 0
+        return stream.send_credit
+
+    def send_data(self, stream_id, data):
+        """Queue DATA within the stream's credit; False if the stream is gone (reset)."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.fin_queued:
+            return False
+        if len(data) > stream.send_credit:
+            raise ValueError("%d bytes exceed the credit of %d" % (len(data), stream.send_credit))
+        stream.send_credit -= len(data)
+        for offset in range(0, len(data), wire.MAX_DATA_PAYLOAD):
+            stream.queue.append(data[offset:offset + wire.MAX_DATA_PAYLOAD])
+        self._mark_ready(stream)
+        return True
+
+    def send_fin(self, stream_id):
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.fin_queued:
+            return
+        stream.fin_queued = True
+        stream.queue.append(_FIN)
+        self._mark_ready(stream)
+
+    def reset_stream(self, stream_id, code):
+        """Abort a stream: its queued DATA is dropped and RESET goes out with the control frames."""
+        if self.streams.pop(stream_id, None) is not None:
+            self._control.append(wire.encode_frame(
+                FrameType.RESET, stream_id, wire.encode_u16(code)))
+
+    def acknowledge(self, stream_id, nbytes):
+        """``nbytes`` of the stream were delivered to their socket: return the credit.
+
+        Credit goes back only for delivered bytes, so a stalled reader holds at most one
+        window of buffered data; batching to half a window keeps WINDOW frames rare.
+        """
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.fin_received:
+            return
+        stream.unacked += nbytes
+        if stream.unacked >= self.window // 2:
+            stream.recv_allowed += stream.unacked
+            self._control.append(wire.encode_frame(
+                FrameType.WINDOW, stream_id, wire.encode_u32(stream.unacked)))
+            stream.unacked = 0
+
+    def ping(self, payload):
+        self._control.append(wire.encode_frame(FrameType.PING, 0, payload))
+
+    def goaway(self, code, reason=""):
+        self._control.append(wire.encode_frame(
+            FrameType.GOAWAY, 0, wire.encode_code_reason(code, reason)))
+
+    # ----- output ---------------------------------------------------------------------
+    @property
+    def has_output(self):
+        return bool(self._control or self._ready)
+
+    @property
+    def buffered_output(self):
+        """Bytes of DATA queued but not yet sealed (for budgets and debug stats)."""
+        return sum(len(item) for s in self.streams.values() for item in s.queue if item)
+
+    def data_to_send(self, limit=OUTPUT_CHUNK):
+        """Seal queued frames into records: control first, then one DATA frame per stream per turn."""
+        records = []
+        total = 0
+        while total < limit:
+            plaintext = self._next_plaintext()
+            if not plaintext:
+                break
+            record = self._send_cipher.seal(plaintext)
+            self.records_out += 1
+            records.append(record)
+            total += len(record)
+        return b"".join(records)
+
+    def _next_plaintext(self):
+        parts = []
+        room = wire.MAX_RECORD_PLAINTEXT
+        control = self._control
+        while control and len(control[0]) <= room:
+            frame = control.popleft()
+            if frame[0] == FrameType.PONG:
+                self._pending_pongs -= 1
+            parts.append(frame)
+            room -= len(frame)
+        ready = self._ready
+        while ready:
+            stream = ready[0]
+            if stream.stream_id not in self.streams:  # reset meanwhile
+                ready.popleft()
+                stream.ready = False
+                continue
+            item = stream.queue[0]
+            size = wire.FRAME_HEADER_SIZE + (0 if item is _FIN else len(item))
+            if size > room:
+                break
+            ready.popleft()
+            stream.queue.popleft()
+            room -= size
+            if item is _FIN:
+                parts.append(wire.encode_frame(FrameType.FIN, stream.stream_id))
+                self._fin_sent(stream)
+            else:
+                parts.append(wire.encode_frame(FrameType.DATA, stream.stream_id, item))
+            if stream.queue:
+                ready.append(stream)
+            else:
+                stream.ready = False
+        return b"".join(parts)
+
+    def _mark_ready(self, stream):
+        if not stream.ready:
+            stream.ready = True
+            self._ready.append(stream)
+
+    def _fin_sent(self, stream):
+        stream.fin_sent = True
+        if stream.fin_received:
+            self.streams.pop(stream.stream_id, None)
+
+    # ----- input ----------------------------------------------------------------------
+    def receive_data(self, data):
+        """Feed bytes from the socket; returns the events of every complete record."""
+        buf = self._inbuf
+        buf += data
+        events = []
+        offset = 0
+        while True:
+            if self._body_len is None:
+                if len(buf) - offset < RECORD_HEADER_SIZE:
+                    break
+                header = bytes(buf[offset:offset + RECORD_HEADER_SIZE])
+                self._body_len = self._open(self._recv_cipher.open_length, header)
+                offset += RECORD_HEADER_SIZE
+            need = self._body_len + TAG_SIZE
+            if len(buf) - offset < need:
+                break
+            body = bytes(buf[offset:offset + need])
+            offset += need
+            self._body_len = None
+            plaintext = self._open(self._recv_cipher.open_body, body)
+            self.records_in += 1
+            for frame in wire.decode_frames(plaintext):
+                self._handle(frame, events)
+        if offset:
+            del buf[:offset]
+        return events
+
+    @staticmethod
+    def _open(step, data):
+        try:
+            return step(data)
+        except DecryptError as exc:
+            raise ProtocolError(str(exc)) from None
+
+    def _handle(self, frame, events):
+        ftype = frame.type
+        if ftype == FrameType.DATA:
+            self._on_data(frame, events)
+        elif ftype in _STREAM_HANDLERS:
+            _STREAM_HANDLERS[ftype](self, frame, events)
+        elif not self.configured:
+            self._on_first_frame(frame, events)
+        elif ftype == FrameType.PING:
+            if self._pending_pongs < MAX_PENDING_PONGS:
+                self._pending_pongs += 1
+                self._control.append(wire.encode_frame(FrameType.PONG, 0, frame.payload))
+        elif ftype == FrameType.PONG:
+            events.append(PongReceived(frame.payload))
+        elif ftype == FrameType.GOAWAY:
+            events.append(GoAwayReceived(*wire.decode_code_reason(frame.payload)))
+        else:
+            raise ProtocolError("unexpected %s from the %s" % (FrameType(ftype).name, self._peer))
+
+    @property
+    def _peer(self):
+        return AGENT if self.role == SERVER else SERVER
+
+    def _on_first_frame(self, frame, events):
+        ftype = frame.type
+        if self.role == SERVER and ftype == FrameType.CONFIG:
+            events.append(ConfigReceived(wire.decode_json(frame.payload, "CONFIG")))
+        elif self.role == AGENT and ftype == FrameType.OK:
+            info = wire.decode_json(frame.payload, "OK")
+            window = info.get("window")
+            if not isinstance(window, int) or not 1 <= window <= wire.MAX_WINDOW:
+                raise ProtocolError("OK announces window %r" % (window,))
+            self.window = window
+            events.append(Accepted(info))
+        elif self.role == AGENT and ftype == FrameType.ERROR:
+            events.append(Refused(*wire.decode_code_reason(frame.payload)))
+        elif ftype == FrameType.GOAWAY:
+            events.append(GoAwayReceived(*wire.decode_code_reason(frame.payload)))
+            return
+        else:
+            raise ProtocolError("first frame from the %s is %s" % (self._peer, FrameType(ftype).name))
+        self.configured = True
+
+    def _known_stream(self, frame):
+        """The stream a frame is for, None for a closed one; a never-opened id is an error."""
+        stream = self.streams.get(frame.stream_id)
+        if stream is None and frame.stream_id > self.last_stream_id:
+            raise ProtocolError("%s for stream %d that was never opened"
+                                % (FrameType(frame.type).name, frame.stream_id))
+        return stream  # None: closed, and late frames for closed streams are normal races
+
+    def _on_data(self, frame, events):
+        stream = self._known_stream(frame)
+        if stream is None:
+            return
+        if stream.fin_received:
+            raise ProtocolError("DATA after FIN on stream %d" % frame.stream_id,
+                                ErrorCode.STREAM_CLOSED)
+        size = len(frame.payload)
+        if size > stream.recv_allowed:
+            raise ProtocolError("stream %d sent %d bytes beyond its window"
+                                % (frame.stream_id, size - stream.recv_allowed),
+                                ErrorCode.FLOW_CONTROL_ERROR)
+        stream.recv_allowed -= size
+        events.append(DataReceived(frame.stream_id, frame.payload))
+
+    def _on_open(self, frame, events):
+        if self.role != AGENT or not self.configured:
+            raise ProtocolError("OPEN from the %s" % self._peer)
+        if frame.stream_id <= self.last_stream_id:
+            raise ProtocolError("OPEN reuses stream id %d" % frame.stream_id)
+        self.last_stream_id = frame.stream_id
+        info = wire.decode_json(frame.payload, "OPEN") if frame.payload else {}
+        if len(self.streams) >= self.max_streams:
+            self._control.append(wire.encode_frame(
+                FrameType.RESET, frame.stream_id, wire.encode_u16(ErrorCode.REFUSED_STREAM)))
+            return
+        self.streams[frame.stream_id] = StreamState(frame.stream_id, self.window)
+        events.append(StreamOpened(frame.stream_id, info))
+
+    def _on_fin(self, frame, events):
+        stream = self._known_stream(frame)
+        if stream is None or stream.fin_received:
+            return
+        stream.fin_received = True
+        if stream.fin_sent:
+            del self.streams[frame.stream_id]
+        events.append(StreamEnded(frame.stream_id))
+
+    def _on_reset(self, frame, events):
+        stream = self._known_stream(frame)
+        if stream is None:
+            return
+        del self.streams[frame.stream_id]
+        events.append(StreamReset(frame.stream_id, wire.decode_u16(frame.payload)))
+
+    def _on_window(self, frame, events):
+        stream = self._known_stream(frame)
+        increment = wire.decode_u32(frame.payload)
+        if increment == 0:
+            raise ProtocolError("WINDOW of 0 on stream %d" % frame.stream_id)
+        if stream is None:
+            return
+        if stream.send_credit + increment > wire.MAX_WINDOW:
+            raise ProtocolError("WINDOW overflows the credit of stream %d" % frame.stream_id,
+                                ErrorCode.FLOW_CONTROL_ERROR)
+        stream.send_credit += increment
+        events.append(WindowUpdated(frame.stream_id))
+
+
+_STREAM_HANDLERS = {
+    FrameType.OPEN: Session._on_open,
+    FrameType.FIN: Session._on_fin,
+    FrameType.RESET: Session._on_reset,
+    FrameType.WINDOW: Session._on_window,
+}
