@@ -1,0 +1,311 @@
+"""Drives one protocol.Session over a gevent socket; shared by the server and the agent.
+
+A Tunnel owns the greenlets of one agent connection: a reader that decrypts and dispatches
+(it never blocks on anything but the agent socket), the only writer that seals and sends,
+a keepalive, and one Pump per stream moving bytes between a local socket and the session.
+It must not know about grants, the registry or signals: server.py and agent.py do.
+"""
+
+import collections
+import logging
+import os
+import socket
+import struct
+import time
+
+import gevent
+from gevent.event import Event
+
+from diglett import protocol, wire
+from diglett.wire import ErrorCode, ProtocolError
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 256 * 1024  # bytes read from the agent connection per recv
+STREAM_RECV_MAX = 256 * 1024  # bytes read from a stream socket per recv (within credit)
+LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, not FIN
+GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
+
+
+class TunnelClosed(Exception):
+    """The agent connection ended; the message says why, for the log."""
+
+
+class WriteStalled(Exception):
+    pass
+
+
+def set_nodelay(sock):
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP (tests may use socketpairs)
+
+
+def close_with_rst(sock):
+    """Abort a connection so the peer sees a reset, never a clean EOF after a short read."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Tunnel:
+    """One authenticated agent connection after CONFIG/OK, until it closes."""
+
+    def __init__(self, sock, session, *, label, ping_interval, dead_after,
+                 write_stall_timeout=30, on_event=None):
+        self.sock = sock
+        self.session = session
+        self.label = label  # "subdomain=foo session=ab12..." on every log line
+        self.ping_interval = ping_interval
+        self.dead_after = dead_after
+        self.write_stall_timeout = write_stall_timeout
+        self.on_event = on_event or (lambda event: None)  # role-specific events
+        self.pumps = {}
+        self.bytes_up = 0  # read from local stream sockets and sent into the tunnel
+        self.bytes_down = 0  # received from the tunnel and delivered to local sockets
+        self.streams_opened = 0
+        self.last_recv = time.monotonic()
+        self.close_reason = None
+        self.closed = Event()
+        self._wake = Event()
+        self._greenlets = []
+        self._goaway = None  # (code, reason) to flush before closing
+
+    # ----- lifecycle ------------------------------------------------------------------
+    def start(self, pending_events=()):
+        """Run the tunnel; ``pending_events`` arrived with the record that completed setup."""
+        self._dispatch(pending_events)
+        self._greenlets = [gevent.spawn(self._guard, loop)
+                           for loop in (self._read_loop, self._write_loop, self._keepalive_loop)]
+        self.wake()
+
+    def wait(self):
+        """Block until the tunnel ends, then tear everything down; returns the reason."""
+        self.closed.wait()
+        self._teardown()
+        return self.close_reason
+
+    def close(self, reason, code=None, message=""):
+        """End the tunnel (idempotent); with ``code`` a GOAWAY tells the peer why first."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            if code is not None:
+                self._goaway = (code, message or reason)
+            self.closed.set()
+
+    def wake(self):
+        self._wake.set()
+
+    def _guard(self, loop):
+        try:
+            loop()
+        except ProtocolError as exc:
+            log.warning("%s protocol error: %s", self.label, exc)
+            self.close("protocol error: %s" % exc, exc.code, "protocol error")
+        except (TunnelClosed, WriteStalled) as exc:
+            self.close(str(exc) or "write stalled")
+        except OSError as exc:
+            self.close("connection lost: %s" % (exc.strerror or exc))
+
+    def _teardown(self):
+        current = gevent.getcurrent()
+        gevent.killall([g for g in self._greenlets if g is not current])
+        if self._goaway is not None:
+            self._flush_goaway(*self._goaway)
+        for pump in list(self.pumps.values()):
+            pump.kill()  # session loss resets every stream: no truncated reply looks complete
+        close_with_rst(self.sock) if self._goaway is None else self.sock.close()
+
+    def _flush_goaway(self, code, message):
+        self.session.goaway(code, message)
+        try:
+            with gevent.Timeout(GOAWAY_FLUSH_TIMEOUT):
+                self.sock.sendall(self.session.data_to_send())
+        except (OSError, gevent.Timeout):
+            pass
+
+    # ----- the three loops ------------------------------------------------------------
+    def _read_loop(self):
+        recv, session = self.sock.recv, self.session
+        while True:
+            data = recv(RECV_SIZE)
+            if not data:
+                raise TunnelClosed("peer closed the connection")
+            self.last_recv = time.monotonic()
+            self._dispatch(session.receive_data(data))
+            if session.has_output:
+                self._wake.set()
+
+    def _write_loop(self):
+        session, sendall, wake = self.session, self.sock.sendall, self._wake
+        while True:
+            wake.wait()
+            wake.clear()
+            while session.has_output:
+                data = session.data_to_send()
+                if data:
+                    with gevent.Timeout(self.write_stall_timeout, WriteStalled):
+                        sendall(data)
+
+    def _keepalive_loop(self):
+        step = max(0.05, min(self.ping_interval, self.dead_after / 3.0))
+        next_ping = time.monotonic() + self.ping_interval
+        while True:
+            gevent.sleep(step)
+            now = time.monotonic()
+            if now - self.last_recv > self.dead_after:
+                raise TunnelClosed("peer silent for %.0f s" % (now - self.last_recv))
+            if now >= next_ping:
+                next_ping = now + self.ping_interval
+                self.session.ping(os.urandom(wire.PING_SIZE))
+                self.wake()
+
+    # ----- events ---------------------------------------------------------------------
+    def _dispatch(self, events):
+        pumps = self.pumps
+        for event in events:
+            kind = type(event)
+            if kind is protocol.DataReceived:
+                pump = pumps.get(event.stream_id)
+                if pump is not None:
+                    pump.deliver(event.data)
+            elif kind is protocol.WindowUpdated:
+                pump = pumps.get(event.stream_id)
+                if pump is not None:
+                    pump.credit_ready.set()
+            elif kind is protocol.StreamEnded:
+                pump = pumps.get(event.stream_id)
+                if pump is not None:
+                    pump.end_of_input()
+            elif kind is protocol.StreamReset:
+                pump = pumps.get(event.stream_id)
+                if pump is not None:
+                    pump.kill()
+            else:
+                self.on_event(event)
+
+    # ----- streams --------------------------------------------------------------------
+    def add_stream(self, stream_id, sock=None, connect=None):
+        """Pump a stream through ``sock``, or through the socket ``connect()`` returns."""
+        pump = Pump(self, stream_id, sock, connect)
+        self.pumps[stream_id] = pump
+        self.streams_opened += 1
+        pump.start()
+        return pump
+
+
+class Pump:
+    """Moves one stream's bytes both ways between its local socket and the session.
+
+    ``up``: local socket -> DATA, reading only within the stream's credit, so a slow agent
+    or client backs up into this one socket and nowhere else. ``down``: DATA -> local
+    socket, returning credit only for bytes the socket accepted.
+    """
+
+    def __init__(self, tunnel, stream_id, sock, connect):
+        self.tunnel = tunnel
+        self.stream_id = stream_id
+        self.sock = sock
+        self._connect = connect
+        self.buffer = collections.deque()
+        self.credit_ready = Event()
+        self._data_ready = Event()
+        self._input_ended = False
+        self._up = self._down = None
+        self._done = False
+
+    def start(self):
+        self._up = gevent.spawn(self._run)
+
+    def deliver(self, data):
+        self.buffer.append(data)
+        self._data_ready.set()
+
+    def end_of_input(self):
+        self._input_ended = True
+        self._data_ready.set()
+
+    def kill(self):
+        """Abort locally (peer reset, or the tunnel ended): the local peer sees a reset."""
+        if self._done:
+            return
+        self._done = True
+        current = gevent.getcurrent()
+        gevent.killall([g for g in (self._up, self._down) if g is not None and g is not current],
+                       block=False)
+        if self.sock is not None:
+            close_with_rst(self.sock)
+        self.tunnel.pumps.pop(self.stream_id, None)
+
+    def _abort(self, code, why):
+        log.debug("%s stream=%d reset code=%s: %s", self.tunnel.label, self.stream_id,
+                  wire.code_name(code), why)
+        self.tunnel.session.reset_stream(self.stream_id, code)
+        self.tunnel.wake()
+        self.kill()
+
+    def _run(self):
+        if self.sock is None:
+            try:
+                self.sock = self._connect()
+            except OSError as exc:
+                self._abort(ErrorCode.CONNECT_FAILED, "connect: %s" % exc)
+                return
+        set_nodelay(self.sock)
+        self._down = gevent.spawn(self._down_loop)
+        try:
+            self._up_loop()
+        except OSError as exc:
+            self._abort(ErrorCode.STREAM_CLOSED, "upload side: %s" % exc)
+            return
+        self._down.join()
+        if not self._done:
+            self._done = True
+            self.sock.close()
+            self.tunnel.pumps.pop(self.stream_id, None)
+
+    def _up_loop(self):
+        tunnel, session, stream_id = self.tunnel, self.tunnel.session, self.stream_id
+        recv = self.sock.recv
+        while True:
+            credit = session.send_credit(stream_id)
+            if credit <= 0:
+                if stream_id not in session.streams:
+                    return
+                self.credit_ready.clear()
+                if session.send_credit(stream_id) <= 0:
+                    self.credit_ready.wait()
+                continue
+            data = recv(min(credit, STREAM_RECV_MAX))
+            if not data:
+                session.send_fin(stream_id)
+                tunnel.wake()
+                return
+            if not session.send_data(stream_id, data):
+                return
+            tunnel.bytes_up += len(data)
+            tunnel.wake()
+
+    def _down_loop(self):
+        tunnel, session, stream_id = self.tunnel, self.tunnel.session, self.stream_id
+        buffer, sendall = self.buffer, self.sock.sendall
+        try:
+            while True:
+                while buffer:
+                    chunk = buffer.popleft()
+                    sendall(chunk)
+                    tunnel.bytes_down += len(chunk)
+                    session.acknowledge(stream_id, len(chunk))
+                    if session.has_output:
+                        tunnel.wake()
+                if self._input_ended:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    return
+                self._data_ready.clear()
+                if not buffer and not self._input_ended:
+                    self._data_ready.wait()
+        except OSError as exc:
+            self._abort(ErrorCode.STREAM_CLOSED, "download side: %s" % exc)
