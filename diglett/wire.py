@@ -203,7 +203,9 @@ def encode_json(obj, limit):
 def decode_json(payload, what):
     try:
         obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: json.loads recurses per nesting level, and 4 KiB of "[" nests
+        # deeper than Python's recursion limit.
         raise ProtocolError("%s is not UTF-8 JSON" % what) from None
     if not isinstance(obj, dict):
         raise ProtocolError("%s is not a JSON object" % what)
