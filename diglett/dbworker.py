@@ -1,0 +1,73 @@
+"""Runs registry calls on one OS thread, so SQLite never blocks the gevent hub.
+
+A lock held by diglett-admin, a slow fsync or a full disk stalls only this thread. Reads
+are calls that wait for their answer; session writes are queued, applied in order and
+retried until they succeed, and their follow-up (sending a signal) runs only after the
+commit. Nothing here knows what the calls do.
+"""
+
+import logging
+
+import gevent
+import gevent.event
+import gevent.queue
+from gevent.threadpool import ThreadPool
+
+from diglett.registry import RegistryError
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST = 0.1  # seconds before the first retry of a failed write
+RETRY_MAX = 5.0  # cap of the doubling retry delay
+
+
+class DatabaseWorker:
+    def __init__(self):
+        self._pool = ThreadPool(1)
+        self._writes = gevent.queue.Queue()
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        self.failing = None  # the last write error while writes are failing, for /healthz
+        self._writer = gevent.spawn(self._write_loop)
+
+    def call(self, function, *args):
+        """Run ``function(*args)`` on the database thread and return its result."""
+        return self._pool.apply(function, args)
+
+    def submit(self, function, args, after=None):
+        """Queue a write; ``after()`` runs once it is committed."""
+        self._idle.clear()
+        self._writes.put((function, args, after))
+
+    def drain(self, timeout):
+        """Wait up to ``timeout`` seconds for queued writes; True when all are done."""
+        return self._idle.wait(timeout)
+
+    def _write_loop(self):
+        while True:
+            function, args, after = self._writes.get()
+            self._apply(function, args)
+            if after is not None:
+                try:
+                    after()
+                except Exception:  # a receiver's bug must not stop the writes
+                    log.exception("after-commit action of %s failed", function.__name__)
+            if self._writes.empty():
+                self._idle.set()
+
+    def _apply(self, function, args):
+        delay = RETRY_FIRST
+        while True:
+            try:
+                self.call(function, *args)
+            except RegistryError as exc:
+                if self.failing is None:
+                    log.error("registry write failed, retrying until it works: %s", exc)
+                self.failing = str(exc)
+                gevent.sleep(delay)
+                delay = min(RETRY_MAX, delay * 2)
+                continue
+            if self.failing is not None:
+                log.warning("registry writes work again")
+                self.failing = None
+            return

@@ -1,0 +1,440 @@
+"""The diglett server: accepts agents, authorizes them, and gives each a tunnel port.
+
+Owns the agent listener, the handshake and CONFIG checks, one AgentSession per connected
+agent (its tunnel port and its Tunnel), takeover and revocation. The registry is reached
+only through one database thread (diglett.dbworker) so SQLite never blocks the gevent hub;
+grants are cached in memory. Signals go out after the session row is committed; no hook
+is known here.
+"""
+
+import logging
+import random
+import time
+import uuid
+
+import gevent
+import gevent.event
+from gevent import socket
+
+from diglett import __version__, admission, crypto, names, noise, protocol, signals, wire
+from diglett.dbworker import DatabaseWorker
+from diglett.registry import RegistryError, SessionRow
+from diglett.tunnel import Tunnel, close_with_rst, set_nodelay
+from diglett.wire import ErrorCode, ProtocolError, RejectCode
+
+log = logging.getLogger(__name__)
+
+GRANT_POLL_INTERVAL = 1.0  # seconds between grant reloads: a revoke bites within ~2 s
+ACCEPT_BACKLOG = 1024
+PORT_ATTEMPTS = 64  # random ports tried in a configured range before giving up
+TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
+KICK_DELAY = 5  # seconds a kicked agent is told to wait before reconnecting
+
+
+class HandshakeTimeout(Exception):
+    pass
+
+
+class Refusal(Exception):
+    """An authenticated agent is refused: ERROR(code, reason) goes back to it."""
+
+    def __init__(self, code, reason, penalty=0.0):
+        super().__init__(reason)
+        self.code = code
+        self.penalty = penalty
+
+
+def recv_exact(sock, size):
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise ProtocolError("connection closed during the handshake")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+class TokenBucket:
+    """New streams per second: beyond the burst, callers wait (queued, never refused)."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self):
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            gevent.sleep((1 - self.tokens) / self.rate)
+
+
+class Server:
+    def __init__(self, config, registry):
+        self.config = config
+        self.registry = registry
+        self.keys = [crypto.load_or_create_private_key(config.key)]
+        self.public_key = crypto.public_hex(self.keys[0])
+        self.instance = uuid.uuid4().hex
+        self.db = DatabaseWorker()
+        self.admission = admission.Admission(
+            config.max_startups, config.per_source_startups, config.penalty_max)
+        self.sessions = {}  # subdomain -> AgentSession
+        self.grants = None  # (subdomain, key) -> Grant; None until first loaded (fail closed)
+        self.last_ports = {}
+        self.listener = None
+        self.stopping = False
+        self.handshake_failures = {}
+        self._greenlets = []
+
+    # ----- lifecycle ------------------------------------------------------------------
+    def start(self):
+        """Clean up after a previous run, then listen; returns the bound agent address."""
+        for row in self.db.call(self.registry.end_stale_sessions, self.instance):
+            log.info("subdomain=%s session=%s ended reason=stale (port %d)",
+                     row.subdomain, row.id, row.port)
+            signals.session_ended.send(self, event=self._event(row, "disconnect", "stale"))
+        self._reload_grants()
+        self.listener = socket.socket(_family(self.config.listen[0]), socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(self.config.listen)
+        self.listener.listen(ACCEPT_BACKLOG)
+        self._greenlets = [gevent.spawn(self._accept_loop), gevent.spawn(self._poll_grants)]
+        return self.listener.getsockname()[:2]
+
+    def stop(self, reason="shutdown"):
+        """Stop accepting, tell every agent to come back later, end the sessions."""
+        self.stopping = True
+        gevent.killall(self._greenlets)
+        if self.listener is not None:
+            self.listener.close()
+        for session in list(self.sessions.values()):
+            session.terminate(reason, ErrorCode.SHUTTING_DOWN, "server shutting down")
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        while self.sessions and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        self.db.drain(max(0.5, deadline - time.monotonic()))
+
+    # ----- grants ---------------------------------------------------------------------
+    def _reload_grants(self):
+        try:
+            self.grants = self.db.call(self.registry.grant_snapshot)
+        except RegistryError as exc:
+            log.warning("cannot read grants (keeping the last ones): %s", exc)
+            return
+        for session in list(self.sessions.values()):
+            if (session.subdomain, session.key) not in self.grants:
+                session.terminate("revoked", ErrorCode.REVOKED, "grant revoked")
+
+    def _poll_grants(self):
+        while True:
+            gevent.sleep(GRANT_POLL_INTERVAL)
+            self._reload_grants()
+
+    # ----- agents ---------------------------------------------------------------------
+    def _accept_loop(self):
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                gevent.sleep(0.1)  # EMFILE and friends: do not spin
+                continue
+            source = admission.source_of(address)
+            refusal = self.admission.admit(source)
+            if refusal is not None:
+                log.info("agent=%s:%d refused before handshake: %s", address[0], address[1], refusal)
+                gevent.spawn(_reject_and_close, sock, RejectCode.BUSY)
+                continue
+            gevent.spawn(self._handle_agent, sock, address, source)
+
+    def _handle_agent(self, sock, address, source):
+        peer = "%s:%d" % address[:2]
+        try:
+            with gevent.Timeout(self.config.handshake_timeout, HandshakeTimeout):
+                handshake, session, config = self._handshake(sock, peer)
+        except HandshakeTimeout:
+            self._handshake_failed(sock, source, peer, "timeout", admission.PENALTY_TIMEOUT)
+            return
+        except (ProtocolError, noise.HandshakeError) as exc:
+            self._handshake_failed(sock, source, peer, str(exc), admission.PENALTY_JUNK)
+            return
+        except OSError as exc:
+            self._handshake_failed(sock, source, peer, exc.strerror or str(exc), 0)
+            return
+        finally:
+            self.admission.release(source)
+        key = handshake.remote_static.hex()
+        session_id = handshake.handshake_hash[:8].hex()
+        try:
+            name, grant = self._authorize(config, key)
+            agent_session = AgentSession(self, sock, session, name, key, grant, session_id, peer)
+        except Refusal as exc:
+            log.warning("agent=%s key=%s refused: %s (%s)", peer, crypto.fingerprint(key),
+                        wire.code_name(exc.code), exc)
+            self.admission.penalise(source, exc.penalty)
+            self._send_refusal(sock, session, exc)
+            return
+        self.admission.clear(source)
+        agent_session.run()
+
+    def _handshake(self, sock, peer):
+        preamble_bytes = recv_exact(sock, wire.PREAMBLE_SIZE)
+        preamble = wire.parse_preamble(preamble_bytes)
+        if preamble.version != wire.WIRE_VERSION:
+            sock.sendall(wire.encode_reject(RejectCode.UNSUPPORTED_VERSION))
+            raise ProtocolError("unsupported wire version %d" % preamble.version)
+        handshake = noise.Responder(self.keys, wire.prologue(preamble_bytes))
+        act_one = recv_exact(sock, noise.ACT_ONE_SIZE)
+        try:
+            act_two = handshake.read_act_one(act_one)
+        except noise.HandshakeError as exc:
+            if exc.reason == "act1 bad tag":  # made for another server key
+                sock.sendall(wire.encode_reject(RejectCode.SERVER_KEY_MISMATCH))
+            raise
+        sock.sendall(act_two)
+        handshake.read_act_three(recv_exact(sock, noise.ACT_THREE_SIZE))
+        session = protocol.Session(protocol.SERVER, handshake.send_cipher, handshake.recv_cipher,
+                                   window=self.config.stream_window,
+                                   max_streams=self.config.max_streams)
+        events = []
+        while not events:
+            data = sock.recv(wire.MAX_CONFIG_SIZE + 64)
+            if not data:
+                raise ProtocolError("connection closed before CONFIG")
+            events = session.receive_data(data)
+        if len(events) != 1 or type(events[0]) is not protocol.ConfigReceived:
+            raise ProtocolError("expected CONFIG alone, got %s" % [type(e).__name__ for e in events])
+        return handshake, session, events[0].config
+
+    def _handshake_failed(self, sock, source, peer, why, penalty):
+        self.handshake_failures[why] = self.handshake_failures.get(why, 0) + 1
+        log.info("agent=%s handshake failed: %s", peer, why)
+        self.admission.penalise(source, penalty)
+        sock.close()
+
+    def _authorize(self, config, key):
+        """Name, then grant, then in-use: only a key holding the grant learns about its name."""
+        if self.stopping:
+            raise Refusal(ErrorCode.SHUTTING_DOWN, "server shutting down")
+        try:
+            name = names.validate_subdomain(config.get("subdomain"))
+        except (names.InvalidName, TypeError, AttributeError) as exc:
+            raise Refusal(ErrorCode.INVALID_NAME, "invalid subdomain: %s" % exc,
+                          admission.PENALTY_AUTHFAIL) from None
+        if self.grants is None:
+            raise Refusal(ErrorCode.RESOURCE_SHORTAGE, "grants unavailable, retry later")
+        grant = self.grants.get((name, key))
+        if grant is None:
+            raise Refusal(ErrorCode.UNAUTHORIZED, "key %s has no grant for %r"
+                          % (crypto.fingerprint(key), name), admission.PENALTY_AUTHFAIL)
+        current = self.sessions.get(name)
+        if current is not None:
+            if current.key != key:
+                raise Refusal(ErrorCode.NAME_IN_USE, "%r is connected with another key" % name)
+            current.terminate("replaced", ErrorCode.REPLACED, "replaced by a new connection")
+            current.ended.wait(TAKEOVER_WAIT)
+            if self.sessions.get(name) is current:
+                raise Refusal(ErrorCode.NAME_IN_USE, "%r is still closing, retry" % name)
+        return name, grant
+
+    def _send_refusal(self, sock, session, refusal):
+        session.refuse(refusal.code, str(refusal))
+        try:
+            sock.sendall(session.data_to_send())
+        except OSError:
+            pass
+        sock.close()
+
+    # ----- tunnel ports ---------------------------------------------------------------
+    def bind_tunnel_port(self, name, grant):
+        """Pinned port, else the name's last port when free, else a fresh one."""
+        host = self.config.bind
+        if grant.port:
+            return _listen(host, grant.port)
+        last = self.last_ports.get(name)
+        if last is not None and self._in_range(last):
+            try:
+                return _listen(host, last)
+            except OSError:
+                pass
+        if self.config.ports is None:
+            return _listen(host, 0)
+        low, high = self.config.ports
+        for _ in range(PORT_ATTEMPTS):
+            try:
+                return _listen(host, random.randint(low, high))
+            except OSError:
+                continue
+        for port in range(low, high + 1):  # small ranges: try them all before failing
+            try:
+                return _listen(host, port)
+            except OSError:
+                continue
+        raise OSError("no free port in %d-%d" % (low, high))
+
+    def _in_range(self, port):
+        ports = self.config.ports
+        return ports is None or ports[0] <= port <= ports[1]
+
+    # ----- sessions -------------------------------------------------------------------
+    def host_of(self, name):
+        return "%s.%s" % (name, self.config.domain)
+
+    def _event(self, row, kind, reason=""):
+        return signals.SessionEvent(
+            kind=kind, subdomain=row.subdomain, host=self.host_of(row.subdomain),
+            listen_host=row.host, listen_port=row.port, agent_key=row.key,
+            session_id=row.id, reason=reason)
+
+    def session_started(self, agent_session):
+        row = agent_session.row()
+        self.last_ports[row.subdomain] = row.port
+        event = self._event(row, "connect")
+        self.db.submit(self.registry.record_session_start, (row,),
+                       after=lambda: signals.session_started.send(self, event=event))
+
+    def session_ended(self, agent_session, reason):
+        row = agent_session.row()
+        event = self._event(row, "disconnect", reason)
+        self.db.submit(self.registry.record_session_end, (row.id, reason, time.time()),
+                       after=lambda: signals.session_ended.send(self, event=event))
+
+    def stats(self):
+        return {
+            "agents": len(self.sessions),
+            "streams": sum(len(s.tunnel.pumps) for s in self.sessions.values()),
+            "pending_handshakes": self.admission.pending,
+            "penalty_table": self.admission.penalty_table_size,
+            "handshake_failures": dict(self.handshake_failures),
+            "greenlets": _greenlet_count(),
+        }
+
+
+class AgentSession:
+    """One connected agent: its tunnel port, its Tunnel and how it ended."""
+
+    def __init__(self, server, sock, session, name, key, grant, session_id, remote):
+        self.server = server
+        self.subdomain = name
+        self.key = key
+        self.session_id = session_id
+        self.remote = remote
+        self.started = time.time()
+        self.end_reason = None
+        self.ended = gevent.event.Event()
+        self.label = "subdomain=%s agent=%s session=%s" % (name, crypto.fingerprint(key), session_id)
+        try:
+            self.listener = server.bind_tunnel_port(name, grant)
+        except OSError as exc:
+            raise Refusal(ErrorCode.RESOURCE_SHORTAGE, "no tunnel port: %s" % exc) from None
+        self.host, self.port = self.listener.getsockname()[:2]
+        config = server.config
+        self.tunnel = Tunnel(sock, session, label=self.label, ping_interval=config.ping_interval,
+                             dead_after=config.dead_after,
+                             write_stall_timeout=config.write_stall_timeout,
+                             on_event=self._on_event)
+        self.open_rate = TokenBucket(config.open_rate, config.open_burst)
+        session.accept({
+            "subdomain": name, "host": server.host_of(name), "port": self.port,
+            "window": config.stream_window, "max_streams": config.max_streams,
+            "ping_interval": config.ping_interval, "features": [],
+            "server": "diglett/%s" % __version__,
+        })
+
+    def row(self):
+        return SessionRow(id=self.session_id, subdomain=self.subdomain, key=self.key,
+                          host=self.host, port=self.port, remote=self.remote,
+                          started=self.started, ended=None, state="active", reason=None,
+                          instance=self.server.instance)
+
+    def run(self):
+        server = self.server
+        server.sessions[self.subdomain] = self
+        server.session_started(self)
+        log.info("%s connected from %s, tunnel port %s:%d", self.label, self.remote,
+                 self.host, self.port)
+        self.tunnel.start()
+        accept = gevent.spawn(self._accept_clients)
+        detail = self.tunnel.wait()
+        accept.kill()
+        self.listener.close()
+        reason = self.end_reason or _classify(detail)
+        if server.sessions.get(self.subdomain) is self:
+            del server.sessions[self.subdomain]
+        server.session_ended(self, reason)
+        log.info("%s ended reason=%s (%s) after %.0f s, %d streams, %d bytes in, %d bytes out",
+                 self.label, reason, detail, time.time() - self.started,
+                 self.tunnel.streams_opened, self.tunnel.bytes_up, self.tunnel.bytes_down)
+        self.ended.set()
+
+    def terminate(self, reason, code, message):
+        if self.end_reason is None:
+            self.end_reason = reason
+        self.tunnel.close(reason, code, message)
+
+    def _on_event(self, event):
+        if type(event) is protocol.GoAwayReceived:
+            self.tunnel.close("agent said goaway: %s %s" % (wire.code_name(event.code), event.reason))
+
+    def _accept_clients(self):
+        tunnel, session = self.tunnel, self.tunnel.session
+        max_streams = self.server.config.max_streams
+        while True:
+            client, address = self.listener.accept()
+            if len(tunnel.pumps) >= max_streams:
+                log.warning("%s stream limit %d reached, refusing %s:%d",
+                            self.label, max_streams, *address[:2])
+                close_with_rst(client)
+                continue
+            self.open_rate.take()
+            set_nodelay(client)
+            stream_id = session.open_stream({"remote": "%s:%d" % address[:2]})
+            tunnel.add_stream(stream_id, client)
+            tunnel.wake()
+
+
+def _classify(detail):
+    if detail.startswith("peer silent"):
+        return "dead"
+    if detail.startswith("protocol error"):
+        return "error"
+    return "agent-left"
+
+
+def _family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _listen(host, port):
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(ACCEPT_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _reject_and_close(sock, code):
+    try:
+        sock.sendall(wire.encode_reject(code))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _greenlet_count():
+    import gc
+
+    from greenlet import greenlet
+
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet))
+
