@@ -1,0 +1,569 @@
+"""The registry: grants, sessions and the audit log in SQLite (or, later, PostgreSQL).
+
+This module owns the peewee models, the schema migrations runner and a small synchronous API
+that returns plain frozen dataclasses; no peewee object leaves it. It must not import gevent
+or know about sockets: the server calls it from one dedicated OS thread (gevent's threadpool),
+because a SQLite call blocks the whole hub (style habit 8, security.md 5.5), and
+diglett-admin calls it directly. Every database failure leaves as a RegistryError whose
+message names the database and says what to do.
+"""
+
+import datetime
+import importlib
+import logging
+import os
+import pkgutil
+import pwd
+import re
+import sqlite3
+import threading
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import peewee
+from playhouse import db_url
+
+import diglett.migrations
+from diglett import crypto, names
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT = 0.05  # seconds SQLite waits for another connection's lock before giving up
+RETRY_DELAYS = (0.02, 0.05, 0.1)  # seconds slept between attempts while the database is locked
+SQLITE_PRAGMAS = (
+    ("journal_mode", "wal"),  # readers never wait for the writer
+    ("synchronous", "normal"),  # safe with WAL; a power cut loses at most the last commits
+    ("foreign_keys", 1),
+)
+MIGRATION_RE = re.compile(r"(\d{4})_([a-z0-9_]+)")  # migrations/NNNN_name.py
+MAX_COMMENT_LEN = 200  # characters in a grant comment; one line in `diglett-admin grants`
+PORT_RANGE = (1, 65535)
+
+STATE_ACTIVE = "active"
+STATE_ENDED = "ended"
+REASON_STALE = "stale"  # session left active by a server process that is gone
+
+
+class RegistryError(Exception):
+    """The registry cannot do what was asked; the message is meant for an operator."""
+
+
+# --- what callers see -------------------------------------------------------------------
+
+
+def iso_time(seconds):
+    """UNIX seconds -> ISO 8601 UTC text (``2026-01-02T03:04:05.678Z``); None stays None."""
+    if seconds is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Permission for the agent holding ``key`` to serve ``subdomain``."""
+
+    subdomain: str
+    key: str  # 66 lowercase hex digits, compressed secp256k1
+    port: int | None  # pinned tunnel port, or None for any
+    comment: str
+    created: float  # UNIX seconds
+
+    def to_json(self):
+        return {
+            "subdomain": self.subdomain,
+            "key": self.key,
+            "fingerprint": crypto.fingerprint(self.key),
+            "port": self.port,
+            "comment": self.comment,
+            "created": iso_time(self.created),
+        }
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    """One agent session as the server recorded it."""
+
+    id: str  # 16 hex digits, chosen by the server
+    subdomain: str
+    key: str
+    host: str  # tunnel listener address
+    port: int
+    remote: str  # the agent's "ip:port"
+    started: float
+    ended: float | None
+    state: str  # STATE_ACTIVE or STATE_ENDED
+    reason: str | None
+    instance: str  # id of the server process that owns the session
+
+    def to_json(self):
+        data = asdict(self)
+        data["fingerprint"] = crypto.fingerprint(self.key)
+        data["started"] = iso_time(self.started)
+        data["ended"] = iso_time(self.ended)
+        return data
+
+
+# --- models (current schema; migrations/ holds frozen copies) -----------------------------
+
+
+class _Base(peewee.Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class GrantModel(_Base):
+    subdomain = peewee.CharField(max_length=63)
+    key = peewee.CharField(max_length=66)
+    port = peewee.IntegerField(null=True, unique=True)  # NULLs do not collide
+    comment = peewee.TextField(default="")
+    created = peewee.FloatField()
+
+    class Meta:
+        table_name = "grants"
+        indexes = ((("subdomain", "key"), True),)
+
+
+class SessionModel(_Base):
+    id = peewee.CharField(max_length=32, primary_key=True)
+    subdomain = peewee.CharField(max_length=63)
+    key = peewee.CharField(max_length=66)
+    host = peewee.TextField()
+    port = peewee.IntegerField()
+    remote = peewee.TextField()
+    started = peewee.FloatField()
+    ended = peewee.FloatField(null=True)
+    state = peewee.CharField(max_length=16, index=True)
+    reason = peewee.TextField(null=True)
+    instance = peewee.TextField()
+
+    class Meta:
+        table_name = "sessions"
+        indexes = ((("subdomain", "started"), False),)  # last_port()
+
+
+class AuditLogModel(_Base):
+    time = peewee.FloatField()
+    actor = peewee.TextField()
+    action = peewee.CharField(max_length=32)
+    subdomain = peewee.CharField(max_length=63)
+    key = peewee.CharField(max_length=66, null=True)  # None: revoke of every key
+    detail = peewee.TextField(default="")
+
+    class Meta:
+        table_name = "audit_log"
+
+
+class SchemaVersionModel(_Base):
+    """Bookkeeping of the migrations runner itself, so it is not a migration."""
+
+    version = peewee.IntegerField(primary_key=True)
+    name = peewee.TextField()
+    applied = peewee.FloatField()
+
+    class Meta:
+        table_name = "schema_version"
+
+
+MODELS = (GrantModel, SessionModel, AuditLogModel)  # what the migrations must create
+
+
+def _bind(model, db):
+    """A subclass of ``model`` bound to ``db``, so two registries never share a binding."""
+    meta = type("Meta", (), {"database": db, "table_name": model._meta.table_name})
+    return type(model.__name__, (model,), {"Meta": meta, "__module__": __name__})
+
+
+def migration_names():
+    """(number, module name) of every migrations/NNNN_name.py, in order."""
+    found = []
+    for info in pkgutil.iter_modules(diglett.migrations.__path__):
+        match = MIGRATION_RE.fullmatch(info.name)
+        if match:
+            found.append((int(match.group(1)), info.name))
+    found.sort()
+    numbers = [number for number, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise RegistryError("two migrations share a number in %s" % diglett.migrations.__path__)
+    return found
+
+
+def default_actor():
+    """The unix user running this process, for the audit log."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid=%d" % uid
+
+
+# --- the API -------------------------------------------------------------------------------
+
+
+class Registry:
+    """Grants and sessions in one database; every method is synchronous and thread-agnostic.
+
+    Each thread gets its own connection (peewee ``thread_safe``). A locked SQLite database is
+    retried a few times with short sleeps (never longer than about 0.4 s in total) and then
+    reported, so a stuck writer elsewhere cannot freeze the caller.
+    """
+
+    def __init__(self, database, *, migrate=True, create_dirs=False):
+        self.location = _display(database)
+        self.db, self.path = _open(database)
+        if self.path is not None and create_dirs:
+            self._make_parent()
+        self._is_sqlite = isinstance(self.db, peewee.SqliteDatabase)
+        self._grants = _bind(GrantModel, self.db)
+        self._sessions = _bind(SessionModel, self.db)
+        self._audit = _bind(AuditLogModel, self.db)
+        self._versions = _bind(SchemaVersionModel, self.db)
+        self._writes = 0  # bumped after each own commit: invalidates the grant snapshot cache
+        self._local = threading.local()  # per-connection snapshot cache (like peewee's state)
+        if migrate:
+            self.migrate()
+
+    def close(self):
+        """Close the calling thread's connection."""
+        if not self.db.is_closed():
+            self.db.close()
+
+    def __repr__(self):
+        return "<Registry %s>" % self.location
+
+    # -- schema
+
+    def migrate(self):
+        """Apply missing migrations in order, each in its own transaction; return their names."""
+        applied = []
+        self._call(self._migrate, applied)
+        return applied
+
+    def schema_version(self):
+        return self._call(self._current_version)
+
+    # -- grants
+
+    def grant(self, subdomain, key, port=None, comment="", actor=None):
+        """Create or update the grant (subdomain, key); returns it."""
+        subdomain = names.validate_subdomain(subdomain)
+        key = crypto.normalize_public_key(key)
+        _check_port(port)
+        _check_comment(comment)
+        return self._call(self._grant, subdomain, key, port, comment or "", actor or default_actor())
+
+    def revoke(self, subdomain, key=None, actor=None):
+        """Remove the grant of ``subdomain`` to ``key`` (or to every key); returns how many."""
+        subdomain = names.validate_subdomain(subdomain)
+        if key is not None:
+            key = crypto.normalize_public_key(key)
+        return self._call(self._revoke, subdomain, key, actor or default_actor())
+
+    def grants(self):
+        model = self._grants
+        query = model.select().order_by(model.subdomain, model.key)
+        return self._call(lambda: [_grant_of(row) for row in query])
+
+    def find_grant(self, subdomain, key):
+        subdomain = names.validate_subdomain(subdomain)
+        key = crypto.normalize_public_key(key)
+        model = self._grants
+        where = (model.subdomain == subdomain) & (model.key == key)
+        row = self._call(lambda: model.get_or_none(where))
+        return None if row is None else _grant_of(row)
+
+    def grant_snapshot(self):
+        """{(subdomain, key): Grant} of every grant; cheap enough to call every second.
+
+        With SQLite, ``PRAGMA data_version`` tells whether another connection committed since
+        the last call; if not (and we wrote nothing), the cached snapshot is returned.
+        """
+        return dict(self._call(self._snapshot))
+
+    # -- sessions
+
+    def record_session_start(self, row):
+        self._call(self._insert_session, row)
+
+    def record_session_end(self, session_id, reason, ended):
+        """Mark an active session ended; returns False if it was not active."""
+        model = self._sessions
+        query = model.update(state=STATE_ENDED, reason=reason, ended=ended).where(
+            (model.id == session_id) & (model.state == STATE_ACTIVE)
+        )
+        return self._call(self._write_query, query) > 0
+
+    def active_sessions(self):
+        model = self._sessions
+        query = model.select().where(model.state == STATE_ACTIVE).order_by(model.started)
+        return self._call(lambda: [_session_of(row) for row in query])
+
+    def end_stale_sessions(self, instance):
+        """End (reason 'stale') active sessions owned by another server instance; return them."""
+        return self._call(self._end_stale, instance)
+
+    def last_port(self, subdomain):
+        """The tunnel port of the latest session of ``subdomain``, or None."""
+        subdomain = names.validate_subdomain(subdomain)
+        model = self._sessions
+        query = (
+            model.select(model.port)
+            .where(model.subdomain == subdomain)
+            .order_by(model.started.desc())
+            .limit(1)
+        )
+        return self._call(lambda: query.scalar())
+
+    # -- implementation: each runs inside _call, which retries and translates errors
+
+    def _write(self):
+        """A write transaction; on SQLite it takes the write lock up front (no upgrade deadlock)."""
+        return self.db.atomic("IMMEDIATE") if self._is_sqlite else self.db.atomic()
+
+    def _migrate(self, applied):
+        known = migration_names()
+        self._versions.create_table(safe=True)
+        self._refuse_newer_schema(known)
+        for number, name in known:
+            with self._write():
+                if self._versions.get_or_none(self._versions.version == number):
+                    continue  # another process applied it meanwhile
+                module = importlib.import_module("%s.%s" % (diglett.migrations.__name__, name))
+                module.up(self.db)
+                self._versions.create(version=number, name=name, applied=time.time())
+            self._writes += 1
+            log.info("applied migration %s to %s", name, self.location)
+            applied.append(name)
+
+    def _refuse_newer_schema(self, known):
+        current = self._current_version()
+        latest = known[-1][0] if known else 0
+        if current > latest:
+            raise RegistryError(
+                "%s has schema version %d but this diglett knows only up to %d; "
+                "upgrade diglett on this machine" % (self.location, current, latest)
+            )
+
+    def _current_version(self):
+        if not self._versions.table_exists():
+            return 0
+        return self._versions.select(peewee.fn.MAX(self._versions.version)).scalar() or 0
+
+    def _grant(self, subdomain, key, port, comment, actor):
+        model = self._grants
+        this = (model.subdomain == subdomain) & (model.key == key)
+        with self._write():
+            if port is not None:
+                holder = model.get_or_none((model.port == port) & ~this)
+                if holder is not None:
+                    raise RegistryError(
+                        "port %d is already pinned to %s (key %s); choose another port "
+                        "or revoke that grant first"
+                        % (port, holder.subdomain, crypto.fingerprint(holder.key))
+                    )
+            row = model.get_or_none(this)
+            if row is None:
+                action = "grant"
+                row = model.create(
+                    subdomain=subdomain, key=key, port=port, comment=comment, created=time.time()
+                )
+            else:
+                action = "regrant"
+                row.port, row.comment = port, comment
+                row.save()
+            self._log(actor, action, subdomain, key, "port=%s comment=%r" % (port, comment))
+        self._writes += 1
+        return _grant_of(row)
+
+    def _revoke(self, subdomain, key, actor):
+        model = self._grants
+        where = model.subdomain == subdomain
+        if key is not None:
+            where &= model.key == key
+        with self._write():
+            count = model.delete().where(where).execute()
+            if count:
+                self._log(actor, "revoke", subdomain, key, "removed=%d" % count)
+        self._writes += 1
+        return count
+
+    def _log(self, actor, action, subdomain, key, detail):
+        self._audit.create(
+            time=time.time(), actor=actor, action=action, subdomain=subdomain, key=key, detail=detail
+        )
+
+    def _snapshot(self):
+        cache = getattr(self._local, "snapshot", None)
+        stamp = self._stamp()
+        if cache is not None and stamp is not None and cache[0] == stamp:
+            return cache[1]
+        grants = {(g.subdomain, g.key): g for g in map(_grant_of, self._grants.select())}
+        self._local.snapshot = (stamp, grants)
+        return grants
+
+    def _stamp(self):
+        """What changes whenever the grants may have changed; None when unknown."""
+        if not self._is_sqlite:
+            return None
+        data_version = self.db.execute_sql("PRAGMA data_version").fetchone()[0]
+        return (data_version, self._writes)
+
+    def _insert_session(self, row):
+        fields = asdict(row)
+        with self._write():
+            if self._sessions.get_or_none(self._sessions.id == row.id) is not None:
+                raise RegistryError("session %s is already recorded in %s" % (row.id, self.location))
+            self._sessions.insert(**fields).execute()
+
+    def _write_query(self, query):
+        with self._write():
+            return query.execute()
+
+    def _end_stale(self, instance):
+        model = self._sessions
+        where = (model.state == STATE_ACTIVE) & (model.instance != instance)
+        now = time.time()
+        with self._write():
+            rows = [_session_of(row) for row in model.select().where(where)]
+            ids = [row.id for row in rows]
+            if ids:
+                model.update(state=STATE_ENDED, reason=REASON_STALE, ended=now).where(
+                    model.id.in_(ids)
+                ).execute()
+        return [_ended(row, now) for row in rows]
+
+    # -- retries and error translation
+
+    def _call(self, function, *args):
+        delays = iter(RETRY_DELAYS)
+        while True:
+            try:
+                return function(*args)
+            except RegistryError:
+                raise
+            except (peewee.PeeweeException, sqlite3.Error, OSError) as exc:
+                delay = next(delays, None) if _is_busy(exc) else None
+                if delay is None:
+                    raise RegistryError(self._explain(exc)) from exc
+                log.debug("%s is locked, retrying in %.2f s", self.location, delay)
+                time.sleep(delay)
+
+    def _explain(self, exc):
+        text = str(exc)
+        lower = text.lower()
+        where = self.location
+        user = default_actor()
+        if _is_busy(exc):
+            return (
+                "%s is locked by another process (gave up after %.1f s); try again, and look "
+                "for a stuck diglett-admin or sqlite3 shell holding a transaction"
+                % (where, BUSY_TIMEOUT * (len(RETRY_DELAYS) + 1) + sum(RETRY_DELAYS))
+            )
+        if "readonly" in lower or "read-only" in lower:
+            return (
+                "%s is read-only for user %s; the database file, its -wal/-shm files and "
+                "its directory must be writable by the user running diglett (check `ls -l`; "
+                "run diglett-admin as the service user)" % (where, user)
+            )
+        if "unable to open" in lower and self.path is not None:
+            parent = self.path.parent
+            if not parent.is_dir():
+                return (
+                    "cannot open %s: directory %s does not exist; create it (diglett-admin "
+                    "creates it on first use) or fix `database` in the config" % (where, parent)
+                )
+            return (
+                "cannot open %s as user %s: check the owner and permissions of the file, "
+                "its -wal/-shm files and directory %s" % (where, user, parent)
+            )
+        if "disk" in lower and "full" in lower:
+            return "the disk holding %s is full; free some space and try again" % where
+        if "not a database" in lower or "malformed" in lower:
+            return "%s is not a usable SQLite database (%s); restore it from a backup" % (where, text)
+        if "no such table" in lower:
+            return "%s has no diglett schema (%s); run: diglett-admin migrate" % (where, text)
+        if isinstance(exc, OSError):
+            return "cannot use %s: %s" % (where, exc.strerror or exc)
+        return "database error on %s: %s" % (where, text)
+
+    def _make_parent(self):
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:
+            raise RegistryError(
+                "cannot create directory %s for %s: %s" % (parent, self.location, exc.strerror)
+            ) from exc
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _open(database):
+    """peewee database for a path or URL, and the SQLite file path if there is one."""
+    text = str(database)
+    sqlite_options = {"pragmas": SQLITE_PRAGMAS, "timeout": BUSY_TIMEOUT, "thread_safe": True}
+    if "://" not in text:
+        return peewee.SqliteDatabase(text, **sqlite_options), Path(text)
+    scheme = urllib.parse.urlsplit(text).scheme
+    options = sqlite_options if scheme == "sqlite" else {"thread_safe": True}
+    try:
+        db = db_url.connect(text, **options)
+    except (RuntimeError, ValueError) as exc:
+        raise RegistryError("cannot use database %s: %s" % (_display(text), exc)) from exc
+    path = None
+    if isinstance(db, peewee.SqliteDatabase) and db.database not in ("", ":memory:"):
+        path = Path(db.database)
+    return db, path
+
+
+def _display(database):
+    """The database for messages: a path, or a URL without its password."""
+    text = str(database)
+    if "://" not in text:
+        return text
+    parts = urllib.parse.urlsplit(text)
+    if parts.password is None:
+        return text
+    netloc = parts.netloc.replace(":%s@" % parts.password, ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _is_busy(exc):
+    lower = str(exc).lower()
+    return "locked" in lower or "busy" in lower
+
+
+def _check_port(port):
+    if port is None:
+        return
+    if isinstance(port, bool) or not isinstance(port, int) or not PORT_RANGE[0] <= port <= PORT_RANGE[1]:
+        raise RegistryError("port must be a number from %d to %d, got %r" % (*PORT_RANGE, port))
+
+
+def _check_comment(comment):
+    if comment is None:
+        return
+    if len(comment) > MAX_COMMENT_LEN or not comment.isprintable():
+        raise RegistryError(
+            "comment must be one line of at most %d printable characters" % MAX_COMMENT_LEN
+        )
+
+
+def _grant_of(row):
+    return Grant(row.subdomain, row.key, row.port, row.comment, row.created)
+
+
+def _session_of(row):
+    return SessionRow(
+        row.id, row.subdomain, row.key, row.host, row.port, row.remote,
+        row.started, row.ended, row.state, row.reason, row.instance,
+    )
+
+
+def _ended(row, now):
+    values = asdict(row)
+    values.update(state=STATE_ENDED, reason=REASON_STALE, ended=now)
+    return SessionRow(**values)
