@@ -1,0 +1,254 @@
+"""The agent: dials the server, proves its key, and connects every stream to the backend.
+
+Owns the agent side of the handshake, the reaction to the server's answers (which are
+permanent and which are worth a retry), the reconnect loop with jittered exponential
+backoff, and dialling the backend per stream. Exit codes are a contract for systemd's
+RestartPreventExitStatus=; see docs/operations.md.
+"""
+
+import logging
+import random
+import socket as std_socket
+import sys
+import time
+
+import gevent
+import gevent.event
+from gevent import socket
+
+from diglett import __version__, crypto, noise, protocol, wire
+from diglett.tunnel import Tunnel, set_nodelay
+from diglett.wire import ErrorCode, ProtocolError, RejectCode
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0  # stopped by Ctrl-C or SIGTERM
+EXIT_USAGE = 2  # bad arguments, config file or key file
+EXIT_UNAUTHORIZED = 3  # the key holds no grant for the name
+EXIT_INVALID_NAME = 4  # the name is not a valid DNS label
+EXIT_SERVER_KEY_MISMATCH = 5  # the server is not the one whose key is pinned
+EXIT_REVOKED = 6  # the grant was revoked while connected
+EXIT_REPLACED = 7  # another agent with the same key took the name over
+EXIT_VERSION = 8  # the server does not speak this agent's wire version
+
+CONNECT_TIMEOUT = 10  # seconds to reach the server
+HANDSHAKE_TIMEOUT = 15  # seconds from connect to the server's OK
+BACKEND_CONNECT_TIMEOUT = 10  # seconds to reach the backend for one stream
+BACKOFF_BASE = 1.0  # first reconnect delay (seconds), then doubling
+BACKOFF_CAP = 60.0  # longest reconnect delay
+BACKOFF_RESET_AFTER = 60.0  # a session that lived this long starts the backoff over
+KEEPALIVE_PING = 10  # seconds between pings unless the server announces another interval
+
+
+class Fatal(Exception):
+    """Retrying cannot fix this: the agent exits with ``exit_code``."""
+
+    def __init__(self, exit_code, message):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Retry(Exception):
+    """Transient: reconnect after the backoff, and not sooner than ``min_delay``."""
+
+    def __init__(self, message, min_delay=0.0):
+        super().__init__(message)
+        self.min_delay = min_delay
+
+
+_REFUSALS = {  # server ERROR code -> exit code; anything else is retried
+    ErrorCode.UNAUTHORIZED: EXIT_UNAUTHORIZED,
+    ErrorCode.INVALID_NAME: EXIT_INVALID_NAME,
+    ErrorCode.REVOKED: EXIT_REVOKED,
+    ErrorCode.REPLACED: EXIT_REPLACED,
+    ErrorCode.BAD_CONFIG: EXIT_USAGE,
+}
+_GOAWAY_FATAL = {ErrorCode.REVOKED: EXIT_REVOKED, ErrorCode.REPLACED: EXIT_REPLACED}
+KICK_MIN_DELAY = 5.0  # a kicked agent waits at least this long (the server may say more)
+
+
+def recv_exact(sock, size):
+    chunks = []
+    while size:
+        chunk = sock.recv(size)
+        if not chunk:
+            raise Retry("server closed the connection during the handshake")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.uniform):
+    """Exponential with jitter: in [d/2, d] for d = base * 2^attempt, capped."""
+    ceiling = min(cap, base * (2 ** min(attempt, 30)))
+    return rng(ceiling / 2, ceiling)
+
+
+class Agent:
+    def __init__(self, gateway, name, key, server_key, backend, *, on_mismatch=None,
+                 out=sys.stdout, backoff_cap=BACKOFF_CAP):
+        self.gateway = gateway  # (host, port)
+        self.name = name
+        self.key = key
+        self.server_key = bytes.fromhex(server_key)
+        self.backend = backend  # (host, port)
+        self.on_mismatch = on_mismatch or (lambda: "the server's key is not the pinned one")
+        self.out = out
+        self.backoff_cap = backoff_cap
+        self.tunnel = None
+        self._stopping = gevent.event.Event()
+        self._goaway = None
+
+    def stop(self):
+        """Ctrl-C / SIGTERM: tell the server, close the tunnel, exit 0."""
+        self._stopping.set()
+        if self.tunnel is not None:
+            self.tunnel.close("stopped by signal", ErrorCode.NO_ERROR, "agent stopping")
+
+    def run(self):
+        attempt = 0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                self.connect_once()
+                why, min_delay = "connection closed", 0.0
+            except Fatal as exc:
+                log.error("%s", exc)
+                return exc.exit_code
+            except Retry as exc:
+                why, min_delay = str(exc), exc.min_delay
+            except (OSError, ProtocolError, noise.HandshakeError) as exc:
+                why, min_delay = _describe(exc), 0.0
+            except gevent.Timeout:
+                why, min_delay = "handshake timed out", 0.0
+            if self._stopping.is_set():
+                break
+            if time.monotonic() - started >= BACKOFF_RESET_AFTER:
+                attempt = 0
+            delay = max(min_delay, backoff_delay(attempt, cap=self.backoff_cap))
+            attempt += 1
+            log.warning("%s:%d: %s; reconnecting in %.1f s", *self.gateway, why, delay)
+            self._stopping.wait(delay)
+        return EXIT_OK
+
+    def connect_once(self):
+        sock = socket.create_connection(self.gateway, timeout=CONNECT_TIMEOUT)
+        try:
+            with gevent.Timeout(HANDSHAKE_TIMEOUT):
+                session, info, pending = self._handshake(sock)
+            sock.settimeout(None)
+            self._serve(sock, session, info, pending)
+        finally:
+            sock.close()
+
+    def _handshake(self, sock):
+        set_nodelay(sock)
+        _enable_keepalive(sock)
+        preamble = wire.encode_preamble()
+        handshake = noise.Initiator(self.key, self.server_key, wire.prologue(preamble))
+        sock.sendall(preamble + handshake.act_one())
+        first = recv_exact(sock, 1)
+        if first == wire.MAGIC[:1]:
+            self._rejected(first + recv_exact(sock, wire.PREAMBLE_SIZE - 1))
+        try:
+            act_three = handshake.read_act_two(first + recv_exact(sock, noise.ACT_TWO_SIZE - 1))
+        except noise.HandshakeError as exc:
+            if exc.reason == "act2 bad tag":
+                raise Fatal(EXIT_SERVER_KEY_MISMATCH, self.on_mismatch()) from None
+            raise
+        session = protocol.Session(protocol.AGENT, handshake.send_cipher, handshake.recv_cipher,
+                                   window=None)
+        session.send_config({"subdomain": self.name, "agent": "diglett/%s" % __version__,
+                             "features": []})
+        sock.sendall(act_three + session.data_to_send())
+        events = []
+        while not events:
+            data = sock.recv(64 * 1024)
+            if not data:
+                raise Retry("server closed the connection before answering CONFIG")
+            events = session.receive_data(data)
+        first_event, pending = events[0], events[1:]
+        if type(first_event) is protocol.Refused:
+            self._refused(first_event)
+        if type(first_event) is protocol.GoAwayReceived:
+            raise Retry("server said goaway: %s" % wire.code_name(first_event.code))
+        return session, first_event.info, pending
+
+    def _rejected(self, data):
+        server_max, code = wire.parse_reject(data)
+        if code == RejectCode.SERVER_KEY_MISMATCH:
+            raise Fatal(EXIT_SERVER_KEY_MISMATCH, self.on_mismatch())
+        if code == RejectCode.UNSUPPORTED_VERSION:
+            raise Fatal(EXIT_VERSION, "the server speaks wire version %d, this agent %d: "
+                        "upgrade diglett on the older side" % (server_max, wire.WIRE_VERSION))
+        raise Retry("server busy (%s)" % getattr(code, "name", code))
+
+    def _refused(self, event):
+        message = "server refused %r: %s (%s)" % (self.name, event.reason, wire.code_name(event.code))
+        exit_code = _REFUSALS.get(event.code)
+        if exit_code is not None:
+            raise Fatal(exit_code, message)
+        raise Retry(message)
+
+    def _serve(self, sock, session, info, pending):
+        ping = info.get("ping_interval") or KEEPALIVE_PING
+        label = "subdomain=%s" % self.name
+        self.tunnel = Tunnel(sock, session, label=label, ping_interval=ping,
+                             dead_after=3 * ping, on_event=self._on_event)
+        self._goaway = None
+        print("tunnel up: %s -> %s:%d (server port %s)"
+              % (info.get("host"), self.backend[0], self.backend[1], info.get("port")),
+              file=self.out, flush=True)
+        log.info("%s tunnel up: host=%s port=%s", label, info.get("host"), info.get("port"))
+        self.tunnel.start(pending)
+        if self._stopping.is_set():
+            self.tunnel.close("stopped by signal", ErrorCode.NO_ERROR, "agent stopping")
+        detail = self.tunnel.wait()
+        self.tunnel = None
+        if self._goaway is not None:
+            code, reason = self._goaway
+            if code in _GOAWAY_FATAL:
+                raise Fatal(_GOAWAY_FATAL[code], "server ended the tunnel: %s (%s)"
+                            % (reason, wire.code_name(code)))
+            min_delay = KICK_MIN_DELAY if code == ErrorCode.KICKED else 0.0
+            raise Retry("server said goaway: %s (%s)" % (reason, wire.code_name(code)), min_delay)
+        if not self._stopping.is_set():
+            raise Retry(detail)
+
+    def _on_event(self, event):
+        kind = type(event)
+        if kind is protocol.StreamOpened:
+            self.tunnel.add_stream(event.stream_id, connect=self._connect_backend)
+        elif kind is protocol.GoAwayReceived:
+            self._goaway = (event.code, event.reason)
+            self.tunnel.close("server said goaway")
+
+    def _connect_backend(self):
+        try:
+            sock = socket.create_connection(self.backend, timeout=BACKEND_CONNECT_TIMEOUT)
+        except OSError as exc:
+            log.warning("subdomain=%s backend %s:%d: CONNECT_FAILED: %s",
+                        self.name, *self.backend, _describe(exc))
+            raise
+        sock.settimeout(None)
+        return sock
+
+
+def _describe(exc):
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _enable_keepalive(sock):
+    """Kernel keepalive and a user timeout as a second line behind the protocol's pings."""
+    options = [(std_socket.SOL_SOCKET, std_socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", 30000)):
+        if hasattr(std_socket, name):
+            options.append((std_socket.IPPROTO_TCP, getattr(std_socket, name), value))
+    for level, name, value in options:
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError:
+            pass
