@@ -1,0 +1,303 @@
+"""diglett.registry against real SQLite files: migrations, grants, sessions, locks, errors."""
+
+import dataclasses
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+
+import coincurve
+import peewee
+import pytest
+from playhouse.schema_diff import diff_models
+
+from diglett import crypto, registry
+from diglett.names import InvalidName
+from diglett.registry import Registry, RegistryError, SessionRow
+
+pytestmark = pytest.mark.timeout(20)
+
+def make_key(seed):
+    return coincurve.PrivateKey(bytes([seed]) * 32)
+
+
+K1, K2 = (crypto.public_hex(make_key(seed)) for seed in (1, 2))
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "registry.db"
+
+
+@pytest.fixture
+def reg(db_path):
+    registry_ = Registry(str(db_path))
+    yield registry_
+    registry_.close()
+
+
+def session(id_="a1b2c3d4e5f60718", subdomain="foo", key=K1, port=30001, started=1000.0,
+            instance="server-1"):
+    return SessionRow(id_, subdomain, key, "127.0.0.1", port, "192.0.2.7:51000", started,
+                      None, registry.STATE_ACTIVE, None, instance)
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+def test_migrations_apply_once_and_are_idempotent(db_path):
+    first = Registry(str(db_path), migrate=False)
+    assert first.schema_version() == 0
+    assert first.migrate() == ["0001_initial"]
+    assert first.migrate() == []
+    assert first.schema_version() == 1
+    first.close()
+    second = Registry(str(db_path))  # migrates on construction: nothing left to do
+    assert second.migrate() == []
+    rows = sqlite3.connect(db_path).execute("SELECT version, name FROM schema_version").fetchall()
+    assert rows == [(1, "0001_initial")]
+
+
+def test_migration_files_are_numbered_and_discovered():
+    found = registry.migration_names()
+    assert found[0] == (1, "0001_initial")
+    assert [number for number, _ in found] == list(range(1, len(found) + 1))
+
+
+def test_models_and_migrations_agree(db_path):
+    Registry(str(db_path)).close()
+    db = peewee.SqliteDatabase(str(db_path))
+    assert not diff_models(db, list(registry.MODELS)), str(diff_models(db, list(registry.MODELS)))
+    # diff_models ignores nullability and primary keys: compare them column by column.
+    for model in registry.MODELS:
+        table = model._meta.table_name
+        in_db = {c.name: (c.null, c.primary_key) for c in db.get_columns(table)}
+        in_model = {f.column_name: (f.null, f.primary_key) for f in model._meta.sorted_fields}
+        assert in_db == in_model, table
+
+
+def test_newer_schema_is_refused_with_upgrade_hint(db_path):
+    Registry(str(db_path)).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (999, '0999_future', 0)")
+    with pytest.raises(RegistryError, match="schema version 999.*upgrade diglett"):
+        Registry(str(db_path))
+
+
+def test_sqlite_url_and_wal_mode(tmp_path):
+    path = tmp_path / "url.db"
+    reg = Registry("sqlite:///%s" % path)
+    reg.grant("foo", K1)
+    assert reg.path == path
+    reg.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT subdomain FROM grants").fetchall() == [("foo",)]
+
+
+def test_unknown_url_scheme_is_a_registry_error():
+    with pytest.raises(RegistryError, match="nosuchdb://"):
+        Registry("nosuchdb://host/db")
+
+
+# --- grants ---------------------------------------------------------------------------------
+
+
+def test_grant_normalizes_name_and_uncompressed_or_hybrid_keys(reg):
+    point = make_key(1).public_key
+    uncompressed = point.format(compressed=False).hex()
+    hybrid = ("06" if int(uncompressed[-1], 16) % 2 == 0 else "07") + uncompressed[2:]
+    for text in (uncompressed, hybrid.upper(), K1):
+        grant = reg.grant("Foo", text, comment="laptop")
+        assert (grant.subdomain, grant.key) == ("foo", K1)
+    assert len(reg.grants()) == 1
+    assert reg.find_grant("foo", uncompressed) == reg.grants()[0]
+    assert reg.find_grant("foo", K2) is None
+
+
+def test_grant_refuses_bad_names_and_keys(reg):
+    with pytest.raises(InvalidName):
+        reg.grant("foo.bar", K1)
+    with pytest.raises(crypto.KeyFormatError):
+        reg.grant("foo", "02" + "00" * 32)  # x = 0 is not on the curve
+    with pytest.raises(RegistryError, match="port"):
+        reg.grant("foo", K1, port=70000)
+    with pytest.raises(RegistryError, match="comment"):
+        reg.grant("foo", K1, comment="two\nlines")
+    assert reg.grants() == []
+
+
+def test_regrant_updates_port_and_comment(reg):
+    first = reg.grant("foo", K1, port=30001, comment="old")
+    second = reg.grant("foo", K1, port=30002, comment="new")
+    assert (second.port, second.comment, second.created) == (30002, "new", first.created)
+    assert reg.grants() == [second]
+
+
+def test_pinned_port_conflict_names_the_holder(reg):
+    reg.grant("foo", K1, port=30001)
+    with pytest.raises(RegistryError, match="port 30001 is already pinned to foo"):
+        reg.grant("bar", K2, port=30001)
+    with pytest.raises(RegistryError, match="already pinned"):
+        reg.grant("foo", K2, port=30001)  # same name, other key: still one port per grant
+    assert [g.subdomain for g in reg.grants()] == ["foo"]
+    reg.grant("bar", K2)  # unpinned grants never collide
+    reg.grant("baz", K2)
+    assert len(reg.grants()) == 3
+
+
+def test_revoke_one_key_or_every_key_and_audit(reg, db_path):
+    reg.grant("foo", K1, actor="alice")
+    reg.grant("foo", K2, actor="alice")
+    reg.grant("bar", K1, actor="alice")
+    assert reg.revoke("FOO", make_key(1).public_key.format(compressed=False).hex(), actor="bob") == 1
+    assert reg.revoke("foo", K1) == 0
+    assert reg.revoke("foo") == 1
+    assert reg.revoke("nothing") == 0
+    assert [(g.subdomain, g.key) for g in reg.grants()] == [("bar", K1)]
+    log = sqlite3.connect(db_path).execute("SELECT actor, action, subdomain, key FROM audit_log "
+                                           "ORDER BY id").fetchall()
+    assert log[:3] == [("alice", "grant", "foo", K1), ("alice", "grant", "foo", K2),
+                       ("alice", "grant", "bar", K1)]
+    assert log[3] == ("bob", "revoke", "foo", K1)
+    assert log[4][1:] == ("revoke", "foo", None)
+    assert len(log) == 5  # revokes that removed nothing are not logged
+
+
+def test_grant_snapshot_sees_own_and_other_connections_writes(reg, db_path):
+    reg.grant("foo", K1)
+    snapshot = reg.grant_snapshot()
+    assert list(snapshot) == [("foo", K1)]
+    assert isinstance(snapshot[("foo", K1)], registry.Grant)
+    snapshot.clear()  # the caller's copy; the cache is not affected
+    assert list(reg.grant_snapshot()) == [("foo", K1)]
+    other = Registry(str(db_path))  # e.g. diglett-admin in another process
+    other.revoke("foo")
+    assert reg.grant_snapshot() == {}
+    reg.grant("bar", K2)
+    assert list(reg.grant_snapshot()) == [("bar", K2)]
+    with sqlite3.connect(db_path) as conn:  # even a hand edit is noticed
+        conn.execute("DELETE FROM grants")
+    assert reg.grant_snapshot() == {}
+
+
+def test_results_are_frozen_dataclasses_not_peewee_objects(reg):
+    grant = reg.grant("foo", K1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grant.port = 1
+    assert type(grant) is registry.Grant
+    assert grant.to_json()["created"].endswith("Z")
+
+
+# --- sessions -------------------------------------------------------------------------------
+
+
+def test_session_start_end_and_json(reg):
+    row = session()
+    reg.record_session_start(row)
+    assert reg.active_sessions() == [row]
+    data = row.to_json()
+    assert data["started"] == "1970-01-01T00:16:40.000Z"
+    assert {"id", "subdomain", "key", "host", "port", "remote", "state", "reason",
+            "ended"} <= set(data)
+    with pytest.raises(RegistryError, match="already recorded"):
+        reg.record_session_start(row)
+    assert reg.record_session_end(row.id, "closed", 1010.0) is True
+    assert reg.record_session_end(row.id, "again", 1020.0) is False  # first end wins
+    assert reg.active_sessions() == []
+
+
+def test_end_stale_sessions_spares_the_current_instance(reg):
+    old = session("0000000000000001", instance="server-1")
+    mine = session("0000000000000002", subdomain="bar", instance="server-2")
+    reg.record_session_start(old)
+    reg.record_session_start(mine)
+    ended = reg.end_stale_sessions("server-2")
+    assert [(r.id, r.state, r.reason) for r in ended] == [(old.id, "ended", "stale")]
+    assert ended[0].ended is not None and ended[0].to_json()["ended"].endswith("Z")
+    assert reg.active_sessions() == [mine]
+    assert reg.end_stale_sessions("server-2") == []
+
+
+def test_last_port_is_the_latest_sessions_port(reg):
+    assert reg.last_port("foo") is None
+    reg.record_session_start(session("0000000000000001", port=30001, started=100.0))
+    reg.record_session_start(session("0000000000000002", port=30007, started=200.0))
+    reg.record_session_start(session("0000000000000003", subdomain="bar", port=30009, started=300.0))
+    assert reg.last_port("FOO") == 30007
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+def test_lock_held_elsewhere_fails_fast_instead_of_hanging(reg, db_path):
+    reg.grant("foo", K1)
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        start = time.monotonic()
+        with pytest.raises(RegistryError, match="locked by another process") as info:
+            reg.grant("bar", K2)
+        assert time.monotonic() - start < 1.0
+        assert str(db_path) in str(info.value)
+        assert list(reg.grant_snapshot()) == [("foo", K1)]  # WAL: readers are not blocked
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    reg.grant("bar", K2)  # and it recovers once the lock is gone
+    assert len(reg.grants()) == 2
+
+
+def test_short_lock_is_ridden_out_by_retries(reg, db_path):
+    holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    release = threading.Timer(0.08, lambda: holder.execute("ROLLBACK"))
+    release.start()
+    try:
+        reg.grant("foo", K1)  # locked for 80 ms: longer than the busy timeout, within retries
+    finally:
+        release.join()
+        holder.close()
+    assert len(reg.grants()) == 1
+
+
+def test_missing_directory_is_explained_or_created(tmp_path):
+    path = tmp_path / "no" / "such" / "dir" / "registry.db"
+    with pytest.raises(RegistryError, match="directory .*dir does not exist"):
+        Registry(str(path))
+    Registry(str(path), create_dirs=True).close()
+    assert path.exists()
+
+
+def test_not_a_database_is_explained(tmp_path):
+    path = tmp_path / "registry.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(RegistryError, match="not a usable SQLite database"):
+        Registry(str(path))
+
+
+def test_read_only_database_gives_a_clear_error():
+    # root ignores file modes, so as root the write runs with effective uid nobody, in a
+    # folder of /tmp that nobody can reach (pytest's tmp_path is private to root).
+    with tempfile.TemporaryDirectory(prefix="diglett-ro-") as folder:
+        os.chmod(folder, 0o755)
+        path = os.path.join(folder, "registry.db")
+        reg = Registry(path)
+        reg.grant("foo", K1)
+        reg.close()
+        os.chmod(path, 0o444)
+        reg = Registry(path, migrate=False)
+        if os.geteuid() == 0:
+            os.seteuid(65534)
+        try:
+            with pytest.raises(RegistryError) as info:
+                reg.grant("bar", K2)
+            reg.close()
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+    message = str(info.value)
+    assert path in message
+    assert "read-only" in message or "cannot open" in message, message
