@@ -88,6 +88,7 @@ class Server:
         self.grants = None  # (subdomain, key) -> Grant; None until first loaded (fail closed)
         self.last_ports = {}
         self.listener = None
+        self.agent_port = None
         self.stopping = False
         self.handshake_failures = {}
         self._greenlets = []
@@ -105,6 +106,7 @@ class Server:
         self.listener.bind(self.config.listen)
         self.listener.listen(ACCEPT_BACKLOG)
         self._greenlets = [gevent.spawn(self._accept_loop), gevent.spawn(self._poll_grants)]
+        self.agent_port = self.listener.getsockname()[1]
         return self.listener.getsockname()[:2]
 
     def stop(self, reason="shutdown"):

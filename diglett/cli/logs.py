@@ -1,0 +1,10 @@
+"""Logging setup shared by the command-line entry points (the only place logging is configured)."""
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup(level="info"):
+    logging.basicConfig(stream=sys.stderr, format=FORMAT, level=getattr(logging, level.upper()))
