@@ -342,6 +342,16 @@ def test_wrong_size_header_is_rejected(backend):
         receiver.open_length(b"")
 
 
+@pytest.mark.parametrize("length_field", [b"\x05", b"\x00\x00\x05"])
+def test_header_must_hold_exactly_two_bytes(backend, length_field):
+    # Only reachable by misuse (the caller reads exactly 18 bytes), but never guess a length.
+    aead = get_backend(backend)
+    receiver = TransportCipher(KEY, CHAINING_KEY, aead)
+    with pytest.raises(DecryptError, match="bad record length tag"):
+        receiver.open_length(aead.seal(KEY, 0, b"", length_field))
+    assert receiver.nonce == 0
+
+
 def test_receiver_call_order_is_enforced(backend):
     sender, receiver = cipher_pair(backend)
     record = sender.seal(b"hello")
