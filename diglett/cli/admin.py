@@ -1,0 +1,252 @@
+"""diglett-admin: grants, sessions and schema of the registry, e.g. ``diglett-admin grant foo --key 02..``.
+
+This module owns the command line only: parsing, human tables, JSON on stdout, warnings and
+one-line errors on stderr. It talks to the database through diglett.registry alone and never
+to the running server: revocation works because the server polls the grants every second.
+"""
+
+import argparse
+import json
+import os
+import pwd
+import sys
+
+from diglett import __version__, config, crypto
+from diglett.cli import logs
+from diglett.names import InvalidName
+from diglett.registry import Registry, RegistryError, default_actor, iso_time
+
+PROG = "diglett-admin"
+DEFAULT_CONFIG = "/etc/diglett.conf"
+CONFIG_ENV = "DIGLETT_CONFIG"
+REVOKE_NOTICE = "the server disconnects a connected agent within 2 s"
+EXIT_ERROR = 1  # argparse uses 2 for usage errors
+
+
+class AdminError(Exception):
+    """A user-facing failure of a command; printed as one line."""
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def port_number(text):
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number from 1 to 65535")
+    return int(text)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Manage who may serve which subdomain, and see the tunnels that are up. "
+        "Works on the database named in the server's config, with or without a running server.",
+    )
+    parser.add_argument(
+        "-c", "--config", default=os.environ.get(CONFIG_ENV, DEFAULT_CONFIG), metavar="FILE",
+        help="server config file (default: $%s or %s)" % (CONFIG_ENV, DEFAULT_CONFIG),
+    )
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    grant = commands.add_parser("grant", help="allow a key to serve a subdomain",
+                                description="Allow the agent holding KEY to serve NAME.DOMAIN. "
+                                "Granting the same NAME and KEY again replaces its port and comment.")
+    grant.add_argument("name", metavar="NAME", help="subdomain: a-z, 0-9, '-'; stored lowercase")
+    grant.add_argument("--key", required=True, metavar="HEX",
+                       help="the agent's public key (from `diglett pubkey`), any hex encoding")
+    grant.add_argument("--port", type=port_number, metavar="N",
+                       help="pin the tunnel to this port (unique among grants)")
+    grant.add_argument("--comment", default="", metavar="TEXT", help="a note, e.g. the owner")
+
+    revoke = commands.add_parser(
+        "revoke", help="remove a grant; %s" % REVOKE_NOTICE,
+        description="Remove the grant of NAME to KEY, or to every key. Only the database is "
+        "written: the running server re-reads the grants every second, so %s." % REVOKE_NOTICE,
+    )
+    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("--key", metavar="HEX", help="revoke this key only (default: every key)")
+
+    for name, text in (("grants", "list grants"), ("sessions", "list active sessions"),
+                       ("info", "server key, domain, database and counts")):
+        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        sub.add_argument("--json", action="store_true", help="print JSON only, on stdout")
+    commands.add_parser("migrate", help="apply missing schema migrations",
+                        description="Apply missing schema migrations and print their names. "
+                        "Other commands do this too when needed.")
+    return parser
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logs.setup("warning")
+    registry = None
+    try:
+        cfg = config.load_server(args.config)
+        registry = Registry(cfg.database, migrate=False, create_dirs=True)
+        warn_if_not_owner(registry.path)
+        applied = registry.migrate()
+        COMMANDS[args.command](args, cfg, registry, applied)
+    except (config.ConfigError, RegistryError, InvalidName, crypto.KeyFormatError,
+            AdminError) as exc:
+        print("%s: error: %s" % (PROG, exc), file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if registry is not None:
+            registry.close()
+    return 0
+
+
+def warn(message):
+    print("%s: warning: %s" % (PROG, message), file=sys.stderr)
+
+
+def warn_if_not_owner(path):
+    """Root-owned -wal/-shm files (or a root-owned database) lock the service user out."""
+    if path is None:
+        return
+    target = path if path.exists() else path.parent
+    if not target.exists():
+        return
+    owner = target.stat().st_uid
+    if owner == os.geteuid():
+        return
+    owner_name = _user_name(owner)
+    warn(
+        "%s is owned by %s but you are %s: files created now (the database, its -wal and -shm "
+        "files) may become unusable by the server; run as that user, e.g. sudo -u %s %s ..."
+        % (target, owner_name, _user_name(os.geteuid()), owner_name, PROG)
+    )
+
+
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid %d" % uid
+
+
+def actor():
+    """Who to write in the audit log: the unix user, and who ran sudo."""
+    sudo_user = os.environ.get("SUDO_USER")
+    user = default_actor()
+    if sudo_user and sudo_user != user:
+        return "%s (sudo by %s)" % (user, sudo_user)
+    return user
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def cmd_grant(args, cfg, registry, applied):
+    grant = registry.grant(args.name, args.key, port=args.port, comment=args.comment,
+                           actor=actor())
+    pinned = " on port %d" % grant.port if grant.port is not None else ""
+    print("granted %s.%s to key %s%s" % (grant.subdomain, cfg.domain,
+                                         crypto.fingerprint(grant.key), pinned))
+
+
+def cmd_revoke(args, cfg, registry, applied):
+    removed = registry.revoke(args.name, args.key, actor=actor())
+    if not removed:
+        which = "to key %s " % crypto.fingerprint(crypto.normalize_public_key(args.key)) \
+            if args.key else ""
+        raise AdminError("no grant of %s %sto revoke (see: %s grants)"
+                         % (args.name.lower(), which, PROG))
+    print("revoked %d grant%s of %s; %s"
+          % (removed, "" if removed == 1 else "s", args.name.lower(), REVOKE_NOTICE))
+
+
+def cmd_grants(args, cfg, registry, applied):
+    grants = registry.grants()
+    if args.json:
+        return print_json([grant.to_json() for grant in grants])
+    rows = [(g.subdomain, crypto.fingerprint(g.key), "-" if g.port is None else str(g.port),
+             short_time(g.created), g.comment) for g in grants]
+    print_table(("NAME", "KEY", "PORT", "CREATED (UTC)", "COMMENT"), rows, "no grants")
+
+
+def cmd_sessions(args, cfg, registry, applied):
+    sessions = registry.active_sessions()
+    if args.json:
+        return print_json([row.to_json() for row in sessions])
+    rows = [(s.subdomain, crypto.fingerprint(s.key), "%s:%d" % (s.host, s.port), s.remote,
+             short_time(s.started), s.id) for s in sessions]
+    print_table(("NAME", "KEY", "LISTEN", "REMOTE", "STARTED (UTC)", "SESSION"), rows,
+                "no active sessions")
+
+
+def cmd_info(args, cfg, registry, applied):
+    server_key, key_problem = server_public_key(cfg.key)
+    info = {
+        "version": __version__,
+        "server_key": server_key,
+        "server_key_file": str(cfg.key),
+        "domain": cfg.domain,
+        "database": registry.location,
+        "schema_version": registry.schema_version(),
+        "grants": len(registry.grants()),
+        "active_sessions": len(registry.active_sessions()),
+    }
+    if args.json:
+        return print_json(info)
+    info["server_key"] = server_key or key_problem
+    print_table(None, [(name.replace("_", " "), str(value)) for name, value in info.items()])
+
+
+def cmd_migrate(args, cfg, registry, applied):
+    for name in applied:
+        print("applied %s" % name)
+    state = "now at" if applied else "already up to date at"
+    print("%s: schema %s version %d" % (registry.location, state, registry.schema_version()))
+
+
+COMMANDS = {
+    "grant": cmd_grant,
+    "revoke": cmd_revoke,
+    "grants": cmd_grants,
+    "sessions": cmd_sessions,
+    "info": cmd_info,
+    "migrate": cmd_migrate,
+}
+
+
+def server_public_key(path):
+    """(hex, None) from the server's key file, or (None, why not); never creates the file."""
+    if not path.exists():
+        return None, "not created yet (the server creates %s on its first start)" % path
+    try:
+        return crypto.public_hex(crypto.read_private_key(path)), None
+    except crypto.KeyFileError as exc:
+        return None, "unavailable: %s" % exc
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def short_time(seconds):
+    return iso_time(seconds)[:16].replace("T", " ")
+
+
+def print_json(value):
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def print_table(headers, rows, empty=None):
+    """Columns padded to their widest cell; the last column is not padded."""
+    if not rows and empty:
+        print("(%s)" % empty)
+        return
+    lines = ([headers] if headers else []) + [tuple(row) for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        cells = [cell.ljust(width) for cell, width in zip(line[:-1], widths)] + [line[-1]]
+        print("  ".join(cells).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
