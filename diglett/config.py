@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from diglett import names
 
 DOCS = "docs/configuration.md"  # where messages send the reader for the list of keys
 MASK = "***"  # printed instead of a secret's value
@@ -25,7 +28,6 @@ SERVER_SECTION = "server"
 AGENT_SECTION = "agent"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_PORT = 65535
-MAX_DNS_NAME = 253  # RFC 1035 limit on a whole name, without the trailing dot
 MIN_STREAM_WINDOW = 16 * 1024  # below this every stream stalls on round trips
 MAX_STREAM_WINDOW = 16 * 1024 * 1024  # bound on what one stream may buffer at the peer
 MAX_STARTUPS_RATE = 100  # the RATE of START:RATE:FULL is a percentage
@@ -94,7 +96,15 @@ class SectionValues(Mapping):
 
 
 def _shown(value, secret):
-    return MASK if secret and value else repr(value)
+    """repr(value) for reprs, with secrets and URL passwords (a database URL's) masked."""
+    if secret and value:
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        parts = urlsplit(value)
+        if parts.password:
+            netloc = parts.netloc.replace(":%s@" % parts.password, ":%s@" % MASK, 1)
+            return repr(parts._replace(netloc=netloc).geturl())
+    return repr(value)
 
 
 # --- parsers: text -> value, or ValueError("what is wrong (how to fix it)") ---------------------
@@ -201,11 +211,10 @@ def ip_address(text):
 
 
 def dns_name(text):
-    name = text.lower().removesuffix(".")
-    if not _is_dns_name(name) or _is_ip(name):
-        raise ValueError(
-            "must be a DNS name such as tunnel.example.com (letters, digits and hyphens)"
-        )
+    """A domain by diglett.names' rules (the ones the server applies to tunnel names)."""
+    name = names.validate_domain(text)  # InvalidName is a ValueError naming the bad label
+    if _is_ip(name):
+        raise ValueError("must be a DNS name, not an IP address (write e.g. tunnel.example.com)")
     return name
 
 
@@ -261,9 +270,12 @@ def _is_ip(text):
     return True
 
 
-def _is_dns_name(name):
-    label = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.IGNORECASE)
-    return len(name) <= MAX_DNS_NAME and all(label.fullmatch(part) for part in name.split("."))
+def _is_dns_name(text):
+    try:
+        names.validate_domain(text)
+    except names.InvalidName:
+        return False
+    return True
 
 
 def _is_loopback(host):
