@@ -207,7 +207,7 @@ def ip_address(text):
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise ValueError("must be an IP address such as 127.0.0.1 or ::1, not a host name") from None
+        raise ValueError("must be an IP address such as 127.0.0.1 or ::1, not a name") from None
 
 
 def dns_name(text):
@@ -368,7 +368,7 @@ def register_section(name, keys, check=None):
     SECTIONS[name] = Section(dict(keys), check)
 
 
-def _section_config_repr(self):
+def _server_config_repr(self):
     secrets = {name for name, key in SERVER.keys.items() if key.secret}
     return "ServerConfig(%s)" % ", ".join(
         "%s=%s" % (field.name, _shown(getattr(self, field.name), field.name in secrets))
@@ -383,7 +383,7 @@ ServerConfig = dataclasses.make_dataclass(
     repr=False,
     namespace={
         "__module__": __name__,
-        "__repr__": _section_config_repr,
+        "__repr__": _server_config_repr,
         "__doc__": "The server's config: one attribute per [server] key, parsed; `path` is the "
         "file; `sections` maps every other section to its values (a SectionValues).",
     },
