@@ -231,7 +231,7 @@ class Server:
                           admission.PENALTY_AUTHFAIL) from None
         if self.grants is None:
             raise Refusal(ErrorCode.RESOURCE_SHORTAGE, "grants unavailable, retry later")
-        grant = self.grants.get((name, key))
+        grant = self.grants.get((name, key)) or self._fresh_grant(name, key)
         if grant is None:
             raise Refusal(ErrorCode.UNAUTHORIZED, "key %s has no grant for %r"
                           % (crypto.fingerprint(key), name), admission.PENALTY_AUTHFAIL)
@@ -244,6 +244,17 @@ class Server:
             if self.sessions.get(name) is current:
                 raise Refusal(ErrorCode.NAME_IN_USE, "%r is still closing, retry" % name)
         return name, grant
+
+    def _fresh_grant(self, name, key):
+        """A grant made since the last poll: an agent started right after `grant` gets in."""
+        try:
+            grant = self.db.call(self.registry.find_grant, name, key)
+        except RegistryError as exc:
+            log.warning("cannot read grants: %s", exc)
+            return None
+        if grant is not None:
+            self.grants[(name, key)] = grant
+        return grant
 
     def _send_refusal(self, sock, session, refusal):
         session.refuse(refusal.code, str(refusal))
