@@ -160,6 +160,8 @@ class Session:
             return False
         if len(data) > stream.send_credit:
             raise ValueError("%d bytes exceed the credit of %d" % (len(data), stream.send_credit))
+        if not data:  # nothing to queue; marking the stream ready would leave it empty
+            return True
         stream.send_credit -= len(data)
         for offset in range(0, len(data), wire.MAX_DATA_PAYLOAD):
             stream.queue.append(data[offset:offset + wire.MAX_DATA_PAYLOAD])
