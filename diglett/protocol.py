@@ -192,7 +192,8 @@ class Session:
         if stream is None or stream.fin_received:
             return
         stream.unacked += nbytes
-        if stream.unacked >= self.window // 2:
+        # "and unacked": with a window of 1 the threshold is 0, and WINDOW 0 is a peer error.
+        if stream.unacked and stream.unacked >= self.window // 2:
             stream.recv_allowed += stream.unacked
             self._control.append(wire.encode_frame(
                 FrameType.WINDOW, stream_id, wire.encode_u32(stream.unacked)))
