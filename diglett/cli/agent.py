@@ -20,7 +20,7 @@ from diglett.cli import logs  # noqa: E402
 
 DEFAULT_KEY_FILE = Path("~/.config/diglett/agent.key")
 KNOWN_SERVERS_NAME = "known_servers"  # default file, next to the key file
-SUBCOMMANDS = ("keygen", "pubkey")
+SUBCOMMANDS = ("keygen", "pubkey", "demo")
 OPTIONS = ("gateway", "name", "key-file", "server-key", "info-url", "known-servers",
            "backend", "log-level")  # also the keys of the [agent] config section
 
@@ -75,9 +75,15 @@ def pubkey(argv):
     return 0
 
 
+def demo(argv):
+    from diglett import demo as local_demo  # only the demo needs http.server and friends
+
+    return local_demo.main(argv)
+
+
 def run_parser():
     parser = argparse.ArgumentParser(
-        prog="diglett", usage="diglett [options] BACKEND | diglett {keygen,pubkey} [--key-file F]",
+        prog="diglett", usage="diglett [options] BACKEND | diglett {keygen,pubkey} [--key-file F] | diglett demo",
         description="Expose BACKEND (HOST:PORT of a local service) as NAME.DOMAIN through a "
         "diglett server. Exit codes: 0 stopped, 2 bad arguments/config/key file, 3 no grant, "
         "4 invalid name, 5 server key mismatch, 6 revoked, 7 replaced by another agent with "
@@ -121,7 +127,7 @@ def settings(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
-        return {"keygen": keygen, "pubkey": pubkey}[argv[0]](argv[1:])
+        return {"keygen": keygen, "pubkey": pubkey, "demo": demo}[argv[0]](argv[1:])
     args = run_parser().parse_args(argv)
     try:
         values = settings(args)

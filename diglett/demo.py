@@ -1,0 +1,168 @@
+"""``diglett demo``: the whole tunnel on one machine, with the real commands.
+
+Creates a temporary folder with a server config, an agent key and a grant, starts
+diglett-server, an HTTP backend and an agent, then fetches a page through the tunnel port.
+It runs the same CLIs a user types and prints each command, so it doubles as a tutorial.
+"""
+
+import argparse
+import http.client
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+DEMO_NAME = "demo"
+DEMO_DOMAIN = "localhost"  # demo.localhost resolves to loopback in most resolvers and browsers
+STARTUP_TIMEOUT = 20  # seconds for the server and the agent to come up
+READY = re.compile(r"ready: agents=(\S+):(\d+) http=\S+ domain=\S+ key=([0-9a-f]{66})")
+TUNNEL_UP = re.compile(r"tunnel up: (\S+) -> \S+ \(server port (\d+)\)")
+PAGE = b"<!doctype html><title>diglett demo</title><h1>Hello through diglett</h1>\n"
+
+
+class DemoError(Exception):
+    pass
+
+
+class Backend(BaseHTTPRequestHandler):
+    """The "local service" the agent exposes."""
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def log_message(self, *args):
+        pass
+
+
+NAMES = {"server": "diglett-server", "admin": "diglett-admin", "agent": "diglett"}
+
+
+def command(module):
+    return [sys.executable, "-m", "diglett.cli." + module]
+
+
+def show(argv):
+    """Print the command as a user would type it."""
+    module = argv[2].rsplit(".", 1)[1]
+    print("$ " + " ".join([NAMES[module]] + argv[3:]), flush=True)
+
+
+def run(argv):
+    show(argv)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise DemoError("%s failed: %s" % (" ".join(argv[2:]), result.stderr.strip()))
+    return result.stdout.strip()
+
+
+def wait_for(path, pattern, process, what):
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        match = pattern.search(path.read_text(errors="replace"))
+        if match:
+            return match
+        if process.poll() is not None:
+            raise DemoError("%s exited (%s):\n%s" % (what, process.returncode, path.read_text()))
+        time.sleep(0.05)
+    raise DemoError("%s did not come up in %d s" % (what, STARTUP_TIMEOUT))
+
+
+def fetch(port, host):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/", headers={"Host": host})
+    answer = connection.getresponse()
+    return answer.status, answer.read()
+
+
+class Demo:
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.processes = []
+
+    def spawn(self, argv, label):
+        show(argv)
+        out = open(self.folder / ("%s.log" % label), "wb")
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+        self.processes.append(process)
+        return process, self.folder / ("%s.log" % label)
+
+    def stop(self):
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def start(self):
+        config = self.folder / "diglett.conf"
+        config.write_text("[server]\nlisten = 127.0.0.1:0\nhttp = 127.0.0.1:0\n"
+                          "domain = %s\nkey = server.key\ndatabase = registry.db\n" % DEMO_DOMAIN)
+        backend = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
+        threading.Thread(target=backend.serve_forever, daemon=True).start()
+        print("# a local HTTP service on 127.0.0.1:%d plays the workload behind NAT"
+              % backend.server_address[1])
+        key_file = self.folder / "agent.key"
+        public = run(command("agent") + ["keygen", "--key-file", str(key_file)])
+        run(command("admin") + ["-c", str(config), "grant", DEMO_NAME, "--key", public,
+                                "--comment", "diglett demo"])
+        server, server_log = self.spawn(command("server") + ["-c", str(config)], "server")
+        ready = wait_for(server_log, READY, server, "diglett-server")
+        gateway, server_key = "%s:%s" % ready.group(1, 2), ready.group(3)
+        agent, agent_log = self.spawn(command("agent") + [
+            "-g", gateway, "-n", DEMO_NAME, "--key-file", str(key_file),
+            "--server-key", server_key, "127.0.0.1:%d" % backend.server_address[1]], "agent")
+        up = wait_for(agent_log, TUNNEL_UP, agent, "the agent")
+        return up.group(1), int(up.group(2))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="diglett demo", description="Run a server, an agent and a backend on this machine "
+        "and fetch a page through the tunnel.")
+    parser.add_argument("--once", action="store_true",
+                        help="stop after fetching the page (for scripts); exit 0 on success")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    folder = tempfile.mkdtemp(prefix="diglett-demo-")
+    demo = Demo(folder)
+    try:
+        host, port = demo.start()
+        status, body = fetch(port, host)
+        print("\ntunnel up: %s is served through 127.0.0.1:%d (the tunnel port on the server)"
+              % (host, port))
+        print("fetched http://%s/ through the tunnel: HTTP %d, %d bytes: %r"
+              % (host, status, len(body), body[-32:]))
+        if status != 200 or body != PAGE:
+            raise DemoError("unexpected answer through the tunnel")
+        if not args.once:
+            print("\ntry: curl -H 'Host: %s' http://127.0.0.1:%d/   (Ctrl-C stops the demo)"
+                  % (host, port), flush=True)
+            while all(p.poll() is None for p in demo.processes):
+                time.sleep(0.5)
+            print("a demo process exited; stopping")
+        return 0
+    except DemoError as exc:
+        print("demo failed: %s (logs in %s)" % (exc, folder), file=sys.stderr)
+        args.keep = True
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        demo.stop()
+        if args.keep:
+            print("kept %s" % folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
