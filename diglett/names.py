@@ -45,7 +45,9 @@ def validate_subdomain(name):
     if reason is None and not LABEL_RE.fullmatch(canonical):
         reason = "is not a DNS label"  # defence in depth: the loop and the regex must agree
     if reason is not None:
-        raise InvalidName("invalid subdomain %s: it %s; allowed: %s" % (_show(name), reason, ALLOWED))
+        raise InvalidName(
+            "invalid subdomain %s: it %s; allowed: %s" % (_show(name), reason, ALLOWED)
+        )
     return canonical
 
 
@@ -60,7 +62,9 @@ def validate_domain(text):
     if canonical.endswith("."):
         canonical = canonical[:-1]
     if len(canonical) > MAX_DOMAIN_LEN:
-        raise InvalidName("invalid domain %s: longer than %d characters" % (_show(text), MAX_DOMAIN_LEN))
+        raise InvalidName(
+            "invalid domain %s: longer than %d characters" % (_show(text), MAX_DOMAIN_LEN)
+        )
     for label in canonical.split("."):
         reason = _why_not_label(label)
         if reason is not None:

@@ -252,7 +252,8 @@ class Registry:
         key = crypto.normalize_public_key(key)
         _check_port(port)
         _check_comment(comment)
-        return self._call(self._grant, subdomain, key, port, comment or "", actor or default_actor())
+        actor = actor or default_actor()
+        return self._call(self._grant, subdomain, key, port, comment or "", actor)
 
     def revoke(self, subdomain, key=None, actor=None):
         """Remove the grant of ``subdomain`` to ``key`` (or to every key); returns how many."""
@@ -285,7 +286,12 @@ class Registry:
     # -- sessions
 
     def record_session_start(self, row):
-        self._call(self._insert_session, row)
+        """Record a new session; returns False if its id is already recorded.
+
+        Idempotent, because the server retries a failed write until it succeeds, and a write
+        that failed after its commit must not turn into an error forever.
+        """
+        return self._call(self._insert_session, row)
 
     def record_session_end(self, session_id, reason, ended):
         """Mark an active session ended; returns False if it was not active."""
@@ -319,7 +325,7 @@ class Registry:
     # -- implementation: each runs inside _call, which retries and translates errors
 
     def _write(self):
-        """A write transaction; on SQLite it takes the write lock up front (no upgrade deadlock)."""
+        """A write transaction; SQLite takes the write lock up front (no upgrade deadlock)."""
         return self.db.atomic("IMMEDIATE") if self._is_sqlite else self.db.atomic()
 
     def _migrate(self, applied):
@@ -391,7 +397,8 @@ class Registry:
 
     def _log(self, actor, action, subdomain, key, detail):
         self._audit.create(
-            time=time.time(), actor=actor, action=action, subdomain=subdomain, key=key, detail=detail
+            time=time.time(), actor=actor, action=action, subdomain=subdomain, key=key,
+            detail=detail,
         )
 
     def _snapshot(self):
@@ -407,15 +414,22 @@ class Registry:
         """What changes whenever the grants may have changed; None when unknown."""
         if not self._is_sqlite:
             return None
-        data_version = self.db.execute_sql("PRAGMA data_version").fetchone()[0]
-        return (data_version, self._writes)
+        # data_version is per connection: a new connection (after close()) may restart its
+        # count, so the connection itself is part of the stamp.
+        connection = self.db.connection()
+        data_version = connection.execute("PRAGMA data_version").fetchone()[0]
+        return (connection, data_version, self._writes)
 
     def _insert_session(self, row):
         fields = asdict(row)
         with self._write():
-            if self._sessions.get_or_none(self._sessions.id == row.id) is not None:
-                raise RegistryError("session %s is already recorded in %s" % (row.id, self.location))
-            self._sessions.insert(**fields).execute()
+            existing = self._sessions.get_or_none(self._sessions.id == row.id)
+            if existing is None:
+                self._sessions.insert(**fields).execute()
+        if existing is not None and _session_of(existing) != row:
+            log.warning("session %s is already recorded in %s with other values; kept the "
+                        "first", row.id, self.location)
+        return existing is None
 
     def _write_query(self, query):
         with self._write():
@@ -481,7 +495,8 @@ class Registry:
         if "disk" in lower and "full" in lower:
             return "the disk holding %s is full; free some space and try again" % where
         if "not a database" in lower or "malformed" in lower:
-            return "%s is not a usable SQLite database (%s); restore it from a backup" % (where, text)
+            return "%s is not a usable SQLite database (%s); restore it from a backup" % (
+                where, text)
         if "no such table" in lower:
             return "%s has no diglett schema (%s); run: diglett-admin migrate" % (where, text)
         if isinstance(exc, OSError):
@@ -539,7 +554,8 @@ def _is_busy(exc):
 def _check_port(port):
     if port is None:
         return
-    if isinstance(port, bool) or not isinstance(port, int) or not PORT_RANGE[0] <= port <= PORT_RANGE[1]:
+    low, high = PORT_RANGE
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= high:
         raise RegistryError("port must be a number from %d to %d, got %r" % (*PORT_RANGE, port))
 
 

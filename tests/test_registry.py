@@ -151,7 +151,8 @@ def test_revoke_one_key_or_every_key_and_audit(reg, db_path):
     reg.grant("foo", K1, actor="alice")
     reg.grant("foo", K2, actor="alice")
     reg.grant("bar", K1, actor="alice")
-    assert reg.revoke("FOO", make_key(1).public_key.format(compressed=False).hex(), actor="bob") == 1
+    uncompressed = make_key(1).public_key.format(compressed=False).hex()
+    assert reg.revoke("FOO", uncompressed, actor="bob") == 1
     assert reg.revoke("foo", K1) == 0
     assert reg.revoke("foo") == 1
     assert reg.revoke("nothing") == 0
@@ -180,6 +181,13 @@ def test_grant_snapshot_sees_own_and_other_connections_writes(reg, db_path):
     with sqlite3.connect(db_path) as conn:  # even a hand edit is noticed
         conn.execute("DELETE FROM grants")
     assert reg.grant_snapshot() == {}
+    reg.close()  # a new connection restarts data_version: the cache must not survive it
+    assert reg.grant_snapshot() == {}
+    reg.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("INSERT INTO grants (subdomain, key, comment, created) "
+                     "VALUES ('baz', ?, '', 0)", (K1,))
+    assert list(reg.grant_snapshot()) == [("baz", K1)]
 
 
 def test_results_are_frozen_dataclasses_not_peewee_objects(reg):
@@ -195,14 +203,15 @@ def test_results_are_frozen_dataclasses_not_peewee_objects(reg):
 
 def test_session_start_end_and_json(reg):
     row = session()
-    reg.record_session_start(row)
+    assert reg.record_session_start(row) is True
     assert reg.active_sessions() == [row]
     data = row.to_json()
     assert data["started"] == "1970-01-01T00:16:40.000Z"
     assert {"id", "subdomain", "key", "host", "port", "remote", "state", "reason",
             "ended"} <= set(data)
-    with pytest.raises(RegistryError, match="already recorded"):
-        reg.record_session_start(row)
+    assert reg.record_session_start(row) is False  # a retried write is harmless
+    assert reg.record_session_start(dataclasses.replace(row, port=1)) is False
+    assert reg.active_sessions() == [row]  # the first record wins
     assert reg.record_session_end(row.id, "closed", 1010.0) is True
     assert reg.record_session_end(row.id, "again", 1020.0) is False  # first end wins
     assert reg.active_sessions() == []
@@ -220,11 +229,28 @@ def test_end_stale_sessions_spares_the_current_instance(reg):
     assert reg.end_stale_sessions("server-2") == []
 
 
+def test_usable_from_other_threads_with_their_own_connections(reg):
+    reg.grant("foo", K1)
+    results = []
+
+    def worker():
+        reg.grant("bar", K2)  # a write and a read from a thread that did not open it
+        results.append(sorted(reg.grant_snapshot()))
+        reg.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(5)
+    assert results == [[("bar", K2), ("foo", K1)]]
+    assert len(reg.grant_snapshot()) == 2  # the main thread sees the worker's commit
+
+
 def test_last_port_is_the_latest_sessions_port(reg):
     assert reg.last_port("foo") is None
     reg.record_session_start(session("0000000000000001", port=30001, started=100.0))
     reg.record_session_start(session("0000000000000002", port=30007, started=200.0))
-    reg.record_session_start(session("0000000000000003", subdomain="bar", port=30009, started=300.0))
+    reg.record_session_start(session("0000000000000003", subdomain="bar", port=30009,
+                                     started=300.0))
     assert reg.last_port("FOO") == 30007
 
 

@@ -1,4 +1,4 @@
-"""diglett-admin: grants, sessions and schema of the registry, e.g. ``diglett-admin grant foo --key 02..``.
+"""diglett-admin: grants, sessions and schema of the registry (`diglett-admin grant NAME ...`).
 
 This module owns the command line only: parsing, human tables, JSON on stdout, warnings and
 one-line errors on stderr. It talks to the database through diglett.registry alone and never
@@ -51,7 +51,8 @@ def build_parser():
 
     grant = commands.add_parser("grant", help="allow a key to serve a subdomain",
                                 description="Allow the agent holding KEY to serve NAME.DOMAIN. "
-                                "Granting the same NAME and KEY again replaces its port and comment.")
+                                "Granting the same NAME and KEY again replaces its port and "
+                                "comment.")
     grant.add_argument("name", metavar="NAME", help="subdomain: a-z, 0-9, '-'; stored lowercase")
     grant.add_argument("--key", required=True, metavar="HEX",
                        help="the agent's public key (from `diglett pubkey`), any hex encoding")
