@@ -521,7 +521,9 @@ def _open(database):
     text = str(database)
     sqlite_options = {"pragmas": SQLITE_PRAGMAS, "timeout": BUSY_TIMEOUT, "thread_safe": True}
     if "://" not in text:
-        return peewee.SqliteDatabase(text, **sqlite_options), Path(text)
+        # ":memory:" is one database per connection, so per thread: only good for tests.
+        path = None if text == ":memory:" else Path(text)
+        return peewee.SqliteDatabase(text, **sqlite_options), path
     scheme = urllib.parse.urlsplit(text).scheme
     options = sqlite_options if scheme == "sqlite" else {"thread_safe": True}
     try:
