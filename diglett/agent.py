@@ -8,7 +8,6 @@ RestartPreventExitStatus=; see docs/operations.md.
 
 import logging
 import random
-import socket as std_socket
 import sys
 import time
 
@@ -17,7 +16,7 @@ import gevent.event
 from gevent import socket
 
 from diglett import __version__, crypto, noise, protocol, wire
-from diglett.tunnel import Tunnel, set_nodelay
+from diglett.tunnel import Tunnel, enable_keepalive, set_nodelay
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,7 @@ class Agent:
 
     def _handshake(self, sock):
         set_nodelay(sock)
-        _enable_keepalive(sock)
+        enable_keepalive(sock)
         preamble = wire.encode_preamble()
         handshake = noise.Initiator(self.key, self.server_key, wire.prologue(preamble))
         sock.sendall(preamble + handshake.act_one())
@@ -238,17 +237,3 @@ def _describe(exc):
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
-
-
-def _enable_keepalive(sock):
-    """Kernel keepalive and a user timeout as a second line behind the protocol's pings."""
-    options = [(std_socket.SOL_SOCKET, std_socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3),
-                        ("TCP_USER_TIMEOUT", 30000)):
-        if hasattr(std_socket, name):
-            options.append((std_socket.IPPROTO_TCP, getattr(std_socket, name), value))
-    for level, name, value in options:
-        try:
-            sock.setsockopt(level, name, value)
-        except OSError:
-            pass

@@ -19,7 +19,7 @@ from gevent import socket
 from diglett import __version__, admission, crypto, names, noise, protocol, signals, wire
 from diglett.dbworker import DatabaseWorker
 from diglett.registry import RegistryError, SessionRow
-from diglett.tunnel import Tunnel, close_with_rst, set_nodelay
+from diglett.tunnel import Tunnel, close_with_rst, enable_keepalive, set_nodelay
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ class Server:
             return
         finally:
             self.admission.release(source)
+        set_nodelay(sock)
+        enable_keepalive(sock)
         key = handshake.remote_static.hex()
         session_id = handshake.handshake_hash[:8].hex()
         try:
@@ -241,8 +243,8 @@ class Server:
                 raise Refusal(ErrorCode.NAME_IN_USE, "%r is connected with another key" % name)
             current.terminate("replaced", ErrorCode.REPLACED, "replaced by a new connection")
             current.ended.wait(TAKEOVER_WAIT)
-            if self.sessions.get(name) is current:
-                raise Refusal(ErrorCode.NAME_IN_USE, "%r is still closing, retry" % name)
+            if self.sessions.get(name) is not None:  # still closing, or another took it meanwhile
+                raise Refusal(ErrorCode.NAME_IN_USE, "%r is still in use, retry" % name)
         return name, grant
 
     def _fresh_grant(self, name, key):
@@ -372,19 +374,22 @@ class AgentSession:
         server.session_started(self)
         log.info("%s connected from %s, tunnel port %s:%d", self.label, self.remote,
                  self.host, self.port)
-        self.tunnel.start()
         accept = gevent.spawn(self._accept_clients)
-        detail = self.tunnel.wait()
-        accept.kill()
-        self.listener.close()
-        reason = self.end_reason or _classify(detail)
-        if server.sessions.get(self.subdomain) is self:
-            del server.sessions[self.subdomain]
-        server.session_ended(self, reason)
+        detail = "internal error"
+        try:
+            self.tunnel.start()
+            detail = self.tunnel.wait()
+        finally:  # whatever happened, the port closes and the session is recorded as ended
+            accept.kill()
+            self.listener.close()
+            reason = self.end_reason or _classify(detail)
+            if server.sessions.get(self.subdomain) is self:
+                del server.sessions[self.subdomain]
+            server.session_ended(self, reason)
+            self.ended.set()
         log.info("%s ended reason=%s (%s) after %.0f s, %d streams, %d bytes in, %d bytes out",
                  self.label, reason, detail, time.time() - self.started,
                  self.tunnel.streams_opened, self.tunnel.bytes_up, self.tunnel.bytes_down)
-        self.ended.set()
 
     def terminate(self, reason, code, message):
         if self.end_reason is None:
@@ -399,7 +404,12 @@ class AgentSession:
         tunnel, session = self.tunnel, self.tunnel.session
         max_streams = self.server.config.max_streams
         while True:
-            client, address = self.listener.accept()
+            try:
+                client, address = self.listener.accept()
+            except OSError as exc:  # EMFILE and friends: keep the port, do not spin
+                log.warning("%s accept failed: %s", self.label, exc)
+                gevent.sleep(0.1)
+                continue
             if len(tunnel.pumps) >= max_streams:
                 log.warning("%s stream limit %d reached, refusing %s:%d",
                             self.label, max_streams, *address[:2])

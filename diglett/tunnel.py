@@ -42,6 +42,21 @@ def set_nodelay(sock):
         pass  # not TCP (tests may use socketpairs)
 
 
+def enable_keepalive(sock):
+    """Kernel keepalive and a user timeout: a second line behind the protocol's pings, so
+    sends into a silently dropped path fail instead of filling buffers for minutes."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3),
+                        ("TCP_USER_TIMEOUT", 30000)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, name, value in options:
+        try:
+            sock.setsockopt(level, name, value)
+        except OSError:
+            pass
+
+
 def close_with_rst(sock):
     """Abort a connection so the peer sees a reset, never a clean EOF after a short read."""
     try:
@@ -117,7 +132,10 @@ class Tunnel:
             self._flush_goaway(*self._goaway)
         for pump in list(self.pumps.values()):
             pump.kill()  # session loss resets every stream: no truncated reply looks complete
-        close_with_rst(self.sock) if self._goaway is None else self.sock.close()
+        if self._goaway is None:
+            close_with_rst(self.sock)
+        else:
+            self.sock.close()
 
     def _flush_goaway(self, code, message):
         self.session.goaway(code, message)
