@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -160,7 +161,7 @@ class Gateway:
         old.close()
         self.proc = Proc(command("diglett-server") + ["-c", str(self.config_path)],
                          self.workdir, "server-%d" % len(Proc.registry))
-        self.proc.wait_for(READY, 15)
+        self.key = self.proc.wait_for(READY, 15).group(5)  # a deleted key file means a new key
         return self
 
     def http_get(self, path, timeout=5):
@@ -227,9 +228,10 @@ class Agent(Proc):
 
 # ----- backends (threads in the test process) -----------------------------------------------
 class Backend:
-    """A threaded TCP server on 127.0.0.1:0 running ``handler(sock)`` per connection."""
+    """A threaded TCP server on 127.0.0.1:``port`` (0: any) running ``handler(sock)`` per
+    connection."""
 
-    def __init__(self, handler):
+    def __init__(self, handler, port=0):
         self.accepted = 0
         outer = self
 
@@ -246,7 +248,7 @@ class Backend:
             allow_reuse_address = True
             request_queue_size = 1024
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", port), Handler)
         self.address = self.server.server_address
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -325,3 +327,233 @@ def connect(port, timeout=10):
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+# ----- a fault relay between an agent and a server --------------------------------------------
+class Relay:
+    """A TCP relay on 127.0.0.1:0 forwarding to ``target``, in threads of the test process.
+
+    It records the first ``record`` bytes of each direction of the first connection
+    (``upstream``: client -> target, ``downstream``: target -> client), and with ``flip_at``
+    flips the lowest bit of that byte offset of the first connection's client -> target bytes.
+    """
+
+    def __init__(self, target, record=4096, flip_at=None):
+        self.target = tuple(target)
+        self.record = record
+        self.flip_at = flip_at
+        self.flipped = threading.Event()
+        self.upstream = bytearray()
+        self.downstream = bytearray()
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()[:2]
+        self._sockets = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def gateway(self):
+        return "%s:%d" % self.address
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            first = self.connections == 1
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, daemon=True,
+                             args=(client, server, self.upstream if first else None,
+                                   self.flip_at if first else None)).start()
+            threading.Thread(target=self._pump, daemon=True,
+                             args=(server, client, self.downstream if first else None,
+                                   None)).start()
+
+    def _pump(self, source, sink, recording, flip_at):
+        offset = 0
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                if recording is not None and len(recording) < self.record:
+                    recording += data[:self.record - len(recording)]
+                if flip_at is not None and offset <= flip_at < offset + len(data):
+                    data = bytearray(data)
+                    data[flip_at - offset] ^= 1
+                    data = bytes(data)
+                    self.flipped.set()
+                offset += len(data)
+                sink.sendall(data)
+        except OSError:
+            for sock in (source, sink):  # end both sides; shutdown wakes the other pump
+                _abort(sock)
+
+    def close(self):
+        _abort(self.listener)
+        for sock in self._sockets:
+            _abort(sock)
+
+
+def _abort(sock):
+    """Reset a socket that another thread may be blocked on (close alone would not wake it)."""
+    for action in (lambda: sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0)),
+                   lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+        try:
+            action()
+        except OSError:
+            pass
+
+
+# ----- seeded streams, more backends and probes (data-path tests) ----------------------------
+def seeded_chunks(size, seed, chunk=1 << 20):
+    """``size`` bytes of a ChaCha20 keystream keyed by ``seed``, in pieces of at most ``chunk``.
+
+    Unlike ``pattern`` it never repeats, so a lost, duplicated or reordered piece (or another
+    stream's bytes) changes the digest.
+    """
+    from Crypto.Cipher import ChaCha20  # a runtime dependency of diglett
+
+    cipher = ChaCha20.new(key=hashlib.sha256(seed).digest(), nonce=bytes(8))
+    zeros = bytes(min(size, chunk))
+    left = size
+    while left:
+        part = min(left, chunk)
+        yield cipher.encrypt(zeros[:part])
+        left -= part
+
+
+def seeded_sha256(size, seed):
+    digest = hashlib.sha256()
+    for part in seeded_chunks(size, seed):
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def send_seeded(sock, size, seed, write_sizes=None):
+    """Send the seeded stream; ``write_sizes`` (an iterator of ints) varies the write calls."""
+    if write_sizes is None:
+        for part in seeded_chunks(size, seed):
+            sock.sendall(part)
+        return
+    data = memoryview(b"".join(seeded_chunks(size, seed)))
+    offset = 0
+    while offset < size:
+        step = max(1, next(write_sizes))
+        sock.sendall(data[offset:offset + step])
+        offset += step
+
+
+def recv_exact(sock, size):
+    """Exactly ``size`` bytes; AssertionError on an early clean EOF."""
+    chunks, left = [], size
+    while left:
+        data = sock.recv(min(left, 262144))
+        if not data:
+            raise AssertionError("clean EOF after %d of %d bytes" % (size - left, size))
+        chunks.append(data)
+        left -= len(data)
+    return b"".join(chunks)
+
+
+def recv_sha256(sock, size):
+    """SHA-256 hex of exactly ``size`` bytes read from ``sock``."""
+    digest, left = hashlib.sha256(), size
+    while left:
+        data = sock.recv(min(left, 262144))
+        if not data:
+            raise AssertionError("clean EOF after %d of %d bytes" % (size - left, size))
+        digest.update(data)
+        left -= len(data)
+    return digest.hexdigest()
+
+
+def greeter(banner):
+    """Speaks first (like sshd or an SMTP server), then echoes."""
+    def handler(sock):
+        sock.sendall(banner)
+        echo(sock)
+    return handler
+
+
+def flood(counter, chunk=65536):
+    """Send zeros until the peer goes away, counting bytes sent in ``counter["sent"]``."""
+    block = bytes(chunk)
+
+    def handler(sock):
+        while True:
+            sock.sendall(block)
+            counter["sent"] = counter.get("sent", 0) + chunk
+    return handler
+
+
+def stall(release):
+    """Accept and never read or write until ``release`` (a threading.Event) is set."""
+    def handler(sock):
+        release.wait(120)
+    return handler
+
+
+def by_first_byte(handlers):
+    """One backend, several behaviours: the client's first byte picks the handler."""
+    def handler(sock):
+        mode = sock.recv(1)
+        if mode in handlers:
+            handlers[mode](sock)
+    return handler
+
+
+def vm_rss(pid):
+    """Resident memory of ``pid`` in bytes (VmRSS from /proc)."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS for pid %d" % pid)
+
+
+def free_port():
+    """A port that was free a moment ago (for programs that cannot report a port-0 bind)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def round_trips(sock, count, size=64):
+    """Latencies (seconds) of ``count`` echo round trips of ``size`` bytes each."""
+    times = []
+    for index in range(count):
+        message = (b"%08d" % index) * (size // 8)
+        started = time.monotonic()
+        sock.sendall(message)
+        if recv_exact(sock, len(message)) != message:
+            raise AssertionError("echo round trip %d came back different" % index)
+        times.append(time.monotonic() - started)
+    return times
+
+
+def digest_then_seeded(reply_size, seed):
+    """Read to EOF, answer the SHA-256 of what came (32 bytes), then ``reply_size`` bytes of the
+    seeded stream ``seed``, then EOF."""
+    def handler(sock):
+        digest = hashlib.sha256()
+        while True:
+            data = sock.recv(262144)
+            if not data:
+                break
+            digest.update(data)
+        sock.sendall(digest.digest())
+        send_seeded(sock, reply_size, seed)
+        sock.shutdown(socket.SHUT_WR)
+    return handler

@@ -1,0 +1,400 @@
+"""End to end, real processes on loopback: who gets a tunnel, and what never gets one.
+
+Refusals and their exit codes (security notes B1, B4, B6), server authentication and pinning
+(B3), handshake replay and a flipped bit (A5), junk on the agent port (A2), and the agent's
+lifecycle: killed, restarted, revoked, replaced, stopped (B5). Every process is a real
+diglett-server, diglett or diglett-admin; the tests talk to them over 127.0.0.1 only.
+"""
+
+import hashlib
+import random
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from diglett import noise, wire
+from tests import harness
+from tests.harness import Agent, Backend, Gateway, Relay, command, connect, wait_until
+
+EXIT_OK, EXIT_USAGE, EXIT_UNAUTHORIZED, EXIT_INVALID_NAME = 0, 2, 3, 4
+EXIT_SERVER_KEY_MISMATCH, EXIT_REVOKED, EXIT_REPLACED = 5, 6, 7
+HANDSHAKE_TIMEOUT = float(harness.TEST_SERVER_OPTIONS["handshake_timeout"])
+PREAMBLE_AND_ACT_ONE = wire.PREAMBLE_SIZE + noise.ACT_ONE_SIZE
+VERSION_REJECT = b"digl" + bytes([0, 2]) + (1).to_bytes(2, "big")
+
+
+# ----- helpers ---------------------------------------------------------------------------------
+def start_agent(workdir, gateway, name, key_file, backend, *flags, label="agent"):
+    """An agent with exactly these flags (no --server-key unless given), not waited for."""
+    if not isinstance(backend, str):
+        backend = "%s:%d" % backend
+    argv = command("diglett") + ["-g", gateway, "-n", name, "--key-file", str(key_file),
+                                 *flags, backend]
+    return Agent(argv, workdir, "%s-%d" % (label, len(harness.Proc.registry)))
+
+
+def exit_code(agent, timeout=10):
+    try:
+        return agent.wait(timeout)
+    except Exception:
+        raise AssertionError("%s still running after %s s:\n%s"
+                             % (agent.label, timeout, agent.stderr()[-3000:])) from None
+
+
+def echo_round_trip(port, payload=b"ping through the tunnel"):
+    with connect(port, timeout=5) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert harness.recv_all(sock) == digest(payload)
+
+
+def digest(data):
+    """What harness.recv_all returns for ``data``: (sha256 hex, length)."""
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def recv_exactly(sock, size):
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise AssertionError("closed after %d of %d bytes" % (len(data), size))
+        data += chunk
+    return bytes(data)
+
+
+def refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def read_until_closed(sock, timeout=10):
+    """Everything the peer sends before it closes: (bytes, True if it ended with a reset)."""
+    sock.settimeout(timeout)
+    data = bytearray()
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return bytes(data), False
+            data += chunk
+    except ConnectionResetError:
+        return bytes(data), True
+
+
+def free_port():
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def granted(gateway):
+    """A key file granted ``foo``: (path, public key)."""
+    path, public = gateway.new_key("foo")
+    gateway.grant("foo", public)
+    return path, public
+
+
+# ----- refusals ----------------------------------------------------------------------------------
+@pytest.mark.timeout(40)
+def test_ungranted_key_is_refused_unauthorized_even_for_a_connected_name(gateway, echo_backend,
+                                                                         granted):
+    owner = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    stranger, _ = gateway.new_key("stranger")
+    for name in ("foo", "nobody"):  # connected or not, the answer is the same: no oracle
+        intruder = gateway.agent(name, echo_backend.address, key_file=stranger, wait=False)
+        assert exit_code(intruder) == EXIT_UNAUTHORIZED
+        assert "UNAUTHORIZED" in intruder.stderr()
+        assert "NAME_IN_USE" not in intruder.stderr()
+        assert "tunnel up" not in intruder.stdout()
+    assert [s["port"] for s in gateway.sessions()] == [owner.port]
+    echo_round_trip(owner.port)
+
+
+@pytest.mark.timeout(40)
+def test_key_granted_another_name_is_refused(gateway, echo_backend, granted):
+    _, other = gateway.new_key("bar-owner")
+    gateway.grant("bar", other)
+    agent = gateway.agent("bar", echo_backend.address, key_file=granted[0], wait=False)
+    assert exit_code(agent) == EXIT_UNAUTHORIZED
+    assert "UNAUTHORIZED" in agent.stderr()
+    assert gateway.sessions() == []
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", ["Foo_bar", "-x", "foo.bar", "a" * 64])
+def test_invalid_name_exits_4_before_connecting(tmp_path, name):
+    listener = socket.create_server(("127.0.0.1", 0))  # a gateway that only counts dials
+    listener.settimeout(0)
+    key = tmp_path / "agent.key"
+    harness.subprocess.run(command("diglett") + ["keygen", "--key-file", str(key)],
+                           check=True, capture_output=True, timeout=30)
+    agent = start_agent(tmp_path, "127.0.0.1:%d" % listener.getsockname()[1], "", key,
+                        "127.0.0.1:80", "--name=" + name, "--server-key", "02" + "11" * 32)
+    assert exit_code(agent) == EXIT_INVALID_NAME
+    assert "name" in agent.stderr().lower()
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nobody dialled
+    listener.close()
+
+
+@pytest.mark.timeout(40)
+def test_name_in_use_by_another_key_is_retried_until_free(gateway, echo_backend, granted):
+    first = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    second_key, second_public = gateway.new_key("second")
+    gateway.grant("foo", second_public)
+    second = gateway.agent("foo", echo_backend.address, key_file=second_key, wait=False)
+    second.wait_for("NAME_IN_USE", timeout=10)
+    time.sleep(0.5)
+    assert second.popen.poll() is None, "a name in use is transient: the agent must retry"
+    assert "tunnel up" not in second.stdout()
+    echo_round_trip(first.port)
+    assert first.stop() == EXIT_OK
+    second.wait_up(timeout=15)  # its next retry gets the name
+    echo_round_trip(second.port)
+    assert [s["key"] for s in gateway.sessions()] == [second_public]
+
+
+# ----- server authentication ---------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_wrong_server_key_exits_5_naming_the_pinned_key(gateway, echo_backend, granted):
+    _, wrong = gateway.new_key("not-the-server")
+    agent = gateway.agent("foo", echo_backend.address, key_file=granted[0], server_key=wrong,
+                          wait=False)
+    assert exit_code(agent) == EXIT_SERVER_KEY_MISMATCH
+    assert wrong in agent.stderr()
+    assert "mismatch" in agent.stderr()
+    assert gateway.sessions() == []
+
+
+@pytest.mark.timeout(40)
+def test_man_in_the_middle_never_gets_the_agents_key_or_config(gateway, tmp_path, echo_backend,
+                                                               granted):
+    impostor = Gateway(tmp_path / "impostor").start()  # its own key; it would grant anything
+    impostor.grant("foo", granted[1])
+    relay = Relay(impostor.agent_address)
+    try:
+        agent = start_agent(gateway.workdir, relay.gateway, "foo", granted[0],
+                            echo_backend.address, "--server-key", gateway.key)
+        assert exit_code(agent) == EXIT_SERVER_KEY_MISMATCH
+        assert gateway.key in agent.stderr()
+        assert "tunnel up" not in agent.stdout()
+        # The agent stopped after act one: no act three (its static key), no CONFIG.
+        assert len(relay.upstream) == PREAMBLE_AND_ACT_ONE
+        assert impostor.sessions() == [] and gateway.sessions() == []
+    finally:
+        relay.close()
+
+
+@pytest.mark.timeout(60)
+def test_info_url_pins_on_first_use_and_a_changed_key_is_refused(gateway, echo_backend, granted):
+    info_url = "http://%s:%d/info" % gateway.http_address
+    known = gateway.workdir / "known_servers"  # the default: next to the key file
+    agent = start_agent(gateway.workdir, gateway.gateway, "foo", granted[0],
+                        echo_backend.address, "--info-url", info_url)
+    agent.wait_up()
+    assert known.read_text().split("\n")[0] == "%s %s" % (gateway.gateway, gateway.key)
+    echo_round_trip(agent.port)
+    assert agent.stop() == EXIT_OK
+
+    old_key = gateway.key
+    (gateway.workdir / "server.key").unlink()
+    gateway.restart()
+    assert gateway.key != old_key
+    again = start_agent(gateway.workdir, gateway.gateway, "foo", granted[0],
+                        echo_backend.address, "--info-url", info_url)
+    assert exit_code(again) == EXIT_SERVER_KEY_MISMATCH
+    message = again.stderr()
+    assert old_key in message and gateway.key in message
+    assert str(known) in message
+    assert "tunnel up" not in again.stdout()
+
+
+@pytest.mark.timeout(20)
+def test_no_server_key_at_all_exits_2_saying_how_to_get_it(tmp_path):
+    key = tmp_path / "agent.key"
+    harness.subprocess.run(command("diglett") + ["keygen", "--key-file", str(key)],
+                           check=True, capture_output=True, timeout=30)
+    agent = start_agent(tmp_path, "127.0.0.1:%d" % free_port(), "foo", key, "127.0.0.1:80")
+    assert exit_code(agent) == EXIT_USAGE
+    message = agent.stderr()
+    assert "--server-key" in message and "--info-url" in message
+    assert not (tmp_path / "known_servers").exists()
+
+
+# ----- tampering ---------------------------------------------------------------------------------
+@pytest.mark.timeout(40)
+def test_replayed_handshake_gets_nothing(gateway, echo_backend, granted):
+    relay = Relay(gateway.agent_address, record=300)
+    agent = start_agent(gateway.workdir, relay.gateway, "foo", granted[0], echo_backend.address,
+                        "--server-key", gateway.key)
+    port = agent.wait_up()
+    assert agent.stop() == EXIT_OK
+    relay.close()
+    wait_until(lambda: gateway.sessions() == [], 5, what="the session to end")
+    transcript = bytes(relay.upstream)
+    assert len(transcript) > PREAMBLE_AND_ACT_ONE + noise.ACT_THREE_SIZE  # CONFIG included
+
+    with socket.create_connection(gateway.agent_address, timeout=5) as sock:
+        sock.sendall(transcript[:PREAMBLE_AND_ACT_ONE])
+        act_two = recv_exactly(sock, noise.ACT_TWO_SIZE)
+        assert act_two != bytes(relay.downstream[:noise.ACT_TWO_SIZE])  # a fresh ephemeral key
+        sock.sendall(transcript[PREAMBLE_AND_ACT_ONE:])
+        data, _ = read_until_closed(sock, timeout=HANDSHAKE_TIMEOUT + 2)
+    assert data == b"", "the server answered a replayed act three: %r" % data
+    time.sleep(0.5)
+    assert gateway.sessions() == []
+    stats = gateway.http_get("/debug/stats")
+    assert stats["agents"] == 0
+    assert any("act3" in why for why in stats["handshake_failures"]), stats
+    assert refused(port)
+
+
+def blob_backend(size, seed):
+    def handler(sock):
+        harness.send_pattern(sock, size, seed)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)  # wait for the client to go
+    return Backend(handler)
+
+
+@pytest.mark.timeout(60)
+def test_flipped_bit_closes_the_connection_and_the_client_sees_a_reset(gateway, granted):
+    size = 1 << 20
+    backend = blob_backend(size, b"blob")
+    relay = Relay(gateway.agent_address, flip_at=64 * 1024 + 77)
+    try:
+        agent = start_agent(gateway.workdir, relay.gateway, "foo", granted[0], backend.address,
+                            "--server-key", gateway.key)
+        port = agent.wait_up()
+        expected = harness.pattern(size, b"blob")
+        with connect(port) as client:
+            data, reset = read_until_closed(client)
+        assert relay.flipped.is_set()
+        assert reset, "a tampered record must reset the client, not end it cleanly"
+        assert len(data) < size and expected.startswith(data), "corrupted data reached the client"
+
+        agent.wait_up(count=2)  # the agent reconnects (through the relay, untouched now)
+        assert agent.popen.poll() is None
+        with connect(agent.port) as client:
+            assert harness.recv_all(client) == digest(expected)
+    finally:
+        relay.close()
+        backend.close()
+
+
+# ----- junk on the agent port --------------------------------------------------------------------
+def junk_answer(address, junk):
+    with socket.create_connection(address, timeout=5) as sock:
+        try:
+            sock.sendall(junk)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+        return read_until_closed(sock, timeout=HANDSHAKE_TIMEOUT + 2)[0]
+
+
+@pytest.mark.timeout(60)
+def test_junk_on_the_agent_port_never_affects_a_connected_agent(gateway, echo_backend, granted):
+    agent = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    silent = {}
+
+    def seven_bytes_then_silence():
+        with socket.create_connection(gateway.agent_address, timeout=10) as sock:
+            sock.sendall(b"digl\x02\x02\x00")
+            started = time.monotonic()
+            silent["answer"] = read_until_closed(sock, timeout=HANDSHAKE_TIMEOUT * 3)
+            silent["after"] = time.monotonic() - started
+
+    stall = threading.Thread(target=seven_bytes_then_silence)
+    stall.start()
+    garbage = random.Random(7).randbytes(64 * 1024)
+    assert garbage[:4] != wire.MAGIC
+    cases = [
+        (b"XXXX\x02\x02\x00\x00", b""),  # wrong magic: nothing back
+        (b"digl\x01\x01\x00\x00", VERSION_REJECT),  # the Rust prototype's version
+        (b"digl\x7f\x7f\x00\x00", VERSION_REJECT),
+        (b"GET / HTTP/1.1\r\nHost: foo.example.test\r\n\r\n", b""),
+        (garbage, b""),
+    ]
+    for junk, answer in cases:
+        assert junk_answer(gateway.agent_address, junk) == answer, junk[:16]
+        echo_round_trip(agent.port)
+        assert gateway.http_get("/healthz")["status"] == "ok"
+    stall.join(HANDSHAKE_TIMEOUT * 4)
+    assert silent["answer"] == (b"", False) or silent["answer"][0] == b""
+    assert HANDSHAKE_TIMEOUT * 0.8 <= silent["after"] <= HANDSHAKE_TIMEOUT * 1.5, silent
+    echo_round_trip(agent.port)
+    assert agent.popen.poll() is None
+    assert len(harness.TUNNEL_UP.findall(agent.stdout())) == 1, "the agent had to reconnect"
+    assert gateway.http_get("/debug/stats")["agents"] == 1
+
+
+# ----- lifecycle ---------------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_killed_agent_closes_its_port_and_a_restart_gets_it_back(gateway, echo_backend, granted):
+    agent = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    port = agent.port
+    echo_round_trip(port)
+    agent.signal(signal.SIGKILL)
+    wait_until(lambda: refused(port), 5, what="the tunnel port to close")
+    wait_until(lambda: gateway.sessions() == [], 5, what="the session to end")
+    again = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    assert again.port == port, "a reconnecting agent gets its last port back"
+    echo_round_trip(port)
+
+
+@pytest.mark.timeout(40)
+def test_grant_with_port_pins_the_tunnel_port(gateway, echo_backend):
+    key, public = gateway.new_key("pinned")
+    pinned = free_port()
+    gateway.grant("pinned", public, "--port", str(pinned))
+    agent = gateway.agent("pinned", echo_backend.address, key_file=key)
+    assert agent.port == pinned
+    assert "pinned.example.test" in agent.stdout()
+    echo_round_trip(pinned)
+
+
+@pytest.mark.timeout(40)
+def test_revoking_a_connected_agent_disconnects_it_and_it_exits_6(gateway, echo_backend,
+                                                                  granted):
+    agent = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    client = connect(agent.port)  # an open stream, cut by the revocation
+    client.sendall(b"before")
+    assert client.recv(6) == b"before"
+    started = time.monotonic()
+    gateway.admin("revoke", "foo")
+    assert exit_code(agent, timeout=5 + 1) == EXIT_REVOKED
+    assert time.monotonic() - started < 5
+    assert "REVOKED" in agent.stderr()
+    assert read_until_closed(client, timeout=5)[0] == b""
+    client.close()
+    assert refused(agent.port)
+    wait_until(lambda: gateway.sessions() == [], 5, what="the session to end")
+
+
+@pytest.mark.timeout(40)
+def test_same_key_again_takes_the_name_over_and_the_old_agent_exits_7(gateway, echo_backend,
+                                                                      granted):
+    old = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    new = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    assert exit_code(old, timeout=5) == EXIT_REPLACED
+    assert "REPLACED" in old.stderr()
+    assert new.popen.poll() is None
+    sessions = gateway.sessions()
+    assert len(sessions) == 1 and sessions[0]["port"] == new.port
+    echo_round_trip(new.port)
+
+
+@pytest.mark.timeout(30)
+def test_sigterm_stops_the_agent_cleanly_and_ends_the_session(gateway, echo_backend, granted):
+    agent = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    assert [s["subdomain"] for s in gateway.sessions()] == ["foo"]
+    assert agent.stop(timeout=5) == EXIT_OK
+    wait_until(lambda: gateway.sessions() == [], 5, what="the session to end")
+    assert refused(agent.port)
