@@ -32,7 +32,10 @@ class DatabaseWorker:
 
     def call(self, function, *args):
         """Run ``function(*args)`` on the database thread and return its result."""
-        return self._pool.apply(function, args)
+        ok, value = self._pool.apply(_capture, (function, args))
+        if not ok:
+            raise value
+        return value
 
     def submit(self, function, args, after=None):
         """Queue a write; ``after()`` runs once it is committed."""
@@ -71,3 +74,13 @@ class DatabaseWorker:
                 log.warning("registry writes work again")
                 self.failing = None
             return
+
+
+def _capture(function, args):
+    """Runs on the database thread; an exception comes back as a value, because gevent's
+    pool prints a full traceback to stderr for every exception a task raises (a locked
+    registry retried every few seconds would fill the log)."""
+    try:
+        return True, function(*args)
+    except Exception as exc:
+        return False, exc
