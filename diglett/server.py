@@ -19,7 +19,8 @@ from gevent import socket
 from diglett import __version__, admission, crypto, names, noise, protocol, signals, wire
 from diglett.dbworker import DatabaseWorker
 from diglett.registry import RegistryError, SessionRow
-from diglett.tunnel import Tunnel, close_with_rst, enable_keepalive, set_nodelay
+from diglett.tunnel import (Tunnel, close_with_rst, enable_keepalive, reset_unless_finished,
+                            set_nodelay)
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Server:
         for row in self.db.call(self.registry.end_stale_sessions, self.instance):
             log.info("subdomain=%s session=%s ended reason=stale (port %d)",
                      row.subdomain, row.id, row.port)
+            self.last_ports[row.subdomain] = row.port  # after a crash, the port comes back too
             signals.session_ended.send(self, event=self._event(row, "disconnect", "stale"))
         self._reload_grants()
         self.listener = socket.socket(_family(self.config.listen[0]), socket.SOCK_STREAM)
@@ -417,6 +419,7 @@ class AgentSession:
                 continue
             self.open_rate.take()
             set_nodelay(client)
+            reset_unless_finished(client)
             stream_id = session.open_stream({"remote": "%s:%d" % address[:2]})
             tunnel.add_stream(stream_id, client)
             tunnel.wake()
