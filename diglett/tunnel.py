@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 256 * 1024  # bytes read from the agent connection per recv
 STREAM_RECV_MAX = 256 * 1024  # bytes read from a stream socket per recv (within credit)
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, not FIN
-LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends FIN after queued data
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
+RESET_FLUSH_TIMEOUT = 2  # seconds a local reset waits for the bytes read before it to go out
+RESET_FLUSH_POLL = 0.005  # seconds between checks of that stream's queue
 
 
 class TunnelClosed(Exception):
@@ -56,16 +57,6 @@ def enable_keepalive(sock):
             sock.setsockopt(level, name, value)
         except OSError:
             pass
-
-
-def reset_unless_finished(sock):
-    """Make every close of ``sock`` a reset until Pump finishes the stream cleanly, so a
-    process that dies (kill -9) resets its clients instead of the kernel sending a FIN
-    that makes a truncated download look complete."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-    except OSError:
-        pass
 
 
 def close_with_rst(sock):
@@ -245,6 +236,7 @@ class Pump:
         self._input_ended = False
         self._up = self._down = None
         self._done = False
+        self._sending = False  # the down greenlet is inside sendall with a popped chunk
 
     def start(self):
         self._up = gevent.spawn(self._run)
@@ -266,8 +258,33 @@ class Pump:
         gevent.killall([g for g in (self._up, self._down) if g is not None and g is not current],
                        block=False)
         if self.sock is not None:
+            self._flush_nowait()
             close_with_rst(self.sock)
         self.tunnel.pumps.pop(self.stream_id, None)
+
+    def _flush_nowait(self):
+        """Hand bytes that arrived before the reset to the kernel without waiting, so the local
+        peer reads them before the RST, as TCP itself delivers data sent before a reset."""
+        if self._sending:  # a chunk is half sent: sending the next one would leave a gap
+            return
+        try:
+            self.sock.settimeout(0)
+            while self.buffer:
+                chunk = self.buffer.popleft()
+                if self.sock.send(chunk) < len(chunk):
+                    return
+        except OSError:
+            pass  # full or already broken: the RST follows regardless
+
+    def _send_queued_then_abort(self, code, why):
+        """The local peer reset after sending: the bytes read before the reset go out ahead
+        of the RESET (reset_stream drops queued DATA), or the peer would never see them."""
+        stream = self.tunnel.session.streams.get(self.stream_id)
+        deadline = time.monotonic() + RESET_FLUSH_TIMEOUT
+        while stream is not None and stream.queue and time.monotonic() < deadline:
+            self.tunnel.wake()
+            gevent.sleep(RESET_FLUSH_POLL)
+        self._abort(code, why)
 
     def _abort(self, code, why):
         log.debug("%s stream=%d reset code=%s: %s", self.tunnel.label, self.stream_id,
@@ -288,15 +305,11 @@ class Pump:
         try:
             self._up_loop()
         except OSError as exc:
-            self._abort(ErrorCode.STREAM_CLOSED, "upload side: %s" % exc)
+            self._send_queued_then_abort(ErrorCode.STREAM_CLOSED, "upload side: %s" % exc)
             return
         self._down.join()
         if not self._done:
             self._done = True
-            try:  # both halves ended cleanly: undo reset_unless_finished, flush, FIN
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
-            except OSError:
-                pass
             self.sock.close()
             self.tunnel.pumps.pop(self.stream_id, None)
 
@@ -329,7 +342,9 @@ class Pump:
             while True:
                 while buffer:
                     chunk = buffer.popleft()
+                    self._sending = True
                     sendall(chunk)
+                    self._sending = False
                     tunnel.bytes_down += len(chunk)
                     session.acknowledge(stream_id, len(chunk))
                     if session.has_output:
