@@ -10,6 +10,7 @@ message names the database and says what to do.
 
 import datetime
 import importlib
+import json
 import logging
 import os
 import pkgutil
@@ -44,6 +45,9 @@ PORT_RANGE = (1, 65535)
 STATE_ACTIVE = "active"
 STATE_ENDED = "ended"
 REASON_STALE = "stale"  # session left active by a server process that is gone
+DELIVERY_PENDING = "pending"
+DELIVERY_DONE = "done"
+DELIVERY_DEAD = "dead"  # gave up after too many attempts or too long
 
 
 class RegistryError(Exception):
@@ -103,6 +107,30 @@ class SessionRow:
         data["fingerprint"] = crypto.fingerprint(self.key)
         data["started"] = iso_time(self.started)
         data["ended"] = iso_time(self.ended)
+        return data
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event one hook still has to handle (the outbox), or has handled."""
+
+    id: int
+    hook: str
+    event_id: str
+    subdomain: str
+    session: str
+    kind: str  # "connect" or "disconnect"
+    payload: dict  # the event as the hook receives it
+    state: str  # DELIVERY_PENDING, DELIVERY_DONE or DELIVERY_DEAD
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    created: float
+
+    def to_json(self):
+        data = asdict(self)
+        for name in ("next_attempt", "created"):
+            data[name] = iso_time(data[name])
         return data
 
 
@@ -167,7 +195,27 @@ class SchemaVersionModel(_Base):
         table_name = "schema_version"
 
 
-MODELS = (GrantModel, SessionModel, AuditLogModel)  # what the migrations must create
+class OutboxModel(_Base):
+    """Hook deliveries, written in the transaction of the session change that caused them."""
+
+    hook = peewee.CharField(max_length=64)
+    event_id = peewee.CharField(max_length=32)
+    subdomain = peewee.CharField(max_length=63)
+    session = peewee.CharField(max_length=32)
+    kind = peewee.CharField(max_length=16)
+    payload = peewee.TextField()  # JSON
+    state = peewee.CharField(max_length=16)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt = peewee.FloatField()
+    last_error = peewee.TextField(null=True)
+    created = peewee.FloatField()
+
+    class Meta:
+        table_name = "outbox"
+        indexes = ((("hook", "state", "id"), False),)
+
+
+MODELS = (GrantModel, SessionModel, AuditLogModel, OutboxModel)  # what the migrations create
 
 
 def _bind(model, db):
@@ -220,6 +268,7 @@ class Registry:
         self._sessions = _bind(SessionModel, self.db)
         self._audit = _bind(AuditLogModel, self.db)
         self._versions = _bind(SchemaVersionModel, self.db)
+        self._outbox = _bind(OutboxModel, self.db)
         self._writes = 0  # bumped after each own commit: invalidates the grant snapshot cache
         self._local = threading.local()  # per-connection snapshot cache (like peewee's state)
         if migrate:
@@ -285,30 +334,67 @@ class Registry:
 
     # -- sessions
 
-    def record_session_start(self, row):
-        """Record a new session; returns False if its id is already recorded.
+    def record_session_start(self, row, deliveries=()):
+        """Record a new session and its hook deliveries; False if its id is already recorded.
 
-        Idempotent, because the server retries a failed write until it succeeds, and a write
-        that failed after its commit must not turn into an error forever.
+        ``deliveries`` are (hook, event dict) pairs, written in the same transaction, so a
+        crash a moment later loses no hook's work. Idempotent, because the server retries a
+        failed write until it succeeds, and a write that failed after its commit must not
+        turn into an error forever.
         """
-        return self._call(self._insert_session, row)
+        return self._call(self._insert_session, row, deliveries)
 
-    def record_session_end(self, session_id, reason, ended):
-        """Mark an active session ended; returns False if it was not active."""
-        model = self._sessions
-        query = model.update(state=STATE_ENDED, reason=reason, ended=ended).where(
-            (model.id == session_id) & (model.state == STATE_ACTIVE)
-        )
-        return self._call(self._write_query, query) > 0
+    def record_session_end(self, session_id, reason, ended, deliveries=()):
+        """Mark an active session ended (with its deliveries); False if it was not active."""
+        return self._call(self._end_session, session_id, reason, ended, deliveries)
 
     def active_sessions(self):
         model = self._sessions
         query = model.select().where(model.state == STATE_ACTIVE).order_by(model.started)
         return self._call(lambda: [_session_of(row) for row in query])
 
-    def end_stale_sessions(self, instance):
-        """End (reason 'stale') active sessions owned by another server instance; return them."""
-        return self._call(self._end_stale, instance)
+    def end_stale_sessions(self, instance, deliveries_of=None):
+        """End (reason 'stale') active sessions owned by another server instance; return them.
+
+        ``deliveries_of(row)`` gives the (hook, event dict) pairs to queue for each, in the
+        same transaction.
+        """
+        return self._call(self._end_stale, instance, deliveries_of or (lambda row: ()))
+
+    # -- the hook outbox
+
+    def pending_deliveries(self, hook, limit=500):
+        """The oldest pending deliveries of ``hook``, in the order they were queued."""
+        model = self._outbox
+        query = (model.select().where((model.hook == hook) & (model.state == DELIVERY_PENDING))
+                 .order_by(model.id).limit(limit))
+        return self._call(lambda: [_delivery_of(row) for row in query])
+
+    def deliveries(self, state=None, limit=1000):
+        """Newest first, for operators."""
+        model = self._outbox
+        query = model.select().order_by(model.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(model.state == state)
+        return self._call(lambda: [_delivery_of(row) for row in query])
+
+    def delivery_done(self, delivery_id):
+        query = self._outbox.update(state=DELIVERY_DONE).where(self._outbox.id == delivery_id)
+        self._call(self._write_query, query)
+
+    def delivery_failed(self, delivery_id, attempts, next_attempt, error, dead=False):
+        """Record a failed attempt: retry at ``next_attempt``, or give up when ``dead``."""
+        query = self._outbox.update(
+            attempts=attempts, next_attempt=next_attempt, last_error=error[:2000],
+            state=DELIVERY_DEAD if dead else DELIVERY_PENDING,
+        ).where(self._outbox.id == delivery_id)
+        self._call(self._write_query, query)
+
+    def prune_deliveries(self, before):
+        """Forget finished deliveries created before ``before`` (UNIX seconds)."""
+        model = self._outbox
+        query = model.delete().where((model.state != DELIVERY_PENDING) & (model.created < before))
+        return self._call(self._write_query, query)
 
     def last_port(self, subdomain):
         """The tunnel port of the latest session of ``subdomain``, or None."""
@@ -420,12 +506,13 @@ class Registry:
         data_version = connection.execute("PRAGMA data_version").fetchone()[0]
         return (connection, data_version, self._writes)
 
-    def _insert_session(self, row):
+    def _insert_session(self, row, deliveries):
         fields = asdict(row)
         with self._write():
             existing = self._sessions.get_or_none(self._sessions.id == row.id)
             if existing is None:
                 self._sessions.insert(**fields).execute()
+                self._queue(row, deliveries)
         if existing is not None and _session_of(existing) != row:
             log.warning("session %s is already recorded in %s with other values; kept the "
                         "first", row.id, self.location)
@@ -435,18 +522,40 @@ class Registry:
         with self._write():
             return query.execute()
 
-    def _end_stale(self, instance):
+    def _end_session(self, session_id, reason, ended, deliveries):
+        model = self._sessions
+        with self._write():
+            row = model.get_or_none((model.id == session_id) & (model.state == STATE_ACTIVE))
+            if row is None:
+                return False
+            model.update(state=STATE_ENDED, reason=reason, ended=ended).where(
+                model.id == session_id).execute()
+            self._queue(_session_of(row), deliveries)
+        return True
+
+    def _end_stale(self, instance, deliveries_of):
         model = self._sessions
         where = (model.state == STATE_ACTIVE) & (model.instance != instance)
         now = time.time()
         with self._write():
-            rows = [_session_of(row) for row in model.select().where(where)]
+            rows = [_ended(_session_of(row), now) for row in model.select().where(where)]
             ids = [row.id for row in rows]
             if ids:
                 model.update(state=STATE_ENDED, reason=REASON_STALE, ended=now).where(
                     model.id.in_(ids)
                 ).execute()
-        return [_ended(row, now) for row in rows]
+            for row in rows:
+                self._queue(row, deliveries_of(row))
+        return rows
+
+    def _queue(self, row, deliveries):
+        now = time.time()
+        for hook, event in deliveries:
+            self._outbox.insert(
+                hook=hook, event_id=event["event_id"], subdomain=row.subdomain, session=row.id,
+                kind=event["kind"], payload=json.dumps(event), state=DELIVERY_PENDING,
+                next_attempt=now, created=now,
+            ).execute()
 
     # -- retries and error translation
 
@@ -585,3 +694,11 @@ def _ended(row, now):
     values = asdict(row)
     values.update(state=STATE_ENDED, reason=REASON_STALE, ended=now)
     return SessionRow(**values)
+
+
+def _delivery_of(row):
+    return Delivery(
+        row.id, row.hook, row.event_id, row.subdomain, row.session, row.kind,
+        json.loads(row.payload), row.state, row.attempts, row.next_attempt, row.last_error,
+        row.created,
+    )
