@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 256 * 1024  # bytes read from the agent connection per recv
 STREAM_RECV_MAX = 256 * 1024  # bytes read from a stream socket per recv (within credit)
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, not FIN
+LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends FIN after queued data
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
 RESET_FLUSH_TIMEOUT = 2  # seconds a local reset waits for the bytes read before it to go out
 RESET_FLUSH_POLL = 0.005  # seconds between checks of that stream's queue
@@ -57,6 +58,16 @@ def enable_keepalive(sock):
             sock.setsockopt(level, name, value)
         except OSError:
             pass
+
+
+def reset_unless_finished(sock):
+    """Make every close of ``sock`` a reset until Pump finishes the stream cleanly, so a
+    process that dies (kill -9) resets its clients instead of the kernel sending a FIN
+    that makes a truncated download look complete."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+    except OSError:
+        pass
 
 
 def close_with_rst(sock):
@@ -310,6 +321,10 @@ class Pump:
         self._down.join()
         if not self._done:
             self._done = True
+            try:  # both halves ended cleanly: undo reset_unless_finished, flush, FIN
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_OFF)
+            except OSError:
+                pass
             self.sock.close()
             self.tunnel.pumps.pop(self.stream_id, None)
 
