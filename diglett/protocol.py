@@ -241,7 +241,7 @@ class Session:
             parts.append(frame)
             room -= len(frame)
         ready = self._ready
-        while ready:
+        while ready and not control:  # DATA never overtakes an OPEN still queued
             stream = ready[0]
             if stream.stream_id not in self.streams:  # reset meanwhile
                 ready.popleft()
