@@ -163,13 +163,18 @@ class Server:
             with gevent.Timeout(self.config.handshake_timeout, HandshakeTimeout):
                 handshake, session, config = self._handshake(sock, peer)
         except HandshakeTimeout:
-            self._handshake_failed(sock, source, peer, "timeout", admission.PENALTY_TIMEOUT)
+            self._handshake_failed(sock, source, peer, "timeout", "timeout",
+                                   admission.PENALTY_TIMEOUT)
             return
-        except (ProtocolError, noise.HandshakeError) as exc:
-            self._handshake_failed(sock, source, peer, str(exc), admission.PENALTY_JUNK)
+        except noise.HandshakeError as exc:
+            self._handshake_failed(sock, source, peer, exc.reason, exc, admission.PENALTY_JUNK)
+            return
+        except ProtocolError as exc:
+            self._handshake_failed(sock, source, peer, "bad preamble or CONFIG", exc,
+                                   admission.PENALTY_JUNK)
             return
         except OSError as exc:
-            self._handshake_failed(sock, source, peer, exc.strerror or str(exc), 0)
+            self._handshake_failed(sock, source, peer, "network", exc.strerror or exc, 0)
             return
         finally:
             self.admission.release(source)
@@ -218,9 +223,10 @@ class Server:
             raise ProtocolError("expected CONFIG alone, got %s" % [type(e).__name__ for e in events])
         return handshake, session, events[0].config
 
-    def _handshake_failed(self, sock, source, peer, why, penalty):
-        self.handshake_failures[why] = self.handshake_failures.get(why, 0) + 1
-        log.info("agent=%s handshake failed: %s", peer, why)
+    def _handshake_failed(self, sock, source, peer, category, detail, penalty):
+        """``category`` is a fixed string (a metric label); ``detail`` may hold peer bytes."""
+        self.handshake_failures[category] = self.handshake_failures.get(category, 0) + 1
+        log.info("agent=%s handshake failed: %s", peer, detail)
         self.admission.penalise(source, penalty)
         sock.close()
 
@@ -349,7 +355,8 @@ class AgentSession:
         try:
             self.listener = server.bind_tunnel_port(name, grant)
         except OSError as exc:
-            raise Refusal(ErrorCode.RESOURCE_SHORTAGE, "no tunnel port: %s" % exc) from None
+            log.error("%s no tunnel port: %s", self.label, exc)
+            raise Refusal(ErrorCode.RESOURCE_SHORTAGE, "no free tunnel port") from None
         self.host, self.port = self.listener.getsockname()[:2]
         config = server.config
         self.tunnel = Tunnel(sock, session, label=self.label, ping_interval=config.ping_interval,
@@ -420,7 +427,12 @@ class AgentSession:
             self.open_rate.take()
             set_nodelay(client)
             reset_unless_finished(client)
-            stream_id = session.open_stream({"remote": "%s:%d" % address[:2]})
+            try:
+                stream_id = session.open_stream({"remote": "%s:%d" % address[:2]})
+            except ProtocolError:  # 2^32-1 streams in one session: let the agent reconnect
+                close_with_rst(client)
+                tunnel.close("stream ids exhausted", ErrorCode.NO_ERROR, "stream ids exhausted")
+                return
             tunnel.add_stream(stream_id, client)
             tunnel.wake()
 
