@@ -116,9 +116,10 @@ def write_agent_conf(path, **values):
 def test_agent_config_file_works_and_flags_override_it(gateway, echo_backend):
     key, public = gateway.new_key("conf")
     gateway.grant("conf", public)
+    (gateway.workdir / "etc").mkdir()
     conf = write_agent_conf(
-        gateway.workdir / "agent.conf", gateway=gateway.gateway, name="conf",
-        key_file=key.name, server_key=gateway.key,  # relative to the config file's folder
+        gateway.workdir / "etc" / "agent.conf", gateway=gateway.gateway, name="conf",
+        key_file="../" + key.name, server_key=gateway.key,  # relative to the file's folder
         backend="127.0.0.1:%d" % echo_backend.address[1])
     agent = start(gateway, "-c", conf, label="from-conf")
     agent.wait_up()

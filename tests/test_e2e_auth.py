@@ -89,6 +89,13 @@ def read_until_closed(sock, timeout=10):
         return bytes(data), True
 
 
+def make_key(path):
+    """A key file made by `diglett keygen`: (path, public key hex)."""
+    result = harness.subprocess.run(command("diglett") + ["keygen", "--key-file", str(path)],
+                                    check=True, capture_output=True, text=True, timeout=30)
+    return path, result.stdout.strip()
+
+
 def free_port():
     with socket.create_server(("127.0.0.1", 0)) as sock:
         return sock.getsockname()[1]
@@ -146,11 +153,9 @@ def test_key_granted_another_name_is_refused(gateway, echo_backend, granted):
 def test_invalid_name_exits_4_before_connecting(tmp_path, name):
     listener = socket.create_server(("127.0.0.1", 0))  # a gateway that only counts dials
     listener.settimeout(0)
-    key = tmp_path / "agent.key"
-    harness.subprocess.run(command("diglett") + ["keygen", "--key-file", str(key)],
-                           check=True, capture_output=True, timeout=30)
+    key, public = make_key(tmp_path / "agent.key")
     agent = start_agent(tmp_path, "127.0.0.1:%d" % listener.getsockname()[1], "", key,
-                        "127.0.0.1:80", "--name=" + name, "--server-key", "02" + "11" * 32)
+                        "127.0.0.1:80", "--name=" + name, "--server-key", public)
     assert exit_code(agent) == EXIT_INVALID_NAME
     assert "name" in agent.stderr().lower()
     with pytest.raises(BlockingIOError):
@@ -226,15 +231,13 @@ def test_info_url_pins_on_first_use_and_a_changed_key_is_refused(gateway, echo_b
     assert exit_code(again) == EXIT_SERVER_KEY_MISMATCH
     message = again.stderr()
     assert old_key in message and gateway.key in message
-    assert str(known) in message
+    assert "%s:1" % known in message  # the line to edit, like ssh's "Offending key"
     assert "tunnel up" not in again.stdout()
 
 
 @pytest.mark.timeout(20)
 def test_no_server_key_at_all_exits_2_saying_how_to_get_it(tmp_path):
-    key = tmp_path / "agent.key"
-    harness.subprocess.run(command("diglett") + ["keygen", "--key-file", str(key)],
-                           check=True, capture_output=True, timeout=30)
+    key, public = make_key(tmp_path / "agent.key")
     agent = start_agent(tmp_path, "127.0.0.1:%d" % free_port(), "foo", key, "127.0.0.1:80")
     assert exit_code(agent) == EXIT_USAGE
     message = agent.stderr()
@@ -320,31 +323,38 @@ def test_junk_on_the_agent_port_never_affects_a_connected_agent(gateway, echo_ba
     baseline = open_fds(gateway.proc)
     silent = {}
 
-    def seven_bytes_then_silence():
+    def then_silence(prefix):
         with socket.create_connection(gateway.agent_address, timeout=10) as sock:
-            sock.sendall(b"digl\x02\x02\x00")
+            sock.sendall(prefix)
             started = time.monotonic()
-            silent["answer"] = read_until_closed(sock, timeout=HANDSHAKE_TIMEOUT * 3)
-            silent["after"] = time.monotonic() - started
+            answer = read_until_closed(sock, timeout=HANDSHAKE_TIMEOUT * 3)
+            silent[prefix] = answer[0], time.monotonic() - started
 
-    stall = threading.Thread(target=seven_bytes_then_silence)
-    stall.start()
+    stalls = [threading.Thread(target=then_silence, args=(prefix,))
+              for prefix in (b"digl\x02\x02\x00", wire.encode_preamble())]  # 7 bytes, 8 bytes
+    for stall in stalls:
+        stall.start()
     garbage = random.Random(7).randbytes(64 * 1024)
     assert garbage[:4] != wire.MAGIC
     cases = [
         (b"XXXX\x02\x02\x00\x00", b""),  # wrong magic: nothing back
         (b"digl\x01\x01\x00\x00", VERSION_REJECT),  # the Rust prototype's version
         (b"digl\x7f\x7f\x00\x00", VERSION_REJECT),
+        (b"digl\x02\x01\x00\x00", b""),  # max_version below version
+        (b"digl\x02\x02\x00\x01", b""),  # reserved flags
         (b"GET / HTTP/1.1\r\nHost: foo.example.test\r\n\r\n", b""),
+        (b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03" + bytes(189), b""),  # TLS hello
         (garbage, b""),
     ]
     for junk, answer in cases:
         assert junk_answer(gateway.agent_address, junk) == answer, junk[:16]
         echo_round_trip(agent.port)
         assert gateway.http_get("/healthz")["status"] == "ok"
-    stall.join(HANDSHAKE_TIMEOUT * 4)
-    assert silent["answer"][0] == b"", silent
-    assert HANDSHAKE_TIMEOUT * 0.8 <= silent["after"] <= HANDSHAKE_TIMEOUT * 1.5, silent
+    for stall in stalls:
+        stall.join(HANDSHAKE_TIMEOUT * 4)
+    assert len(silent) == 2, silent
+    for answer, after in silent.values():  # closed at handshake_timeout, nothing said
+        assert answer == b"" and HANDSHAKE_TIMEOUT * 0.8 <= after <= HANDSHAKE_TIMEOUT * 1.5, silent
     echo_round_trip(agent.port)
     assert agent.popen.poll() is None
     assert len(harness.TUNNEL_UP.findall(agent.stdout())) == 1, "the agent had to reconnect"
@@ -359,8 +369,13 @@ def test_killed_agent_closes_its_port_and_a_restart_gets_it_back(gateway, echo_b
     agent = gateway.agent("foo", echo_backend.address, key_file=granted[0])
     port = agent.port
     echo_round_trip(port)
+    client = connect(port)  # an open stream: it must end with the agent
+    client.sendall(b"hello")
+    assert client.recv(5) == b"hello"
     agent.signal(signal.SIGKILL)
     wait_until(lambda: refused(port), 5, what="the tunnel port to close")
+    assert read_until_closed(client, timeout=5) == (b"", True), "its streams are reset"
+    client.close()
     wait_until(lambda: gateway.sessions() == [], 5, what="the session to end")
     again = gateway.agent("foo", echo_backend.address, key_file=granted[0])
     assert again.port == port, "a reconnecting agent gets its last port back"
@@ -390,7 +405,7 @@ def test_revoking_a_connected_agent_disconnects_it_and_it_exits_6(gateway, echo_
     assert exit_code(agent, timeout=5 + 1) == EXIT_REVOKED
     assert time.monotonic() - started < 5
     assert "REVOKED" in agent.stderr()
-    assert read_until_closed(client, timeout=5)[0] == b""
+    assert read_until_closed(client, timeout=5) == (b"", True), "its streams are reset"
     client.close()
     assert refused(agent.port)
     wait_until(lambda: gateway.sessions() == [], 5, what="the session to end")
@@ -407,6 +422,17 @@ def test_same_key_again_takes_the_name_over_and_the_old_agent_exits_7(gateway, e
     sessions = gateway.sessions()
     assert len(sessions) == 1 and sessions[0]["port"] == new.port
     echo_round_trip(new.port)
+
+
+@pytest.mark.timeout(20)
+def test_sigterm_while_retrying_exits_0_at_once(tmp_path):
+    key, public = make_key(tmp_path / "agent.key")
+    agent = start_agent(tmp_path, "127.0.0.1:%d" % free_port(), "foo", key, "127.0.0.1:80",
+                        "--server-key", public)
+    agent.wait_for("reconnecting in", timeout=10)  # nobody listens: transient, retried
+    started = time.monotonic()
+    assert agent.stop(timeout=5) == EXIT_OK
+    assert time.monotonic() - started < 2
 
 
 @pytest.mark.timeout(30)
