@@ -83,6 +83,7 @@ class Server:
         self.public_key = crypto.public_hex(self.keys[0])
         self.instance = uuid.uuid4().hex
         self.db = DatabaseWorker()
+        self.hook_names = tuple(config.sections.get("hooks", {}).get("enabled", ()))
         self.admission = admission.Admission(
             config.max_startups, config.per_source_startups, config.penalty_max)
         self.sessions = {}  # subdomain -> AgentSession
@@ -97,11 +98,17 @@ class Server:
     # ----- lifecycle ------------------------------------------------------------------
     def start(self):
         """Clean up after a previous run, then listen; returns the bound agent address."""
-        for row in self.db.call(self.registry.end_stale_sessions, self.instance):
+        events = {}
+
+        def deliveries_of(row):  # runs inside the registry's transaction
+            events[row.id] = self._event(row, "disconnect", "stale")
+            return self._deliveries(events[row.id])
+
+        for row in self.db.call(self.registry.end_stale_sessions, self.instance, deliveries_of):
             log.info("subdomain=%s session=%s ended reason=stale (port %d)",
                      row.subdomain, row.id, row.port)
             self.last_ports[row.subdomain] = row.port  # after a crash, the port comes back too
-            signals.session_ended.send(self, event=self._event(row, "disconnect", "stale"))
+            signals.session_ended.send(self, event=events[row.id])
         self._reload_grants()
         self.listener = socket.socket(_family(self.config.listen[0]), socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -315,18 +322,28 @@ class Server:
             listen_host=row.host, listen_port=row.port, agent_key=row.key,
             session_id=row.id, reason=reason)
 
+    def _deliveries(self, event):
+        """One outbox row per enabled hook, written with the session change."""
+        return [(name, event.to_json()) for name in self.hook_names]
+
     def session_started(self, agent_session):
         row = agent_session.row()
         self.last_ports[row.subdomain] = row.port
         event = self._event(row, "connect")
-        self.db.submit(self.registry.record_session_start, (row,),
+        self.db.submit(self.registry.record_session_start, (row, self._deliveries(event)),
                        after=lambda: signals.session_started.send(self, event=event))
 
     def session_ended(self, agent_session, reason):
         row = agent_session.row()
         event = self._event(row, "disconnect", reason)
-        self.db.submit(self.registry.record_session_end, (row.id, reason, time.time()),
+        self.db.submit(self.registry.record_session_end,
+                       (row.id, reason, time.time(), self._deliveries(event)),
                        after=lambda: signals.session_ended.send(self, event=event))
+
+    def active_session_events(self):
+        """Connect events of this server's active sessions, as the registry holds them."""
+        rows = self.db.call(self.registry.active_sessions)
+        return [self._event(row, "connect") for row in rows if row.instance == self.instance]
 
     def stats(self):
         return {

@@ -35,4 +35,24 @@ class SessionEvent:
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_json(self):
+        """Every field, as stored in the outbox; from_json() reverses it."""
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(**data)
+
+    def fields(self):
+        """What scripts (as DIGLETT_<NAME> variables) and webhooks (as JSON) receive."""
+        return {
+            "event": self.kind,
+            "subdomain": self.subdomain,
+            "host": self.host,
+            "address": self.listen_host,
+            "port": self.listen_port,
+            "agent_key": self.agent_key,
+            "session": self.session_id,
+            "reason": self.reason,
+            "event_id": self.event_id,
+            "time": self.time,
+        }

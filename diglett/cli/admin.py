@@ -11,7 +11,7 @@ import os
 import pwd
 import sys
 
-from diglett import __version__, config, crypto
+from diglett import __version__, config, crypto, hookloader
 from diglett.cli import logs
 from diglett.names import InvalidName
 from diglett.registry import Registry, RegistryError, default_actor, iso_time
@@ -86,6 +86,7 @@ def main(argv=None):
     logs.setup("warning")
     registry = None
     try:
+        hookloader.register_config_sections()  # the config may hold [hooks] and [hook:NAME]
         cfg = config.load_server(args.config)
         registry = Registry(cfg.database, migrate=False, create_dirs=True)
         warn_if_not_owner(registry.path)

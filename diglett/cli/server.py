@@ -14,7 +14,7 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
-from diglett import __version__, config, crypto  # noqa: E402
+from diglett import __version__, config, crypto, hookloader  # noqa: E402
 from diglett.cli import logs  # noqa: E402
 from diglett.httpapi import make_app  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
@@ -45,8 +45,11 @@ def fail(message, code=1):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        hookloader.register_config_sections()
         cfg = config.load_server(args.config)
-    except config.ConfigError as exc:
+        context = hookloader.HookContext(cfg.domain)
+        hook_objects = hookloader.build(cfg, context)  # bad hook options stop us here
+    except (config.ConfigError, hookloader.HookError) as exc:
         return fail(exc, 2)
     if args.check:
         print("%s: OK" % cfg.path)
@@ -55,6 +58,9 @@ def main(argv=None):
     try:
         registry = Registry(cfg.database, create_dirs=True)
         server = Server(cfg, registry)
+        context.active_sessions = server.active_session_events
+        hooks = hookloader.Hooks(hook_objects, registry, server.db, cfg.sections["hooks"])
+        hooks.start()
         host, port = server.start()
         http = WSGIServer(cfg.http, make_app(server), log=None, error_log=log)
         http.start()
@@ -70,6 +76,7 @@ def main(argv=None):
     stop.wait()
     log.info("stopping: ending %d sessions", len(server.sessions))
     server.stop()
+    hooks.stop(cfg.shutdown_timeout)
     http.stop(timeout=1)
     registry.close()
     log.info("stopped")

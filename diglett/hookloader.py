@@ -1,0 +1,275 @@
+"""Hooks: which ones run (``[hooks] enabled``), their config sections, and the outbox delivery.
+
+A hook is a plain object whose methods are named after the signals (``session_started``,
+``session_ended``) and take one ``diglett.signals.SessionEvent``; it declares its options in a
+class attribute ``OPTIONS`` (see docs/hooks.md). Hooks never run in the tunnel's greenlets:
+the server queues one outbox row per hook with each session change (same transaction), the
+blinker signals only wake the Dispatcher of each hook, and the Dispatcher calls the hook in its
+own guarded greenlet, per subdomain in order, retrying with backoff until it works or the
+delivery is declared dead.
+"""
+
+import importlib
+import logging
+import time
+from importlib import metadata
+
+import gevent
+import gevent.event
+import gevent.pool
+
+from diglett import config, signals
+from diglett.registry import RegistryError
+
+log = logging.getLogger(__name__)
+
+BUILTIN = {  # name in [hooks] enabled -> module defining HOOK
+    "script": "diglett.hooks.script",
+    "traefik": "diglett.hooks.traefik",
+    "webhook": "diglett.hooks.webhook",
+}
+ENTRY_POINT_GROUP = "diglett.hooks"  # third-party hooks: name = "package.module:Class"
+POLL_INTERVAL = 1.0  # seconds between outbox scans when no signal wakes the dispatcher
+CALL_GRACE = 5.0  # seconds a hook call may overrun the hook's own timeout before it is killed
+PARALLEL_SUBDOMAINS = 16  # deliveries of one hook in flight at once (one per subdomain)
+RETRY_FIRST = 1.0  # seconds before the first retry, then doubling up to [hooks] retry_max
+
+_OPTION_TYPES = {  # the option types a hook may declare, and their config parsers
+    "string": config.string,
+    "secret": config.string,
+    "list": config.string_list,
+    "boolean": config.boolean,
+    "seconds": config.seconds(),
+    "integer": config.integer(0),
+    "path": config.path,
+}
+
+HOOKS_SECTION = config.Section({
+    "enabled": config.Key(config.string_list, "", "hooks to run, in order (script, traefik, "
+                          "webhook, or an installed third-party hook)"),
+    "retry_max": config.Key(config.seconds(), "30", "longest delay between retries"),
+    "max_attempts": config.Key(config.integer(1), "100", "attempts before a delivery is dead"),
+    "max_age": config.Key(config.seconds(), "86400", "seconds before a delivery is dead"),
+})
+
+
+class HookError(Exception):
+    """A hook that cannot be loaded or configured; the message says what to fix."""
+
+
+def available():
+    """name -> loader of every hook class: built-in ones and installed entry points."""
+    found = {name: (lambda module=module: importlib.import_module(module).HOOK)
+             for name, module in BUILTIN.items()}
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(entry.name, entry.load)
+    return found
+
+
+def register_config_sections():
+    """Teach the config loader [hooks] and every [hook:NAME] section; call before loading."""
+    if "hooks" in config.SECTIONS:
+        return
+    config.register_section("hooks", HOOKS_SECTION.keys)
+    for name, load in available().items():
+        try:
+            hook_class = load()
+        except Exception as exc:  # a broken third-party package must not stop the server
+            log.warning("hook %s cannot be imported: %s", name, exc)
+            continue
+        config.register_section("hook:" + name, _keys_of(name, hook_class.OPTIONS))
+
+
+def _keys_of(name, options):
+    keys = {}
+    for option, (kind, default, doc) in options.items():
+        parse = _OPTION_TYPES.get(kind)
+        if parse is None:
+            raise HookError("hook %s declares option %s of unknown type %r" % (name, option, kind))
+        keys[option] = config.Key(parse, default, doc, secret=kind == "secret")
+    return keys
+
+
+class HookContext:
+    """What a hook may know of the server: its domain and the active sessions."""
+
+    def __init__(self, domain, active_sessions=None):
+        self.domain = domain
+        self.active_sessions = active_sessions  # () -> [SessionEvent]; set once the server runs
+
+
+def build(cfg, context):
+    """The enabled hooks, configured, in order: [(name, hook object)]."""
+    loaders = available()
+    hooks = []
+    for name in cfg.sections["hooks"]["enabled"]:
+        if name not in loaders:
+            raise HookError("%s: [hooks] enabled names %r, which is not installed (known: %s)"
+                            % (cfg.path, name, ", ".join(sorted(loaders))))
+        options = cfg.sections.get("hook:" + name, {})
+        hook_class = loaders[name]()
+        for option, (kind, default, doc) in hook_class.OPTIONS.items():
+            if default is None and option not in options:
+                raise HookError("%s: hook %s is enabled but [hook:%s] has no %s (%s); add it"
+                                % (cfg.path, name, name, option, doc))
+        try:
+            hooks.append((name, hook_class(options, context)))
+        except HookError:
+            raise
+        except Exception as exc:
+            raise HookError("%s: [hook:%s]: %s" % (cfg.path, name, exc)) from exc
+    return hooks
+
+
+class Hooks:
+    """Runs one Dispatcher per enabled hook and wakes them when a session changes."""
+
+    def __init__(self, hooks, registry, db, settings):
+        self.dispatchers = [Dispatcher(name, hook, registry, db, settings) for name, hook in hooks]
+        self.names = [name for name, _ in hooks]
+        self._receivers = []
+
+    def start(self):
+        for dispatcher in self.dispatchers:
+            dispatcher.start()
+
+        def wake(sender, **extra):  # blinker: never raise into the sender
+            for dispatcher in self.dispatchers:
+                dispatcher.wake()
+
+        self._receivers.append(wake)
+        signals.session_started.connect(wake, weak=False)
+        signals.session_ended.connect(wake, weak=False)
+
+    def stop(self, timeout):
+        """Let pending deliveries finish for up to ``timeout`` seconds, then stop."""
+        deadline = time.monotonic() + timeout
+        for dispatcher in self.dispatchers:
+            dispatcher.wake()
+        while time.monotonic() < deadline and any(d.busy for d in self.dispatchers):
+            gevent.sleep(0.05)
+        for receiver in self._receivers:
+            signals.session_started.disconnect(receiver)
+            signals.session_ended.disconnect(receiver)
+        for dispatcher in self.dispatchers:
+            dispatcher.stop()
+
+
+class Dispatcher:
+    """Delivers one hook's outbox: in order per subdomain, retried, never on the data path."""
+
+    def __init__(self, name, hook, registry, db, settings):
+        self.name = name
+        self.hook = hook
+        self.registry = registry
+        self.db = db
+        self.retry_max = settings["retry_max"]
+        self.max_attempts = settings["max_attempts"]
+        self.max_age = settings["max_age"]
+        self.delivered = 0
+        self.failed = 0
+        self.dead = 0
+        self._wake = gevent.event.Event()
+        self._in_flight = {}  # subdomain -> greenlet
+        self._pool = gevent.pool.Pool(PARALLEL_SUBDOMAINS)
+        self._pending = 0
+        self._loop = None
+
+    @property
+    def busy(self):
+        return bool(self._in_flight) or self._pending > 0
+
+    def start(self):
+        start = getattr(self.hook, "start", None)
+        if start is not None:
+            start()
+        self._loop = gevent.spawn(self._run)
+
+    def stop(self):
+        if self._loop is not None:
+            self._loop.kill()
+        self._pool.kill()
+        stop = getattr(self.hook, "stop", None)
+        if stop is not None:
+            _guarded(self.name, "stop", stop)
+
+    def wake(self):
+        self._wake.set()
+
+    def _run(self):
+        while True:
+            self._wake.wait(POLL_INTERVAL)
+            self._wake.clear()
+            try:
+                pending = self.db.call(self.registry.pending_deliveries, self.name)
+            except RegistryError as exc:
+                log.warning("hook=%s cannot read its outbox: %s", self.name, exc)
+                continue
+            self._pending = len(pending)
+            self._start_due(pending, time.time())
+
+    def _start_due(self, pending, now):
+        heads = {}
+        disconnected = {row.session for row in pending if row.kind == "disconnect"}
+        for row in pending:  # oldest first: the head of each subdomain goes first
+            heads.setdefault(row.subdomain, row)
+        for subdomain, row in heads.items():
+            if subdomain in self._in_flight or row.next_attempt > now or self._pool.full():
+                continue
+            skip = row.kind == "connect" and row.session in disconnected
+            self._in_flight[subdomain] = self._pool.spawn(self._deliver, row, skip)
+
+    def _deliver(self, row, skip):
+        try:
+            if skip:  # its disconnect is already queued: nothing to publish any more
+                log.info("hook=%s subdomain=%s skipped connect of ended session %s",
+                         self.name, row.subdomain, row.session)
+                self.db.call(self.registry.delivery_done, row.id)
+                return
+            error = self._call(row)
+            if error is None:
+                self.delivered += 1
+                self.db.call(self.registry.delivery_done, row.id)
+            else:
+                self._failed(row, error)
+        except RegistryError as exc:
+            log.warning("hook=%s cannot update its outbox: %s", self.name, exc)
+        finally:
+            del self._in_flight[row.subdomain]
+            self.wake()
+
+    def _call(self, row):
+        """Run the hook method; None when it worked, else why not."""
+        event = signals.SessionEvent.from_json(row.payload)
+        method = "session_started" if row.kind == "connect" else "session_ended"
+        limit = getattr(self.hook, "timeout", 30) + CALL_GRACE
+        try:
+            with gevent.Timeout(limit, HookError("no answer after %.0f s" % limit)):
+                getattr(self.hook, method)(event)
+        except Exception as exc:  # the hook's failure is data here, not our crash
+            return str(exc) or type(exc).__name__
+        log.info("hook=%s subdomain=%s %s delivered (event %s)", self.name, row.subdomain,
+                 row.kind, row.event_id)
+        return None
+
+    def _failed(self, row, error):
+        self.failed += 1
+        attempts = row.attempts + 1
+        now = time.time()
+        dead = attempts >= self.max_attempts or now - row.created >= self.max_age
+        delay = min(self.retry_max, RETRY_FIRST * 2 ** min(attempts - 1, 20))
+        if dead:
+            self.dead += 1
+            log.error("hook=%s subdomain=%s %s is dead after %d attempts: %s",
+                      self.name, row.subdomain, row.kind, attempts, error)
+        else:
+            log.warning("hook=%s subdomain=%s %s failed (attempt %d, retry in %.0f s): %s",
+                        self.name, row.subdomain, row.kind, attempts, delay, error)
+        self.db.call(self.registry.delivery_failed, row.id, attempts, now + delay, error, dead)
+
+
+def _guarded(name, what, function):
+    try:
+        function()
+    except Exception:
+        log.exception("hook=%s %s failed", name, what)

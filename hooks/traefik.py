@@ -1,0 +1,181 @@
+"""[hook:traefik]: keep Traefik's REST provider in step with the active sessions.
+
+Traefik's REST provider takes the whole dynamic configuration at once and forgets it when
+Traefik restarts, so this hook never sends differences: on every event it renders all active
+sessions and PUTs them, then reads Traefik's routers back (a malformed rule is refused
+although the PUT answers 200), and every ``check_interval`` seconds it compares Traefik's
+routers with the sessions and pushes again when they differ (Traefik restarted).
+"""
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+
+import gevent
+
+log = logging.getLogger(__name__)
+
+ROUTER_PREFIX = "diglett-"  # routers and services are named diglett-NAME
+RESPONSE_LIMIT = 1 << 20  # bytes read from Traefik's API answers
+SETTLE_POLL = 0.2  # seconds between reads of Traefik's routers while a change settles
+
+
+class TraefikFailed(Exception):
+    pass
+
+
+class TraefikHook:
+    OPTIONS = {
+        "api": ("string", None, "Traefik API base URL, e.g. http://127.0.0.1:8080"),
+        "upstream_host": ("string", "", "host Traefik uses to reach tunnel ports "
+                                        "(default: the server's bind address)"),
+        "entrypoints": ("list", "", "Traefik entrypoints of the routers (default: all)"),
+        "cert_resolver": ("string", "", "certificate resolver: routers get TLS with it"),
+        "middlewares": ("list", "", "middlewares added to every router"),
+        "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough)"),
+        "check_interval": ("seconds", "5", "seconds between checks that Traefik has the routes"),
+        "settle": ("seconds", "5", "seconds Traefik may take to apply a change (its "
+                                   "providersThrottleDuration is 2 s by default)"),
+        "timeout": ("seconds", "10", "seconds for one call to Traefik's API"),
+    }
+
+    def __init__(self, options, context):
+        self.api = options["api"].rstrip("/")
+        if not self.api.startswith(("http://", "https://")):
+            raise ValueError("api must be an http:// or https:// URL, got %r" % self.api)
+        self.mode = options["mode"]
+        if self.mode not in ("http", "tcp"):
+            raise ValueError("mode must be http or tcp, got %r" % self.mode)
+        self.upstream_host = options["upstream_host"]
+        self.entrypoints = list(options["entrypoints"])
+        self.cert_resolver = options["cert_resolver"]
+        self.middlewares = list(options["middlewares"])
+        self.check_interval = options["check_interval"]
+        self.timeout = options["timeout"]
+        self.settle = options["settle"]
+        self.context = context
+        self._checker = None
+
+    # ----- hook interface -------------------------------------------------------------
+    def start(self):
+        self._checker = gevent.spawn(self._check_loop)
+
+    def stop(self):
+        if self._checker is not None:
+            self._checker.kill()
+
+    def session_started(self, event):
+        self.sync()
+
+    def session_ended(self, event):
+        self.sync()
+
+    # ----- rendering --------------------------------------------------------------------
+    def render(self, sessions):
+        """The whole dynamic configuration for ``sessions`` (connect events of active ones).
+
+        Empty maps are explicit: Traefik ignores a PUT of ``{}`` and would keep old routes.
+        """
+        routers, services = {}, {}
+        for event in sessions:
+            name = ROUTER_PREFIX + event.subdomain
+            host = self.upstream_host or event.listen_host
+            router = {"service": name}
+            if self.entrypoints:
+                router["entryPoints"] = self.entrypoints
+            if self.mode == "tcp":
+                router["rule"] = "HostSNI(`%s`)" % event.host
+                router["tls"] = {"passthrough": True}
+                services[name] = {"loadBalancer": {"servers": [
+                    {"address": "%s:%d" % (_bracketed(host), event.listen_port)}]}}
+            else:
+                router["rule"] = "Host(`%s`)" % event.host
+                if self.middlewares:
+                    router["middlewares"] = self.middlewares
+                if self.cert_resolver:
+                    router["tls"] = {"certResolver": self.cert_resolver}
+                services[name] = {"loadBalancer": {"servers": [
+                    {"url": "http://%s:%d" % (_bracketed(host), event.listen_port)}]}}
+            routers[name] = router
+        return {self.mode: {"routers": routers, "services": services}}
+
+    # ----- talking to Traefik -----------------------------------------------------------
+    def sync(self):
+        """Push the active sessions, then check that Traefik took every router."""
+        desired = self.render(self.context.active_sessions())
+        self._call("PUT", "/api/providers/rest", desired)
+        deadline = time.monotonic() + self.settle
+        while True:  # Traefik applies provider changes asynchronously
+            refused = self._refused(desired)
+            if not refused or time.monotonic() > deadline:
+                break
+            gevent.sleep(SETTLE_POLL)
+        if refused:
+            raise TraefikFailed("Traefik refused %s" % "; ".join(refused))
+
+    def _refused(self, desired):
+        """Routers Traefik does not serve as we sent them, with Traefik's reason."""
+        wanted = set(desired[self.mode]["routers"])
+        problems = []
+        seen = set()
+        for router in self._routers():
+            name = router.get("name", "").rsplit("@", 1)[0]
+            if not router.get("name", "").endswith("@rest") or name not in wanted:
+                continue
+            seen.add(name)
+            if router.get("status") == "disabled":
+                problems.append("%s: %s" % (name, "; ".join(router.get("error") or ["disabled"])))
+        problems.extend("%s: missing" % name for name in sorted(wanted - seen))
+        return problems
+
+    def _routers(self):
+        return self._call("GET", "/api/%s/routers" % self.mode) or []
+
+    def out_of_step(self):
+        """True when Traefik's REST routers are not the ones the sessions call for."""
+        desired = set(self.render(self.context.active_sessions())[self.mode]["routers"])
+        present = {r.get("name", "").rsplit("@", 1)[0] for r in self._routers()
+                   if r.get("name", "").endswith("@rest")}
+        return present != desired
+
+    def _check_loop(self):
+        failing = False
+        while True:
+            gevent.sleep(self.check_interval)
+            try:
+                if self.out_of_step():
+                    log.warning("hook=traefik Traefik's routes differ from the sessions "
+                                "(restarted?); pushing them again")
+                    self.sync()
+                if failing:
+                    log.info("hook=traefik Traefik is in step again")
+                failing = False
+            except Exception as exc:  # Traefik down: say so once, keep checking
+                if not failing:
+                    log.warning("hook=traefik check failed: %s", exc)
+                failing = True
+
+    def _call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.api + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                text = answer.read(RESPONSE_LIMIT)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(4096).decode("utf-8", "replace").strip()
+            raise TraefikFailed("%s %s answered %d: %s" % (method, path, exc.code,
+                                                           detail[:300])) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise TraefikFailed("%s %s%s: %s" % (method, self.api, path,
+                                                 getattr(exc, "reason", exc))) from None
+        return json.loads(text) if text.strip() and method == "GET" else None
+
+
+def _bracketed(host):
+    return "[%s]" % host if ":" in host else host
+
+
+HOOK = TraefikHook
