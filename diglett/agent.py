@@ -95,6 +95,7 @@ class Agent:
         self.out = out
         self.backoff_cap = backoff_cap
         self.tunnel = None
+        self._handshaking = None  # the socket of a handshake in progress, for stop()
         self._stopping = gevent.event.Event()
         self._goaway = None
 
@@ -103,6 +104,8 @@ class Agent:
         self._stopping.set()
         if self.tunnel is not None:
             self.tunnel.close("stopped by signal", ErrorCode.NO_ERROR, "agent stopping")
+        elif self._handshaking is not None:  # do not wait for a mute server's timeout
+            self._handshaking.close()
 
     def run(self):
         attempt = 0
@@ -133,11 +136,14 @@ class Agent:
     def connect_once(self):
         sock = socket.create_connection(self.gateway, timeout=CONNECT_TIMEOUT)
         try:
+            self._handshaking = sock
             with gevent.Timeout(HANDSHAKE_TIMEOUT):
                 session, info, pending = self._handshake(sock)
+            self._handshaking = None
             sock.settimeout(None)
             self._serve(sock, session, info, pending)
         finally:
+            self._handshaking = None
             sock.close()
 
     def _handshake(self, sock):
