@@ -435,6 +435,19 @@ def test_sigterm_while_retrying_exits_0_at_once(tmp_path):
     assert time.monotonic() - started < 2
 
 
+@pytest.mark.timeout(20)
+def test_sigterm_during_a_stalled_handshake_exits_0_at_once(tmp_path):
+    key, public = make_key(tmp_path / "agent.key")
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # the kernel accepts; nobody answers
+        agent = start_agent(tmp_path, "127.0.0.1:%d" % mute.getsockname()[1], "foo", key,
+                            "127.0.0.1:80", "--server-key", public)
+        time.sleep(1)  # connected, act one sent, waiting for act two
+        assert agent.popen.poll() is None
+        started = time.monotonic()
+        assert agent.stop(timeout=8) == EXIT_OK
+        assert time.monotonic() - started < 2, "SIGTERM waited for the handshake timeout"
+
+
 @pytest.mark.timeout(30)
 def test_sigterm_stops_the_agent_cleanly_and_ends_the_session(gateway, echo_backend, granted):
     agent = gateway.agent("foo", echo_backend.address, key_file=granted[0])
