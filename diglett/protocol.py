@@ -81,6 +81,15 @@ class GoAwayReceived:
 _FIN = None  # marker in a stream's send queue: the FIN goes out after the queued DATA
 
 
+class _Reset:
+    """Marker in a stream's send queue: a RESET that goes out after the queued DATA."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code):
+        self.code = code
+
+
 class StreamState:
     """Flow-control bookkeeping of one stream; buffers of delivered bytes live in the I/O layer."""
 
@@ -176,11 +185,20 @@ class Session:
         stream.queue.append(_FIN)
         self._mark_ready(stream)
 
-    def reset_stream(self, stream_id, code):
-        """Abort a stream: its queued DATA is dropped and RESET goes out with the control frames."""
-        if self.streams.pop(stream_id, None) is not None:
-            self._control.append(wire.encode_frame(
-                FrameType.RESET, stream_id, wire.encode_u16(code)))
+    def reset_stream(self, stream_id, code, after_queued=False):
+        """Abort a stream: RESET goes out with the control frames and queued DATA is dropped,
+        or, ``after_queued``, the DATA already queued goes out first (the local peer sent
+        those bytes before it reset, so the remote peer must get them too)."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        if after_queued and stream.queue:
+            stream.fin_queued = True  # no more DATA on it
+            stream.queue.append(_Reset(code))
+            self._mark_ready(stream)
+            return
+        del self.streams[stream_id]
+        self._control.append(wire.encode_frame(FrameType.RESET, stream_id, wire.encode_u16(code)))
 
     def acknowledge(self, stream_id, nbytes):
         """``nbytes`` of the stream were delivered to their socket: return the credit.
@@ -214,7 +232,8 @@ class Session:
     @property
     def buffered_output(self):
         """Bytes of DATA queued but not yet sealed (for budgets and debug stats)."""
-        return sum(len(item) for s in self.streams.values() for item in s.queue if item)
+        return sum(len(item) for s in self.streams.values() for item in s.queue
+                   if type(item) is bytes)
 
     def data_to_send(self, limit=OUTPUT_CHUNK):
         """Seal queued frames into records: control first, then one DATA frame per stream per turn."""
@@ -248,22 +267,30 @@ class Session:
                 stream.ready = False
                 continue
             item = stream.queue[0]
-            size = wire.FRAME_HEADER_SIZE + (0 if item is _FIN else len(item))
-            if size > room:
+            frame = self._frame_of(stream, item)
+            if len(frame) > room:
                 break
             ready.popleft()
             stream.queue.popleft()
-            room -= size
+            room -= len(frame)
+            parts.append(frame)
             if item is _FIN:
-                parts.append(wire.encode_frame(FrameType.FIN, stream.stream_id))
                 self._fin_sent(stream)
-            else:
-                parts.append(wire.encode_frame(FrameType.DATA, stream.stream_id, item))
+            elif type(item) is _Reset:
+                self.streams.pop(stream.stream_id, None)
             if stream.queue:
                 ready.append(stream)
             else:
                 stream.ready = False
         return b"".join(parts)
+
+    @staticmethod
+    def _frame_of(stream, item):
+        if item is _FIN:
+            return wire.encode_frame(FrameType.FIN, stream.stream_id)
+        if type(item) is _Reset:
+            return wire.encode_frame(FrameType.RESET, stream.stream_id, wire.encode_u16(item.code))
+        return wire.encode_frame(FrameType.DATA, stream.stream_id, item)
 
     def _mark_ready(self, stream):
         if not stream.ready:

@@ -26,8 +26,6 @@ STREAM_RECV_MAX = 256 * 1024  # bytes read from a stream socket per recv (within
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, not FIN
 LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends FIN after queued data
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
-RESET_FLUSH_TIMEOUT = 2  # seconds a local reset waits for the bytes read before it to go out
-RESET_FLUSH_POLL = 0.005  # seconds between checks of that stream's queue
 
 
 class TunnelClosed(Exception):
@@ -287,20 +285,10 @@ class Pump:
         except OSError:
             pass  # full or already broken: the RST follows regardless
 
-    def _send_queued_then_abort(self, code, why):
-        """The local peer reset after sending: the bytes read before the reset go out ahead
-        of the RESET (reset_stream drops queued DATA), or the peer would never see them."""
-        stream = self.tunnel.session.streams.get(self.stream_id)
-        deadline = time.monotonic() + RESET_FLUSH_TIMEOUT
-        while stream is not None and stream.queue and time.monotonic() < deadline:
-            self.tunnel.wake()
-            gevent.sleep(RESET_FLUSH_POLL)
-        self._abort(code, why)
-
-    def _abort(self, code, why):
+    def _abort(self, code, why, after_queued=False):
         log.debug("%s stream=%d reset code=%s: %s", self.tunnel.label, self.stream_id,
                   wire.code_name(code), why)
-        self.tunnel.session.reset_stream(self.stream_id, code)
+        self.tunnel.session.reset_stream(self.stream_id, code, after_queued)
         self.tunnel.wake()
         self.kill()
 
@@ -316,7 +304,8 @@ class Pump:
         try:
             self._up_loop()
         except OSError as exc:
-            self._send_queued_then_abort(ErrorCode.STREAM_CLOSED, "upload side: %s" % exc)
+            # bytes read before the local peer's reset still reach the remote peer
+            self._abort(ErrorCode.STREAM_CLOSED, "upload side: %s" % exc, after_queued=True)
             return
         self._down.join()
         if not self._done:
