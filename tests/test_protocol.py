@@ -503,6 +503,28 @@ def test_reset_drops_queued_data():
     assert sid not in link.server.streams and sid not in link.agent.streams
 
 
+def test_reset_after_queued_sends_the_data_first():
+    link = Link(window=300_000)
+    sid = link.open()
+    link.to_agent()
+    link.server.send_data(sid, b"q" * 100_000)
+    link.server.reset_stream(sid, ErrorCode.STREAM_CLOSED, after_queued=True)
+    assert not link.server.send_data(sid, b"more")  # nothing after the reset
+    events = link.to_agent()
+    assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == b"q" * 100_000
+    assert events[-1] == StreamReset(sid, ErrorCode.STREAM_CLOSED)
+    assert sid not in link.server.streams and sid not in link.agent.streams
+
+
+def test_reset_after_queued_with_nothing_queued_is_immediate():
+    link = Link()
+    sid = link.open()
+    link.to_agent()
+    link.server.reset_stream(sid, ErrorCode.STREAM_CLOSED, after_queued=True)
+    assert sid not in link.server.streams
+    assert link.to_agent() == [StreamReset(sid, ErrorCode.STREAM_CLOSED)]
+
+
 def test_reset_after_partial_send():
     link = Link(window=300_000)
     sid = link.open()
