@@ -125,7 +125,9 @@ class Proc:
 class Gateway:
     """A diglett server with its own config, key and SQLite registry in ``workdir``."""
 
-    def __init__(self, workdir, domain="example.test", **options):
+    def __init__(self, workdir, domain="example.test", sections=None, **options):
+        """``options`` are [server] keys; ``sections`` ({name: {key: value}}) are appended as
+        more sections, e.g. {"hooks": {"enabled": "script"}, "hook:script": {...}}."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.domain = domain
@@ -133,8 +135,10 @@ class Gateway:
         settings = {"listen": "127.0.0.1:0", "http": "127.0.0.1:0", "domain": domain,
                     "key": "server.key", "database": "registry.db", **TEST_SERVER_OPTIONS}
         settings.update({k: str(v) for k, v in options.items()})
-        self.config_path.write_text(
-            "[server]\n" + "".join("%s = %s\n" % item for item in settings.items()))
+        text = "[server]\n" + "".join("%s = %s\n" % item for item in settings.items())
+        for name, keys in (sections or {}).items():
+            text += "\n[%s]\n" % name + "".join("%s = %s\n" % (k, v) for k, v in keys.items())
+        self.config_path.write_text(text)
         self.proc = None
         self.agents = []
 
@@ -154,8 +158,8 @@ class Gateway:
     def restart(self):
         """Start again on the same ports (the config is rewritten to pin them)."""
         text = self.config_path.read_text()
-        text = re.sub(r"listen = .*", "listen = %s:%d" % self.agent_address, text)
-        text = re.sub(r"http = .*", "http = %s:%d" % self.http_address, text)
+        text = re.sub(r"^listen = .*", "listen = %s:%d" % self.agent_address, text, flags=re.M)
+        text = re.sub(r"^http = .*", "http = %s:%d" % self.http_address, text, flags=re.M)
         self.config_path.write_text(text)
         old = self.proc
         old.close()
