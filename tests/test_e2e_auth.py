@@ -397,6 +397,12 @@ def test_grant_with_port_pins_the_tunnel_port(gateway, echo_backend):
 def test_revoking_a_connected_agent_disconnects_it_and_it_exits_6(gateway, echo_backend,
                                                                   granted):
     agent = gateway.agent("foo", echo_backend.address, key_file=granted[0])
+    _, other = gateway.new_key("other")
+    gateway.grant("foo", other)
+    gateway.admin("revoke", "foo", "--key", other)  # someone else's grant: no effect on this one
+    time.sleep(2.5)  # longer than the server's grant poll
+    assert agent.popen.poll() is None
+    echo_round_trip(agent.port)
     client = connect(agent.port)  # an open stream, cut by the revocation
     client.sendall(b"before")
     assert client.recv(6) == b"before"
