@@ -408,6 +408,16 @@ class Registry:
         )
         return self._call(lambda: query.scalar())
 
+    def last_ports(self):
+        """{subdomain: tunnel port of its latest session}: a restarted server hands it back."""
+        model = self._sessions
+        latest = (model.select(model.subdomain, peewee.fn.MAX(model.started).alias("started"))
+                  .group_by(model.subdomain).alias("latest"))
+        query = (model.select(model.subdomain, model.port)
+                 .join(latest, on=((model.subdomain == latest.c.subdomain)
+                                   & (model.started == latest.c.started))))
+        return self._call(lambda: {row.subdomain: row.port for row in query})
+
     # -- implementation: each runs inside _call, which retries and translates errors
 
     def _write(self):

@@ -30,6 +30,7 @@ ACCEPT_BACKLOG = 1024
 PORT_ATTEMPTS = 64  # random ports tried in a configured range before giving up
 TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
 KICK_DELAY = 5  # seconds a kicked agent is told to wait before reconnecting
+LIMIT_LOG_INTERVAL = 10.0  # seconds between log lines about the same limit being hit
 
 
 class HandshakeTimeout(Exception):
@@ -107,8 +108,8 @@ class Server:
         for row in self.db.call(self.registry.end_stale_sessions, self.instance, deliveries_of):
             log.info("subdomain=%s session=%s ended reason=stale (port %d)",
                      row.subdomain, row.id, row.port)
-            self.last_ports[row.subdomain] = row.port  # after a crash, the port comes back too
             signals.session_ended.send(self, event=events[row.id])
+        self.last_ports = self.db.call(self.registry.last_ports)  # ports survive restarts
         self._reload_grants()
         self.listener = socket.socket(_family(self.config.listen[0]), socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -368,6 +369,8 @@ class AgentSession:
         self.started = time.time()
         self.end_reason = None
         self.ended = gevent.event.Event()
+        self.refused_streams = 0
+        self._refusal_logged = float("-inf")
         self.label = "subdomain=%s agent=%s session=%s" % (name, crypto.fingerprint(key), session_id)
         try:
             self.listener = server.bind_tunnel_port(name, grant)
@@ -437,8 +440,12 @@ class AgentSession:
                 gevent.sleep(0.1)
                 continue
             if len(tunnel.pumps) >= max_streams:
-                log.warning("%s stream limit %d reached, refusing %s:%d",
-                            self.label, max_streams, *address[:2])
+                self.refused_streams += 1
+                now = time.monotonic()
+                if now - self._refusal_logged >= LIMIT_LOG_INTERVAL:  # a flood logs once
+                    self._refusal_logged = now
+                    log.warning("%s stream limit %d reached, refusing %s:%d (%d refused so far)",
+                                self.label, max_streams, *address[:2], self.refused_streams)
                 close_with_rst(client)
                 continue
             self.open_rate.take()

@@ -253,6 +253,7 @@ def test_last_port_is_the_latest_sessions_port(reg):
     reg.record_session_start(session("0000000000000003", subdomain="bar", port=30009,
                                      started=300.0))
     assert reg.last_port("FOO") == 30007
+    assert reg.last_ports() == {"foo": 30007, "bar": 30009}
 
 
 # --- failures -------------------------------------------------------------------------------
