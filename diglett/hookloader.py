@@ -216,7 +216,8 @@ class Dispatcher:
         for subdomain, row in heads.items():
             if subdomain in self._in_flight or row.next_attempt > now or self._pool.full():
                 continue
-            skip = row.kind == "connect" and row.session in disconnected
+            skip = (row.kind == "connect" and row.session in disconnected
+                    and getattr(self.hook, "skip_ended_connects", True))
             self._in_flight[subdomain] = self._pool.spawn(self._deliver, row, skip)
 
     def _deliver(self, row, skip):

@@ -26,6 +26,9 @@ def signature(secret, body):
 
 
 class WebhookHook:
+    # A receiver keeps records, so a connect whose disconnect is already queued is still sent
+    # (the dispatcher skips those for hooks that only mirror the active sessions).
+    skip_ended_connects = False
     OPTIONS = {
         "url": ("string", None, "URL that receives the events (POST, JSON)"),
         "secret": ("secret", "", "HMAC-SHA256 key for X-Diglett-Signature (empty: unsigned)"),
