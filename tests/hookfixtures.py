@@ -267,10 +267,11 @@ sys.exit(1 if fail else 0)
 """
 
 
-def recorder(folder, name="record.py"):
-    """(script path, log path) of a RECORDER script in ``folder``."""
+def recorder(folder, name="record.py", fail_for=None):
+    """(command, log path) of a RECORDER script in ``folder``; runs for ``fail_for`` fail."""
     script = write_script(folder, name, RECORDER)
-    return script, Path(folder) / (name + ".log")
+    log = Path(folder) / (name + ".log")
+    return " ".join([str(script), str(log)] + ([fail_for] if fail_for else [])), log
 
 
 def read_log(path):

@@ -134,3 +134,221 @@ def test_traefik_routes_follow_agents(tmp_path, traefik, backends):
     print("bar (the last route): gone %.2f s after its agent stopped" % gone)
     assert not [r for r in traefik.routers() if r["name"].endswith("@rest")]
     assert "Traceback" not in gw.proc.stderr()
+
+
+@pytest.mark.timeout(120)
+def test_kill9_server_stale_routes_removed_and_new_route_kept(tmp_path, traefik, backends):
+    script, log = recorder(tmp_path)
+    sections = traefik_sections(traefik, "script")
+    sections["hook:script"] = script_section(script)
+    gw = Gateway(tmp_path / "gw", sections=sections).start()
+    agents = {name: start_http_agent(gw, name, backends) for name in ("foo", "bar")}
+    for name in agents:
+        wait_routed(traefik, name)
+    wait_until(lambda: len(succeeded(log)) == 2, 10, what="two connects in the script log")
+    connects = {env["DIGLETT_SUBDOMAIN"]: env for env in succeeded(log)}
+
+    gw.proc.kill()  # kill -9: no session ends, the registry keeps them active
+    for agent in agents.values():
+        agent.kill()  # kept away: their backoff is far longer than this
+    restarted = time.monotonic()
+    gw.restart()
+
+    def stale_logged():
+        return {env["DIGLETT_SUBDOMAIN"]: env for env in succeeded(log)
+                if env["DIGLETT_REASON"] == "stale"}
+
+    stale = wait_until(lambda: len(stale_logged()) == 2 and stale_logged(), STALE_SLACK,
+                       what="script: disconnect reason=stale for foo and bar")
+    print("stale disconnects in the script log %.2f s after the restart began"
+          % (time.monotonic() - restarted))
+    for name in ("foo", "bar"):
+        assert stale[name]["DIGLETT_EVENT"] == "disconnect"
+        assert stale[name]["DIGLETT_SESSION"] == connects[name]["DIGLETT_SESSION"]
+        assert stale[name]["DIGLETT_PORT"] == connects[name]["DIGLETT_PORT"]
+        print("%s: 404 %.2f s after the restart began"
+              % (name, wait_404(traefik, name, timeout=STALE_SLACK, started=restarted)))
+    assert not [row for row in session_rows(gw) if row["state"] == "active"]
+    with pytest.raises(OSError):  # nothing listens on bar's old tunnel port
+        connect(int(connects["bar"]["DIGLETT_PORT"]), timeout=2).close()
+
+    # foo comes back: its new route must survive the stale cleanup (which must not flap it)
+    start_http_agent(gw, "foo", backends, key_file=gw.workdir / "foo.key")
+    print("foo: routed again %.2f s after its agent was up" % wait_routed(traefik, "foo"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert routed(traefik, "foo"), "the new route of foo was removed"
+        time.sleep(0.1)
+    assert traefik.status("bar.example.test") == 404
+    assert [r["name"] for r in traefik.routers() if r["name"].endswith("@rest")] == \
+        ["diglett-foo@rest"]
+    foo_events = [(e["DIGLETT_EVENT"], e["DIGLETT_REASON"]) for e in succeeded(log)
+                  if e["DIGLETT_SUBDOMAIN"] == "foo"]
+    assert foo_events == [("connect", ""), ("disconnect", "stale"), ("connect", "")]
+
+
+@pytest.mark.timeout(90)
+def test_traefik_restart_routes_come_back_without_reconnect(tmp_path, traefik, backends):
+    gw = Gateway(tmp_path / "gw", sections=traefik_sections(traefik, check_interval="1")).start()
+    agents = [start_http_agent(gw, name, backends) for name in ("foo", "bar")]
+    for name in ("foo", "bar"):
+        wait_routed(traefik, name)
+
+    traefik.restart()  # Traefik forgets the REST configuration
+    back = time.monotonic()
+    for name in ("foo", "bar"):
+        print("%s: routed again %.2f s after Traefik's API answered (check_interval 1 s)"
+              % (name, wait_routed(traefik, name, timeout=ROUTE_SLACK) + back - back))
+    print("both routes back %.2f s after Traefik's API answered" % (time.monotonic() - back))
+    for agent in agents:
+        assert len(harness.TUNNEL_UP.findall(agent.stdout())) == 1, "an agent reconnected"
+    assert "pushing them again" in gw.proc.stderr()
+
+
+# ----- webhook ------------------------------------------------------------------------------
+def verify_request(record):
+    """Check one webhook request: signature, event id header, body fields; returns the body."""
+    headers, raw = record["headers"], record["body"]
+    expected = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
+    assert re.fullmatch(r"sha256=[0-9a-f]{64}", headers["x-diglett-signature"])
+    assert hmac.compare_digest(headers["x-diglett-signature"], expected), "bad signature"
+    body = json.loads(raw)
+    assert set(body) == EVENT_FIELDS
+    assert headers["x-diglett-event-id"] == body["event_id"]
+    assert headers["content-type"] == "application/json"
+    return body
+
+
+@pytest.mark.timeout(120)
+def test_webhook_outage_and_server_restarts_lose_nothing(tmp_path, echo_backend):
+    rx = Receiver("500")
+    try:
+        sections = {"hooks": {"enabled": "webhook", **FAST_RETRY},
+                    "hook:webhook": {"url": rx.url, "secret": SECRET, "timeout": "1"}}
+        gw = Gateway(tmp_path / "gw", sections=sections).start()
+        first = [gw.agent(name, echo_backend.address) for name in ("a0", "a1")]
+        wait_until(lambda: len(rx.requests) >= 1, 10, what="a first (refused) delivery")
+        rx.set_mode("hang")  # held past the hook's timeout: a failure, retried
+        wait_until(lambda: any(r["mode"] == "hang" for r in rx.requests), 10,
+                   what="a held delivery")
+        rx.set_mode("down")
+        for agent in first:
+            agent.stop()
+        wait_until(lambda: sum(r["state"] == "ended" for r in session_rows(gw)) == 2, 10,
+                   what="a0 and a1 ended")
+        assert gw.proc.stop() == 0  # SIGTERM with deliveries pending
+        gw.restart()
+        late = gw.agent("a2", echo_backend.address)
+        wait_until(lambda: any(r["subdomain"] == "a2" for r in outbox(gw)), 10,
+                   what="a2's connect queued")
+        gw.proc.kill()  # kill -9: a2's disconnect comes as reason stale at the next start
+        late.kill()
+        gw.restart()
+        assert not rx.accepted(), "the receiver was never up"
+
+        up = time.monotonic()
+        rx.set_mode("ok")
+        sessions = {row["id"]: row["subdomain"] for row in session_rows(gw)}
+        assert len(sessions) == 3
+        expected = {(kind, session) for session in sessions for kind in ("connect", "disconnect")}
+
+        def delivered():
+            return {(body["event"], body["session"]) for body in rx.accepted()}
+
+        wait_until(lambda: delivered() >= expected, 20, interval=0.1, what="every event")
+        print("all %d events delivered %.2f s after the receiver came up; %d requests in all"
+              % (len(expected), time.monotonic() - up, len(rx.requests)))
+        wait_until(lambda: not [r for r in outbox(gw) if r["state"] != "done"], 5,
+                   what="an empty outbox")
+        assert delivered() == expected
+
+        by_id = {}
+        for record in rx.requests:
+            by_id.setdefault(record["headers"]["x-diglett-event-id"], []).append(record)
+        assert len(by_id) == len(expected), "one event id per event"
+        for copies in by_id.values():
+            assert len({r["body"] for r in copies}) == 1, "a retry changed the body"
+        duplicates = sum(len([r for r in copies if r["status"] == 200]) - 1
+                         for copies in by_id.values())
+        print("duplicates accepted: %d" % duplicates)
+
+        bodies = [verify_request(r) for r in rx.requests if r["status"] == 200]
+        reasons = {(b["subdomain"], b["event"]): b["reason"] for b in bodies}
+        assert reasons == {("a0", "connect"): "", ("a1", "connect"): "", ("a2", "connect"): "",
+                           ("a0", "disconnect"): "agent-left", ("a1", "disconnect"): "agent-left",
+                           ("a2", "disconnect"): "stale"}
+        for body in bodies:
+            assert body["host"] == body["subdomain"] + ".example.test"
+            assert body["address"] == "127.0.0.1" and body["port"] > 0
+            assert re.fullmatch(r"[0-9a-f]{66}", body["agent_key"])
+            assert re.fullmatch(r"[0-9a-f]{32}", body["event_id"])
+        for name in ("a0", "a1", "a2"):  # per subdomain in order: connect first
+            kinds = [b["event"] for b in bodies if b["subdomain"] == name]
+            assert kinds.index("connect") < kinds.index("disconnect")
+    finally:
+        rx.close()
+
+
+# ----- script hook --------------------------------------------------------------------------
+def script_gateway(tmp_path, script, timeout="5", **hooks):
+    sections = {"hooks": {"enabled": "script", **FAST_RETRY, **hooks},
+                "hook:script": script_section(script, timeout)}
+    return Gateway(tmp_path / "gw", sections=sections).start()
+
+
+@pytest.mark.timeout(60)
+def test_script_gets_environment_and_stdin(tmp_path, echo_backend):
+    script, log = recorder(tmp_path)
+    gw = script_gateway(tmp_path, script)
+    key_file, public = gw.new_key("foo")
+    gw.grant("foo", public)
+    agent = gw.agent("foo", echo_backend.address, key_file=key_file)
+    wait_until(lambda: succeeded(log), 10, what="the connect in the script log")
+    agent.stop()
+    wait_until(lambda: len(succeeded(log)) == 2, 10, what="the disconnect in the script log")
+
+    (row,) = session_rows(gw)
+    entries = read_log(log)
+    assert [e["env"]["DIGLETT_EVENT"] for e in entries] == ["connect", "disconnect"]
+    for entry, reason in zip(entries, ("", "agent-left")):
+        env = entry["env"]
+        assert set(env) == SCRIPT_VARIABLES
+        assert env["DIGLETT_SUBDOMAIN"] == "foo"
+        assert env["DIGLETT_HOST"] == "foo.example.test"
+        assert env["DIGLETT_ADDRESS"] == row["host"] == "127.0.0.1"
+        assert env["DIGLETT_PORT"] == str(row["port"]) == str(agent.port)
+        assert env["DIGLETT_AGENT_KEY"] == public
+        assert env["DIGLETT_SESSION"] == row["id"]
+        assert env["DIGLETT_REASON"] == reason
+        assert re.fullmatch(r"[0-9a-f]{32}", env["DIGLETT_EVENT_ID"])
+        stdin = json.loads(entry["stdin"])
+        assert set(stdin) == EVENT_FIELDS
+        assert {"DIGLETT_" + k.upper(): str(v) for k, v in stdin.items() if k != "time"} == env
+        assert abs(stdin["time"] - entry["time"]) < 30
+        # the server's own environment does not leak (only a few locale/path variables)
+        assert set(entry["keys"]) - SCRIPT_VARIABLES <= {"PATH", "LANG", "LC_ALL", "TZ",
+                                                         "LC_CTYPE"}
+    assert entries[0]["env"]["DIGLETT_EVENT_ID"] != entries[1]["env"]["DIGLETT_EVENT_ID"]
+
+
+@pytest.mark.timeout(60)
+def test_failing_script_is_retried_until_it_works(tmp_path, echo_backend):
+    script, log = recorder(tmp_path)
+    (tmp_path / (log.name + ".fail")).write_text("2")  # the next two runs exit 1
+    gw = script_gateway(tmp_path, script)
+    agent = gw.agent("foo", echo_backend.address)
+    wait_until(lambda: succeeded(log), 15, what="the connect to succeed at last")
+    runs = read_log(log)
+    assert [r["failed"] for r in runs] == [True, True, False]
+    assert len({r["env"]["DIGLETT_EVENT_ID"] for r in runs}) == 1, "retries are the same event"
+    gaps = [b["time"] - a["time"] for a, b in zip(runs, runs[1:])]
+    print("retry gaps (retry_max 1 s): %s" % ", ".join("%.2f s" % g for g in gaps))
+    assert all(0.5 < gap < 5 for gap in gaps)
+    assert "exited with status 1" in gw.proc.stderr()
+
+    agent.stop()  # the next event of the name comes after, in order
+    wait_until(lambda: len(succeeded(log)) == 2, 10, what="the disconnect")
+    assert [e["DIGLETT_EVENT"] for e in succeeded(log)] == ["connect", "disconnect"]
+    rows = outbox(gw)
+    assert [(r["kind"], r["state"], r["attempts"]) for r in rows] == \
+        [("connect", "done", 2), ("disconnect", "done", 0)]
