@@ -33,6 +33,8 @@ POLL_INTERVAL = 1.0  # seconds between outbox scans when no signal wakes the dis
 CALL_GRACE = 5.0  # seconds a hook call may overrun the hook's own timeout before it is killed
 PARALLEL_SUBDOMAINS = 16  # deliveries of one hook in flight at once (one per subdomain)
 RETRY_FIRST = 1.0  # seconds before the first retry, then doubling up to [hooks] retry_max
+OUTBOX_KEEP = 7 * 86400  # seconds finished (done or dead) deliveries stay visible
+PRUNE_INTERVAL = 3600  # seconds between prunes of the outbox
 
 _OPTION_TYPES = {  # the option types a hook may declare, and their config parsers
     "string": config.string,
@@ -48,7 +50,8 @@ HOOKS_SECTION = config.Section({
     "enabled": config.Key(config.string_list, "", "hooks to run, in order (script, traefik, "
                           "webhook, or an installed third-party hook)"),
     "retry_max": config.Key(config.seconds(), "30", "longest delay between retries"),
-    "max_attempts": config.Key(config.integer(1), "100", "attempts before a delivery is dead"),
+    "max_attempts": config.Key(config.integer(0), "0",
+                               "attempts before a delivery is dead (0: no limit, max_age only)"),
     "max_age": config.Key(config.seconds(), "86400", "seconds before a delivery is dead"),
 })
 
@@ -128,6 +131,7 @@ class Hooks:
         self.dispatchers = [Dispatcher(name, hook, registry, db, settings) for name, hook in hooks]
         self.names = [name for name, _ in hooks]
         self._receivers = []
+        self._pruner = None
 
     def start(self):
         for dispatcher in self.dispatchers:
@@ -140,13 +144,29 @@ class Hooks:
         self._receivers.append(wake)
         signals.session_started.connect(wake, weak=False)
         signals.session_ended.connect(wake, weak=False)
+        if self.dispatchers:
+            self._pruner = gevent.spawn(self._prune_loop)
+
+    def _prune_loop(self):
+        """Finished deliveries are kept OUTBOX_KEEP seconds for operators, then forgotten."""
+        registry, db = self.dispatchers[0].registry, self.dispatchers[0].db
+        while True:
+            try:
+                removed = db.call(registry.prune_deliveries, time.time() - OUTBOX_KEEP)
+                if removed:
+                    log.info("pruned %d finished hook deliveries", removed)
+            except RegistryError as exc:
+                log.warning("cannot prune the hook outbox: %s", exc)
+            gevent.sleep(PRUNE_INTERVAL)
 
     def stop(self, timeout):
-        """Let pending deliveries finish for up to ``timeout`` seconds, then stop."""
+        """Let queued deliveries finish for up to ``timeout`` seconds, then stop."""
         deadline = time.monotonic() + timeout
+        if self._pruner is not None:
+            self._pruner.kill()
         for dispatcher in self.dispatchers:
             dispatcher.wake()
-        while time.monotonic() < deadline and any(d.busy for d in self.dispatchers):
+        while time.monotonic() < deadline and any(d.has_work() for d in self.dispatchers):
             gevent.sleep(0.05)
         for receiver in self._receivers:
             signals.session_started.disconnect(receiver)
@@ -172,17 +192,21 @@ class Dispatcher:
         self._wake = gevent.event.Event()
         self._in_flight = {}  # subdomain -> greenlet
         self._pool = gevent.pool.Pool(PARALLEL_SUBDOMAINS)
-        self._pending = 0
         self._loop = None
 
-    @property
-    def busy(self):
-        return bool(self._in_flight) or self._pending > 0
+    def has_work(self):
+        """A delivery in flight or queued (read from the outbox, not from the last scan)."""
+        if self._in_flight:
+            return True
+        try:
+            return bool(self.db.call(self.registry.pending_deliveries, self.name, 1))
+        except RegistryError:
+            return False
 
     def start(self):
         start = getattr(self.hook, "start", None)
         if start is not None:
-            start()
+            _guarded(self.name, "start", start)
         self._loop = gevent.spawn(self._run)
 
     def stop(self):
@@ -205,7 +229,6 @@ class Dispatcher:
             except RegistryError as exc:
                 log.warning("hook=%s cannot read its outbox: %s", self.name, exc)
                 continue
-            self._pending = len(pending)
             self._start_due(pending, time.time())
 
     def _start_due(self, pending, now):
@@ -217,7 +240,7 @@ class Dispatcher:
             if subdomain in self._in_flight or row.next_attempt > now or self._pool.full():
                 continue
             skip = (row.kind == "connect" and row.session in disconnected
-                    and getattr(self.hook, "skip_ended_connects", True))
+                    and getattr(self.hook, "skip_ended_connects", False))
             self._in_flight[subdomain] = self._pool.spawn(self._deliver, row, skip)
 
     def _deliver(self, row, skip):
@@ -257,7 +280,8 @@ class Dispatcher:
         self.failed += 1
         attempts = row.attempts + 1
         now = time.time()
-        dead = attempts >= self.max_attempts or now - row.created >= self.max_age
+        dead = (self.max_attempts and attempts >= self.max_attempts
+                or now - row.created >= self.max_age)
         delay = min(self.retry_max, RETRY_FIRST * 2 ** min(attempts - 1, 20))
         if dead:
             self.dead += 1

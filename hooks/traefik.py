@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 import gevent
+import gevent.lock
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ class TraefikFailed(Exception):
 
 
 class TraefikHook:
+    # Traefik mirrors the active sessions: a connect whose disconnect is queued changes nothing.
+    skip_ended_connects = True
     OPTIONS = {
         "api": ("string", None, "Traefik API base URL, e.g. http://127.0.0.1:8080"),
         "upstream_host": ("string", "", "host Traefik uses to reach tunnel ports "
@@ -57,6 +60,7 @@ class TraefikHook:
         self.settle = options["settle"]
         self.context = context
         self._checker = None
+        self._lock = gevent.lock.Semaphore()  # one sync at a time: a PUT never goes back in time
 
     # ----- hook interface -------------------------------------------------------------
     def start(self):
@@ -104,8 +108,9 @@ class TraefikHook:
     # ----- talking to Traefik -----------------------------------------------------------
     def sync(self):
         """Push the active sessions, then check that Traefik took every router."""
-        desired = self.render(self.context.active_sessions())
-        self._call("PUT", "/api/providers/rest", desired)
+        with self._lock:  # rendered inside the lock, so the last PUT holds the latest state
+            desired = self.render(self.context.active_sessions())
+            self._call("PUT", "/api/providers/rest", desired)
         deadline = time.monotonic() + self.settle
         while True:  # Traefik applies provider changes asynchronously
             refused = self._refused(desired)

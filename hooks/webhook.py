@@ -25,10 +25,17 @@ def signature(secret, body):
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failure: urllib would turn the POST into a GET without its body."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class WebhookHook:
-    # A receiver keeps records, so a connect whose disconnect is already queued is still sent
-    # (the dispatcher skips those for hooks that only mirror the active sessions).
-    skip_ended_connects = False
     OPTIONS = {
         "url": ("string", None, "URL that receives the events (POST, JSON)"),
         "secret": ("secret", "", "HMAC-SHA256 key for X-Diglett-Signature (empty: unsigned)"),
@@ -60,7 +67,7 @@ class WebhookHook:
             headers["X-Diglett-Signature"] = signature(self.secret, body)
         request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+            with _OPENER.open(request, timeout=self.timeout) as answer:
                 answer.read(RESPONSE_LIMIT)
         except urllib.error.HTTPError as exc:
             detail = exc.read(RESPONSE_LIMIT).decode("utf-8", "replace").strip()

@@ -9,6 +9,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
@@ -75,8 +76,9 @@ def main(argv=None):
         gevent.signal_handler(signum, stop.set)
     stop.wait()
     log.info("stopping: ending %d sessions", len(server.sessions))
+    deadline = time.monotonic() + cfg.shutdown_timeout
     server.stop()
-    hooks.stop(cfg.shutdown_timeout)
+    hooks.stop(max(1.0, deadline - time.monotonic()))  # one budget for sessions and hooks
     http.stop(timeout=1)
     registry.close()
     log.info("stopped")
