@@ -96,8 +96,9 @@ def _keys_of(name, options):
 class HookContext:
     """What a hook may know of the server: its domain and the active sessions."""
 
-    def __init__(self, domain, active_sessions=None):
+    def __init__(self, domain, active_sessions=None, config_dir=None):
         self.domain = domain
+        self.config_dir = config_dir  # relative paths in hook options start here
         self.active_sessions = active_sessions  # () -> [SessionEvent]; set once the server runs
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 
 import gevent
@@ -36,9 +37,14 @@ class ScriptHook:
         self.argv = shlex.split(options["command"])
         self.timeout = options["timeout"]
         executable = self.argv[0] if self.argv else ""
+        if "/" not in executable:  # a bare name is looked up on PATH, as a shell would
+            executable = shutil.which(executable) or executable
+        elif not os.path.isabs(executable) and getattr(context, "config_dir", None):
+            executable = os.path.join(context.config_dir, executable)  # relative to the config
         if not (os.path.isfile(executable) and os.access(executable, os.X_OK)):
-            raise ValueError("command %r is not an executable file (give its absolute path and "
-                             "chmod +x it)" % executable)
+            raise ValueError("command %r is not an executable file (give its path, absolute or "
+                             "relative to the config file, and chmod +x it)" % self.argv[:1])
+        self.argv[0] = executable
 
     def session_started(self, event):
         self._run(event)

@@ -48,7 +48,7 @@ def main(argv=None):
     try:
         hookloader.register_config_sections()
         cfg = config.load_server(args.config)
-        context = hookloader.HookContext(cfg.domain)
+        context = hookloader.HookContext(cfg.domain, config_dir=str(cfg.path.parent))
         hook_objects = hookloader.build(cfg, context)  # bad hook options stop us here
     except (config.ConfigError, hookloader.HookError) as exc:
         return fail(exc, 2)
