@@ -73,6 +73,10 @@ class ScriptHook:
             reader.kill()
             raise ScriptFailed("%s timed out after %s s (process group killed)"
                                % (self.argv[0], self.timeout)) from None
+        except BaseException:  # stopped from outside (shutdown, the dispatcher's own limit)
+            _kill_group(process)
+            reader.kill()
+            raise
         reader.join(KILL_GRACE)  # a background child may hold the pipe open: do not wait on it
         output = reader.value or b""
         reader.kill()
