@@ -352,3 +352,187 @@ def test_failing_script_is_retried_until_it_works(tmp_path, echo_backend):
     rows = outbox(gw)
     assert [(r["kind"], r["state"], r["attempts"]) for r in rows] == \
         [("connect", "done", 2), ("disconnect", "done", 0)]
+
+
+# A script that hangs: it records its pid and a child's, and both sleep with MARKER (argv[1])
+# in their command lines, so the test can tell whether anything of it is left.
+HANGING = r"""
+import os, subprocess, sys, time
+marker, pids = sys.argv[1], sys.argv[2]
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", marker])
+with open(pids, "a") as out:
+    out.write("%d %d\n" % (os.getpid(), child.pid))
+time.sleep(3600)
+"""
+
+
+def alive(pid):
+    try:
+        state = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(90)
+def test_hanging_script_is_killed_with_its_group_and_never_blocks_the_tunnel(tmp_path,
+                                                                             echo_backend):
+    marker = "diglett-hang-%d-%d" % (time.time_ns(), id(tmp_path))
+    pids = tmp_path / "pids"
+    script = write_script(tmp_path, "hang.py", HANGING)
+    gw = script_gateway(tmp_path, "%s %s %s" % (script, marker, pids), timeout="1")
+    try:
+        first = gw.agent("alpha", echo_backend.address)
+        wait_until(lambda: pids.exists() and pids.read_text(), 10, what="the hook running")
+
+        # while the hook hangs, is killed and retried: data flows, another agent connects
+        with connect(first.port) as sock:
+            latencies = []
+            deadline = time.monotonic() + 3.5  # spans a timeout, a kill and a retry
+            while time.monotonic() < deadline:
+                latencies += harness.round_trips(sock, 20)
+            started = time.monotonic()
+            second = gw.agent("beta", echo_backend.address)
+            joined = time.monotonic() - started
+            with connect(second.port) as other:
+                harness.round_trips(other, 5)
+            latencies += harness.round_trips(sock, 50)
+        latencies.sort()
+        p99 = latencies[int(len(latencies) * 0.99)]
+        print("echo round trips during a hanging hook: %d, p99 %.1f ms, max %.1f ms; "
+              "another agent up in %.2f s" % (len(latencies), p99 * 1000, latencies[-1] * 1000,
+                                              joined))
+        assert p99 < 0.1, "tunnel data slowed down by a hanging hook"
+        assert joined < 5
+
+        runs = wait_until(lambda: len(pids.read_text().split("\n")) > 3 and pids.read_text(),
+                          10, what="the hook retried after its timeout")
+        script_pid, child_pid = map(int, runs.split("\n")[0].split())
+        assert not alive(script_pid), "the timed-out script is still running"
+        assert not alive(child_pid), "the timed-out script's child is still running"
+        assert "timed out after 1 s (process group killed)" in gw.proc.stderr()
+
+        # SIGTERM while an attempt runs that would outlast the shutdown: nothing of it may stay
+        assert gw.proc.stop(timeout=20) == 0
+        config = gw.config_path.read_text()
+        gw.config_path.write_text(config.replace("timeout = 1\n", "timeout = 60\n"))
+        count = len(pids.read_text().split("\n"))
+        gw.restart()  # the pending deliveries run again at once
+        wait_until(lambda: len(pids.read_text().split("\n")) > count, 10, what="a new attempt")
+        stopped = time.monotonic()
+        assert gw.proc.stop(timeout=20) == 0
+        print("SIGTERM with a hanging hook: exit after %.2f s" % (time.monotonic() - stopped))
+        gone = wait_gone(marker, 5)
+        print("no process of the hook left %.2f s after the server exited" % gone)
+    finally:
+        hookfixtures.kill_marked(marker)
+
+
+FLOOD = r"""
+import sys
+chunk = b"x" * (1 << 20)
+for _ in range(50):
+    sys.stdout.buffer.write(chunk)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_script_flooding_stdout_keeps_server_memory_bounded(tmp_path, echo_backend):
+    script = write_script(tmp_path, "flood.py", FLOOD)
+    gw = script_gateway(tmp_path, script, timeout="20")
+    before = harness.vm_rss(gw.proc.pid)
+    gw.agent("foo", echo_backend.address)
+    wait_until(lambda: [r for r in outbox(gw) if r["state"] == "done"], 20,
+               what="the flooding hook to finish")
+    growth = harness.vm_rss(gw.proc.pid) - before
+    print("server RSS grew by %.1f MiB while a hook wrote 50 MiB" % (growth / 2**20))
+    assert growth < 20 * 2**20
+    assert "hook=script subdomain=foo connect output: " in gw.proc.stderr()
+    assert len(gw.proc.stderr()) < 1 << 20, "the script's output was logged whole"
+
+
+@pytest.mark.timeout(60)
+def test_always_failing_delivery_becomes_dead_and_others_flow(tmp_path, echo_backend):
+    command, log = recorder(tmp_path, fail_for="broken")
+    gw = script_gateway(tmp_path, command, max_attempts="2")
+    gw.agent("broken", echo_backend.address)
+    dead = wait_until(lambda: [r for r in outbox(gw) if r["state"] == "dead"], 15,
+                      what="a dead delivery")
+    assert [(r["hook"], r["subdomain"], r["kind"], r["attempts"]) for r in dead] == \
+        [("script", "broken", "connect", 2)]
+    assert "exited with status 1" in dead[0]["last_error"]
+    assert "hook=script subdomain=broken connect is dead after 2 attempts" in gw.proc.stderr()
+
+    gw.agent("fine", echo_backend.address)
+    wait_until(lambda: succeeded(log), 10, what="the next name's event")
+    assert [e["DIGLETT_SUBDOMAIN"] for e in succeeded(log)] == ["fine"]
+    assert len([e for e in read_log(log) if e["env"]["DIGLETT_SUBDOMAIN"] == "broken"]) == 2
+
+
+# ----- graceful shutdown --------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_sigterm_ends_sessions_and_lets_the_script_unpublish(tmp_path, echo_backend):
+    command, log = recorder(tmp_path)
+    (tmp_path / (log.name + ".delay")).write_text("0.5")  # a slow hook
+    gw = script_gateway(tmp_path, command)
+    agents = [gw.agent(name, echo_backend.address) for name in ("foo", "bar")]
+    wait_until(lambda: len(succeeded(log)) == 2, 10, what="both connects")
+
+    started = time.monotonic()
+    gw.proc.signal(signal.SIGTERM)
+    code = gw.proc.wait(SHUTDOWN_TIMEOUT + 10)
+    took = time.monotonic() - started
+    print("SIGTERM -> exit %d after %.2f s (shutdown_timeout %.0f s)"
+          % (code, took, SHUTDOWN_TIMEOUT))
+    assert code == 0
+    assert took <= SHUTDOWN_TIMEOUT + 3
+    ended = {(e["DIGLETT_SUBDOMAIN"], e["DIGLETT_REASON"]) for e in succeeded(log)
+             if e["DIGLETT_EVENT"] == "disconnect"}
+    assert ended == {("foo", "shutdown"), ("bar", "shutdown")}
+    assert {(r["subdomain"], r["state"], r["reason"]) for r in session_rows(gw)} == \
+        {("foo", "ended", "shutdown"), ("bar", "ended", "shutdown")}
+    assert [r["state"] for r in outbox(gw)] == ["done"] * 4, "work left for the next start"
+    for agent in agents:
+        assert agent.popen.poll() is None, "an agent exited instead of backing off"
+
+
+# ----- configuration errors -----------------------------------------------------------------
+def run_server(gw, *extra):
+    return subprocess.run(harness.command("diglett-server") + ["-c", str(gw.config_path),
+                                                               *extra],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sections, words", [
+    ({"hooks": {"enabled": "nosuchhook"}}, ["nosuchhook", "not installed"]),
+    ({"hooks": {"enabled": "webhook"}, "hook:webhook": {"secret": "x"}}, ["url"]),
+    ({"hooks": {"enabled": "webhook"}}, ["url"]),
+    ({"hooks": {"enabled": "traefik"}, "hook:traefik": {"api": "http://127.0.0.1:1",
+                                                       "mode": "udp"}}, ["mode"]),
+    ({"hooks": {"enabled": "script"}, "hook:script": {"command": "/bin/true",
+                                                     "timout": "3"}}, ["timout"]),
+], ids=["unknown-hook", "webhook-without-url", "webhook-without-section", "traefik-bad-mode",
+        "script-typo"])
+def test_bad_hook_config_fails_check(tmp_path, sections, words):
+    gw = Gateway(tmp_path / "gw", sections=sections)
+    result = run_server(gw, "--check")
+    assert result.returncode == 2, result
+    assert str(gw.config_path) in result.stderr
+    for word in words:
+        assert word in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_non_executable_script_is_refused_at_start(tmp_path):
+    script = tmp_path / "hook.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")  # not chmod +x
+    gw = Gateway(tmp_path / "gw", sections={"hooks": {"enabled": "script"},
+                                            "hook:script": {"command": str(script)}})
+    for extra in (["--check"], []):
+        result = run_server(gw, *extra)
+        assert result.returncode == 2, result
+        assert str(gw.config_path) in result.stderr
+        assert "not an executable" in result.stderr and str(script) in result.stderr
+        assert "Traceback" not in result.stderr
