@@ -381,26 +381,46 @@ def closed_or_reset(sock):
         return True
 
 
+def hold_port(port):
+    """Bind ``port`` without listening: connections are refused, and no other process (another
+    test run, an outgoing connection) can take the port meanwhile."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
+
+
+def echo_once(sock, message, what, logs):
+    try:
+        sock.sendall(message)
+        assert recv_exact(sock, len(message)) == message
+    except (OSError, AssertionError) as exc:
+        raise AssertionError("%s: %r%s" % (what, exc, logs())) from None
+
+
 @pytest.mark.timeout(30)
 def test_refused_backend_resets_only_that_stream(gateway, backends):
     port = free_port()
     backend = backends(echo, port=port)
     agent = gateway.agent("data", ("127.0.0.1", port))
+
+    def logs():
+        return "\n--- agent ---\n%s\n--- server ---\n%s" % (agent.stderr()[-3000:],
+                                                            gateway.proc.stderr()[-3000:])
+
     with connect(agent.port) as survivor:
-        survivor.sendall(b"before")
-        assert recv_exact(survivor, 6) == b"before"
-        backend.close()  # the port is closed now; the established stream lives on
-        with connect(agent.port, timeout=5) as refused:
+        echo_once(survivor, b"before", "the first stream", logs)
+        backend.close()  # the port refuses now; the established stream lives on
+        with hold_port(port), connect(agent.port, timeout=5) as refused:
             started = time.monotonic()
-            assert closed_or_reset(refused)
-            assert time.monotonic() - started < 1.0, "the refused stream took over 1 s to end"
-        survivor.sendall(b"after")
-        assert recv_exact(survivor, 5) == b"after", "a refused stream disturbed its neighbour"
+            assert closed_or_reset(refused), "a refused backend sent bytes" + logs()
+            elapsed = time.monotonic() - started
+            assert elapsed < 1.0, "the refused stream took %.1f s to end%s" % (elapsed, logs())
+        echo_once(survivor, b"after", "the first stream after the refusal", logs)
     assert "CONNECT_FAILED" in agent.stderr()
     backends(echo, port=port)  # the backend is back: new streams work again
     with connect(agent.port, timeout=5) as again:
-        again.sendall(b"again")
-        assert recv_exact(again, 5) == b"again"
+        echo_once(again, b"again", "a stream after the backend came back", logs)
 
 
 @pytest.mark.timeout(20)
