@@ -16,7 +16,7 @@ import gevent.event
 from gevent import socket
 
 from diglett import __version__, crypto, noise, protocol, wire
-from diglett.tunnel import Tunnel, enable_keepalive, set_nodelay
+from diglett.tunnel import Tunnel, enable_keepalive, recv_exact, set_nodelay
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
 
 log = logging.getLogger(__name__)
@@ -64,17 +64,6 @@ _REFUSALS = {  # server ERROR code -> exit code; anything else is retried
 }
 _GOAWAY_FATAL = {ErrorCode.REVOKED: EXIT_REVOKED, ErrorCode.REPLACED: EXIT_REPLACED}
 KICK_MIN_DELAY = 5.0  # a kicked agent waits at least this long (the server may say more)
-
-
-def recv_exact(sock, size):
-    chunks = []
-    while size:
-        chunk = sock.recv(size)
-        if not chunk:
-            raise Retry("server closed the connection during the handshake")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
 
 
 def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.uniform):

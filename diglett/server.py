@@ -19,8 +19,8 @@ from gevent import socket
 from diglett import __version__, admission, crypto, names, noise, protocol, signals, wire
 from diglett.dbworker import DatabaseWorker
 from diglett.registry import RegistryError, SessionRow
-from diglett.tunnel import (Tunnel, close_with_rst, enable_keepalive, reset_unless_finished,
-                            set_nodelay)
+from diglett.tunnel import (Tunnel, close_with_rst, enable_keepalive, recv_exact,
+                            reset_unless_finished, set_nodelay)
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
 
 log = logging.getLogger(__name__)
@@ -44,17 +44,6 @@ class Refusal(Exception):
         super().__init__(reason)
         self.code = code
         self.penalty = penalty
-
-
-def recv_exact(sock, size):
-    chunks = []
-    while size:
-        chunk = sock.recv(size)
-        if not chunk:
-            raise ProtocolError("connection closed during the handshake")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
 
 
 class TokenBucket:

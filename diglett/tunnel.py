@@ -43,6 +43,20 @@ def set_nodelay(sock):
         pass  # not TCP (tests may use socketpairs)
 
 
+def recv_exact(sock, size):
+    """Exactly ``size`` bytes (the handshake's fixed-size messages), or ConnectionError."""
+    chunks = []
+    left = size
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            raise ConnectionError("connection closed after %d of %d bytes"
+                                  % (size - left, size))
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
 def enable_keepalive(sock):
     """Kernel keepalive and a user timeout: a second line behind the protocol's pings, so
     sends into a silently dropped path fail instead of filling buffers for minutes."""
