@@ -16,8 +16,10 @@ import pytest
 
 from diglett import config, hookloader, signals
 from tests import harness
-from tests.hookfixtures import Receiver, pids_with, read_log, recorder, write_script
+from tests.hookfixtures import pids_with, read_log, recorder, write_script
+from tests.hookfixtures import receiver  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.timeout(20)
 KEY = "02" + "ab" * 32
 
 
@@ -111,13 +113,6 @@ def test_traefik_renders_the_active_sessions(tmp_path):
 
 
 # ----- webhook ------------------------------------------------------------------------------
-@pytest.fixture
-def receiver():
-    rx = Receiver("ok")
-    yield rx
-    rx.close()
-
-
 def webhook_hook(tmp_path, url, **options):
     sections = {"hooks": {"enabled": "webhook"}, "hook:webhook": {"url": url, **options}}
     return build(tmp_path, sections)["webhook"]
