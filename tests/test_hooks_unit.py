@@ -9,6 +9,7 @@ directly with SessionEvent objects; the webhook posts to a real receiver in a th
 import hashlib
 import hmac
 import json
+import os
 import stat
 import time
 
@@ -16,7 +17,7 @@ import pytest
 
 from diglett import config, hookloader, signals
 from tests import harness
-from tests.hookfixtures import pids_with, read_log, recorder, write_script
+from tests.hookfixtures import kill_marked, pids_with, read_log, recorder, write_script
 from tests.hookfixtures import receiver  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(20)
@@ -212,6 +213,26 @@ def test_script_timeout_kills_the_group(tmp_path):
         hook.session_started(event())
     assert time.monotonic() - started < 5
     assert not pids_with(marker)
+
+
+def test_script_leaving_a_child_on_its_pipe_does_not_hang_the_hook(tmp_path):
+    marker = "diglett-unit-daemon-%d" % time.time_ns()
+    body = ("import os, subprocess, sys\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', sys.argv[1]])\n"
+            "open(sys.argv[2], 'w').write(str(os.getpid()))\n")
+    script = write_script(tmp_path, "daemon.py", body)
+    pid_file = tmp_path / "script.pid"
+    hook = script_hook(tmp_path, "%s %s %s" % (script, marker, pid_file))
+    try:
+        started = time.monotonic()
+        hook.session_started(event())  # the child still holds stdout: the hook must not wait
+        took = time.monotonic() - started
+        assert took < 5, "the hook waited %.1f s for a background child" % took
+        assert pids_with(marker), "the test's background child should still run"
+        pid = int(pid_file.read_text())
+        assert not os.path.exists("/proc/%d" % pid), "the script was not reaped (a zombie)"
+    finally:
+        kill_marked(marker)
 
 
 @pytest.mark.timeout(20)
