@@ -121,6 +121,25 @@ def test_sessions_json_lists_active_sessions(conf, tmp_path):
     assert "127.0.0.1:30001" in table and crypto.fingerprint(KEY) in table and "bar" not in table
 
 
+def test_deliveries_lists_the_outbox_with_states_and_errors(conf, tmp_path):
+    assert json.loads(ok(conf, "deliveries", "--json").stdout) == []
+    registry = Registry(str(tmp_path / "state" / "registry.db"))
+    row = SessionRow("00112233aabbccdd", "foo", KEY, "127.0.0.1", 30001, "192.0.2.7:51000",
+                     1000.0, None, "active", None, "s1")
+    event = {"event_id": "e1", "kind": "connect", "subdomain": "foo"}
+    registry.record_session_start(row, [("webhook", event), ("script", dict(event))])
+    webhook, script = sorted(registry.pending_deliveries("webhook") +
+                             registry.pending_deliveries("script"), key=lambda d: d.hook != "webhook")
+    registry.delivery_failed(webhook.id, 3, 2000.0, "receiver answered 500", dead=True)
+    registry.delivery_done(script.id)
+    registry.close()
+    dead = json.loads(ok(conf, "deliveries", "--state", "dead", "--json").stdout)
+    assert [(d["hook"], d["subdomain"], d["state"], d["attempts"], d["last_error"])
+            for d in dead] == [("webhook", "foo", "dead", 3, "receiver answered 500")]
+    table = ok(conf, "deliveries").stdout
+    assert "receiver answered 500" in table and "script" in table and "done" in table
+
+
 def test_info_without_and_with_a_server_key(conf, tmp_path):
     ok(conf, "grant", "foo", "--key", KEY)
     info = json.loads(ok(conf, "info", "--json").stdout)

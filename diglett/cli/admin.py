@@ -72,6 +72,13 @@ def build_parser():
                        ("info", "server key, domain, database and counts")):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("--json", action="store_true", help="print JSON only, on stdout")
+    deliveries = commands.add_parser(
+        "deliveries", help="hook deliveries (the outbox): pending, done or dead",
+        description="Hook deliveries, newest first: what each hook still has to do, did, or "
+        "gave up on (dead) and why.")
+    deliveries.add_argument("--state", choices=("pending", "done", "dead"),
+                            help="only deliveries in this state")
+    deliveries.add_argument("--json", action="store_true", help="print JSON only, on stdout")
     commands.add_parser("migrate", help="apply missing schema migrations",
                         description="Apply missing schema migrations and print their names. "
                         "Other commands do this too when needed.")
@@ -199,6 +206,16 @@ def cmd_info(args, cfg, registry, applied):
     print_table(None, [(name.replace("_", " "), str(value)) for name, value in info.items()])
 
 
+def cmd_deliveries(args, cfg, registry, applied):
+    deliveries = registry.deliveries(args.state)
+    if args.json:
+        return print_json([delivery.to_json() for delivery in deliveries])
+    rows = [(d.hook, d.subdomain, d.kind, d.state, str(d.attempts), short_time(d.created),
+             d.last_error or "") for d in deliveries]
+    print_table(("HOOK", "NAME", "EVENT", "STATE", "ATTEMPTS", "QUEUED (UTC)", "LAST ERROR"),
+                rows, "no deliveries")
+
+
 def cmd_migrate(args, cfg, registry, applied):
     for name in applied:
         print("applied %s" % name)
@@ -212,6 +229,7 @@ COMMANDS = {
     "grants": cmd_grants,
     "sessions": cmd_sessions,
     "info": cmd_info,
+    "deliveries": cmd_deliveries,
     "migrate": cmd_migrate,
 }
 
