@@ -215,7 +215,11 @@ class Agent:
             self.tunnel.add_stream(event.stream_id, connect=self._connect_backend)
         elif kind is protocol.GoAwayReceived:
             self._goaway = (event.code, event.reason)
-            self.tunnel.close("server said goaway")
+            if event.code == ErrorCode.SHUTTING_DOWN:  # draining: open streams carry on
+                log.warning("subdomain=%s server is draining (%s); open streams continue, "
+                            "then reconnecting", self.name, event.reason)
+            else:
+                self.tunnel.close("server said goaway")
 
     def _connect_backend(self):
         try:

@@ -331,7 +331,10 @@ SERVER = Section(
         "memory_budget": Key(size(1), "256M", "buffered tunnel bytes before streams are refused"),
         "write_stall_timeout": Key(seconds(), "30", "seconds without send progress: close"),
         "stream_idle_timeout": Key(seconds(False), "900", "idle seconds before a stream closes"),
-        "shutdown_timeout": Key(seconds(False), "10", "seconds to drain sessions on stop"),
+        "drain_timeout": Key(seconds(False), "30", "seconds open streams may run on after "
+                             "SIGTERM before they are reset"),
+        "shutdown_timeout": Key(seconds(False), "10", "seconds for sessions to end and hooks "
+                                "to finish after the drain"),
         "log_level": Key(choice(*LOG_LEVELS), "info", "debug, info, warning or error"),
         "token": Key(string, "", "bearer token of the HTTP API off loopback", secret=True),
     },

@@ -16,7 +16,8 @@ import gevent
 import gevent.event
 from gevent import socket
 
-from diglett import __version__, admission, crypto, names, noise, protocol, signals, wire
+from diglett import (__version__, admission, crypto, metrics, names, noise, protocol, signals,
+                     wire)
 from diglett.dbworker import DatabaseWorker
 from diglett.registry import RegistryError, SessionRow
 from diglett.tunnel import (Tunnel, close_with_rst, enable_keepalive, recv_exact,
@@ -83,6 +84,7 @@ class Server:
         self.agent_port = None
         self.stopping = False
         self.handshake_failures = {}
+        self.counters = metrics.Counters()  # refusals, and what ended sessions leave behind
         self._greenlets = []
 
     # ----- lifecycle ------------------------------------------------------------------
@@ -109,12 +111,23 @@ class Server:
         return self.listener.getsockname()[:2]
 
     def stop(self, reason="shutdown"):
-        """Stop accepting, tell every agent to come back later, end the sessions."""
+        """Drain, as HTTP/2 does: no new agents or streams, a GOAWAY to every agent, open
+        streams carry on for up to drain_timeout; then end what is left and the sessions."""
         self.stopping = True
         gevent.killall(self._greenlets)
         if self.listener is not None:
             self.listener.close()
-        for session in list(self.sessions.values()):
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            session.drain()
+        deadline = time.monotonic() + self.config.drain_timeout
+        while any(s.tunnel.pumps for s in sessions) and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        left = sum(len(s.tunnel.pumps) for s in sessions)
+        if left:
+            log.warning("drain_timeout (%s s) reached: resetting %d open streams",
+                        self.config.drain_timeout, left)
+        for session in sessions:
             session.terminate(reason, ErrorCode.SHUTTING_DOWN, "server shutting down")
         deadline = time.monotonic() + self.config.shutdown_timeout
         while self.sessions and time.monotonic() < deadline:
@@ -186,6 +199,7 @@ class Server:
             log.warning("agent=%s key=%s refused: %s (%s)", peer, crypto.fingerprint(key),
                         wire.code_name(exc.code), exc)
             self.admission.penalise(source, exc.penalty)
+            self.counters.refused(exc.code)
             self._send_refusal(sock, session, exc)
             return
         self.admission.clear(source)
@@ -392,22 +406,30 @@ class AgentSession:
         server.session_started(self)
         log.info("%s connected from %s, tunnel port %s:%d", self.label, self.remote,
                  self.host, self.port)
-        accept = gevent.spawn(self._accept_clients)
+        self._accept = gevent.spawn(self._accept_clients)
         detail = "internal error"
         try:
             self.tunnel.start()
             detail = self.tunnel.wait()
         finally:  # whatever happened, the port closes and the session is recorded as ended
-            accept.kill()
+            self._accept.kill()
             self.listener.close()
             reason = self.end_reason or _classify(detail)
             if server.sessions.get(self.subdomain) is self:
                 del server.sessions[self.subdomain]
+            server.counters.session_closed(self)  # with the removal: no counter goes back
             server.session_ended(self, reason)
             self.ended.set()
         log.info("%s ended reason=%s (%s) after %.0f s, %d streams, %d bytes in, %d bytes out",
                  self.label, reason, detail, time.time() - self.started,
                  self.tunnel.streams_opened, self.tunnel.bytes_up, self.tunnel.bytes_down)
+
+    def drain(self):
+        """Take no new clients and tell the agent, but let the open streams finish."""
+        self._accept.kill()
+        self.listener.close()
+        self.tunnel.session.goaway(ErrorCode.SHUTTING_DOWN, "server draining")
+        self.tunnel.wake()
 
     def terminate(self, reason, code, message):
         if self.end_reason is None:

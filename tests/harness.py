@@ -28,6 +28,7 @@ TEST_SERVER_OPTIONS = {  # shrunk timers so failures show in seconds
     "handshake_timeout": "3",
     "penalty_max": "0",
     "shutdown_timeout": "3",
+    "drain_timeout": "3",
 }
 
 
