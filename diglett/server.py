@@ -7,6 +7,7 @@ grants are cached in memory. Signals go out after the session row is committed; 
 is known here.
 """
 
+import dataclasses
 import logging
 import random
 import time
@@ -32,6 +33,7 @@ PORT_ATTEMPTS = 64  # random ports tried in a configured range before giving up
 TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
 KICK_DELAY = 5  # seconds a kicked agent is told to wait before reconnecting
 LIMIT_LOG_INTERVAL = 10.0  # seconds between log lines about the same limit being hit
+RESTART_KEYS = ("listen", "http", "key", "database", "domain", "bind", "token")  # not live
 
 
 class HandshakeTimeout(Exception):
@@ -133,6 +135,21 @@ class Server:
         while self.sessions and time.monotonic() < deadline:
             gevent.sleep(0.05)
         self.db.drain(max(0.5, deadline - time.monotonic()))
+
+    def apply_config(self, new):
+        """Take a re-read config (SIGHUP); returns the changed keys that need a restart.
+
+        Limits apply to new handshakes and streams at once, and stream_window and the timers
+        to sessions that start from now on; addresses, the key, the database and the domain
+        stay as they are until a restart.
+        """
+        old = self.config
+        restart = [key for key in RESTART_KEYS if getattr(new, key) != getattr(old, key)]
+        self.config = dataclasses.replace(new, **{key: getattr(old, key) for key in restart})
+        self.admission.start, self.admission.rate, self.admission.full = new.max_startups
+        self.admission.per_source = new.per_source_startups
+        self.admission.penalty_max = new.penalty_max
+        return restart
 
     # ----- grants ---------------------------------------------------------------------
     def _reload_grants(self):
@@ -442,7 +459,6 @@ class AgentSession:
 
     def _accept_clients(self):
         tunnel, session = self.tunnel, self.tunnel.session
-        max_streams = self.server.config.max_streams
         while True:
             try:
                 client, address = self.listener.accept()
@@ -450,6 +466,9 @@ class AgentSession:
                 log.warning("%s accept failed: %s", self.label, exc)
                 gevent.sleep(0.1)
                 continue
+            config = self.server.config  # read per client: SIGHUP may have changed the limits
+            max_streams = config.max_streams
+            self.open_rate.rate, self.open_rate.burst = config.open_rate, config.open_burst
             if len(tunnel.pumps) >= max_streams:
                 self.refused_streams += 1
                 now = time.monotonic()

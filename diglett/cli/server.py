@@ -9,7 +9,6 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
@@ -43,13 +42,70 @@ def fail(message, code=1):
     return code
 
 
+def load(path):
+    """The config and its hooks, built (so bad hook options are config errors too)."""
+    cfg = config.load_server(path)
+    context = hookloader.HookContext(cfg.domain, config_dir=str(cfg.path.parent))
+    return cfg, context, hookloader.build(cfg, context)
+
+
+class Gateway:
+    """The running parts of one diglett-server process, and how they start, reload and stop."""
+
+    def __init__(self, cfg, context, hook_objects, log_level_flag=None):
+        self.cfg = cfg
+        self.log_level_flag = log_level_flag
+        self.registry = Registry(cfg.database, create_dirs=True)
+        self.server = Server(cfg, self.registry)
+        self.hooks = self._start_hooks(cfg, context, hook_objects)
+        self.agent_address = self.server.start()
+        app = make_app(self.server, lambda: self.hooks)  # a reload replaces self.hooks
+        self.http = WSGIServer(cfg.http, app, log=None, error_log=log)
+        self.http.start()
+
+    def _start_hooks(self, cfg, context, hook_objects):
+        context.active_sessions = self.server.active_session_events
+        hooks = hookloader.Hooks(hook_objects, self.registry, self.server.db, cfg.sections["hooks"])
+        hooks.start()
+        self.server.hook_names = tuple(hooks.names)
+        return hooks
+
+    def reload(self):
+        """SIGHUP: apply what can change live; say what needs a restart. Tunnels stay up."""
+        try:
+            cfg, context, hook_objects = load(self.cfg.path)
+        except (config.ConfigError, hookloader.HookError) as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        for key in self.server.apply_config(cfg):
+            log.warning("reload: %s changed in %s; it takes effect after a restart", key, cfg.path)
+        logs.set_level(self.log_level_flag or cfg.log_level)
+        if _hook_sections(cfg) != _hook_sections(self.cfg):
+            self.hooks.stop(0)  # queued deliveries stay in the outbox for the new dispatchers
+            self.hooks = self._start_hooks(cfg, context, hook_objects)
+            log.info("reload: hooks now %s", ", ".join(self.hooks.names) or "(none)")
+        self.cfg = cfg
+        log.info("reloaded %s", cfg.path)
+
+    def stop(self):
+        log.info("stopping: draining %d sessions", len(self.server.sessions))
+        self.server.stop()
+        self.hooks.stop(self.cfg.shutdown_timeout)
+        self.http.stop(timeout=1)
+        self.registry.close()
+        log.info("stopped")
+
+
+def _hook_sections(cfg):
+    return {name: dict(values) for name, values in cfg.sections.items()
+            if name == "hooks" or name.startswith("hook:")}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         hookloader.register_config_sections()
-        cfg = config.load_server(args.config)
-        context = hookloader.HookContext(cfg.domain, config_dir=str(cfg.path.parent))
-        hook_objects = hookloader.build(cfg, context)  # bad hook options stop us here
+        cfg, context, hook_objects = load(args.config)
     except (config.ConfigError, hookloader.HookError) as exc:
         return fail(exc, 2)
     if args.check:
@@ -57,31 +113,20 @@ def main(argv=None):
         return 0
     logs.setup(args.log_level or cfg.log_level)
     try:
-        registry = Registry(cfg.database, create_dirs=True)
-        server = Server(cfg, registry)
-        context.active_sessions = server.active_session_events
-        hooks = hookloader.Hooks(hook_objects, registry, server.db, cfg.sections["hooks"])
-        hooks.start()
-        host, port = server.start()
-        http = WSGIServer(cfg.http, make_app(server), log=None, error_log=log)
-        http.start()
+        gateway = Gateway(cfg, context, hook_objects, args.log_level)
     except (RegistryError, crypto.KeyFileError) as exc:
         return fail(exc)
     except OSError as exc:
         return fail("cannot listen: %s (check listen and http in %s)" % (exc, cfg.path))
     log.info("diglett-server %s ready: agents=%s:%d http=%s:%d domain=%s key=%s",
-             __version__, host, port, *http.address[:2], cfg.domain, server.public_key)
+             __version__, *gateway.agent_address, *gateway.http.address[:2], cfg.domain,
+             gateway.server.public_key)
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(gateway.reload))
     stop.wait()
-    log.info("stopping: ending %d sessions", len(server.sessions))
-    deadline = time.monotonic() + cfg.shutdown_timeout
-    server.stop()
-    hooks.stop(max(1.0, deadline - time.monotonic()))  # one budget for sessions and hooks
-    http.stop(timeout=1)
-    registry.close()
-    log.info("stopped")
+    gateway.stop()
     return 0
 
 
