@@ -23,6 +23,7 @@ setup(
         "pycryptodome>=3.20",
         "peewee>=3.17",
         "blinker>=1.7",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         # The OpenSSL AEAD is ~8x faster than pycryptodome's; used automatically when present.

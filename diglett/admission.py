@@ -13,6 +13,12 @@ PENALTY_JUNK = 1.0  # seconds: bad magic, failed act one/three, junk
 PENALTY_TIMEOUT = 2.0  # seconds: handshake not finished in time
 PENALTY_AUTHFAIL = 5.0  # seconds: authenticated key without a grant, or an invalid name
 PENALTY_TABLE_MAX = 65536  # sources remembered; the oldest entries go first
+REFUSAL_KINDS = {  # admit()'s answer -> the kind counted in Admission.refused (a metric label)
+    "penalised": "penalised",
+    "too many handshakes": "max_startups",
+    "random early drop": "early_drop",
+    "too many handshakes from this source": "per_source",
+}
 
 
 def source_of(address):
@@ -30,6 +36,8 @@ class Admission:
         self.per_source = per_source
         self.penalty_max = penalty_max
         self.pending = 0
+        self.refused = {}  # kind (REFUSAL_KINDS) -> connections refused
+        self.penalties = 0  # penalties given (repeat offences included)
         self._pending_by_source = {}
         self._penalties = {}  # source -> (until, current penalty seconds)
         self._clock = clock
@@ -37,6 +45,13 @@ class Admission:
 
     def admit(self, source):
         """None when a handshake may start (call release() after), else why not."""
+        refusal = self._refusal(source)
+        if refusal is not None:
+            kind = REFUSAL_KINDS[refusal]
+            self.refused[kind] = self.refused.get(kind, 0) + 1
+        return refusal
+
+    def _refusal(self, source):
         if self.penalised(source):
             return "penalised"
         if self.pending >= self.full:
@@ -74,6 +89,8 @@ class Admission:
         if len(self._penalties) >= PENALTY_TABLE_MAX and source not in self._penalties:
             self._penalties.pop(next(iter(self._penalties)))
         self._penalties[source] = (now + penalty, penalty)
+        if penalty > 0:
+            self.penalties += 1
 
     def penalised(self, source):
         entry = self._penalties.get(source)

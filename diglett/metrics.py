@@ -1,0 +1,180 @@
+"""Numbers for /metrics: what the server counts, and the collector that reads it at scrape time.
+
+The data path only adds to plain ints (Tunnel.bytes_up, AgentSession.refused_streams, ...);
+nothing here runs per byte. ``Counters`` keeps what must outlive a session (its bytes, streams
+and refusals are folded in when it ends, so a counter never goes backwards while the process
+lives), and ``Collector`` turns the server's state into Prometheus families when scraped. Every
+label value is either a validated subdomain, a hook name from the config, or a fixed string.
+It must not do I/O or hold references to ended sessions.
+"""
+
+import bisect
+import time
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+from diglett import __version__, wire
+
+# upper bounds (seconds) of the session duration buckets: a second to a week
+DURATION_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
+HOOK_COUNTS = {  # Dispatcher attribute -> (metric, help)
+    "delivered": ("diglett_hook_deliveries", "hook calls that worked"),
+    "failed": ("diglett_hook_failures", "hook calls that failed (each attempt)"),
+    "dead": ("diglett_hook_dead", "deliveries given up after their last attempt"),
+}
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text format 0.0.4
+
+
+class Histogram:
+    """A fixed-bucket histogram of plain numbers; observe() is O(log buckets)."""
+
+    def __init__(self, bounds=DURATION_BUCKETS):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self):
+        """[(le, count of values <= le)], ending with +Inf, as Prometheus wants them."""
+        total, result = 0, []
+        for bound, count in zip(self.bounds + (float("inf"),), self.counts):
+            total += count
+            result.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        return result
+
+
+class Counters:
+    """What the server counts beyond its live sessions: refusals and the ended sessions' share."""
+
+    def __init__(self):
+        self.refusals = {}  # ERROR code name (UNAUTHORIZED, NAME_IN_USE, ...) -> agents refused
+        self.traffic = {}  # subdomain -> [bytes in, bytes out] of its ended sessions
+        self.streams_opened = 0  # by ended sessions
+        self.stream_refusals = 0  # max_streams reached, by ended sessions
+        self.durations = Histogram()
+
+    def refused(self, code):
+        name = wire.code_name(code)
+        self.refusals[name] = self.refusals.get(name, 0) + 1
+
+    def session_closed(self, agent_session):
+        """Fold an ended session in; call in the same step that drops it from server.sessions."""
+        tunnel = agent_session.tunnel
+        totals = self.traffic.setdefault(agent_session.subdomain, [0, 0])
+        totals[0] += tunnel.bytes_up  # server side: up = read from public clients
+        totals[1] += tunnel.bytes_down
+        self.streams_opened += tunnel.streams_opened
+        self.stream_refusals += agent_session.refused_streams
+        self.durations.observe(max(0.0, time.time() - agent_session.started))
+
+
+def traffic(server):
+    """subdomain -> [bytes in, bytes out], ended sessions plus the live ones."""
+    totals = {name: list(pair) for name, pair in server.counters.traffic.items()}
+    for name, session in list(server.sessions.items()):
+        pair = totals.setdefault(name, [0, 0])
+        pair[0] += session.tunnel.bytes_up
+        pair[1] += session.tunnel.bytes_down
+    return totals
+
+
+class Collector:
+    """Reads the server (and the hook dispatchers) when Prometheus scrapes."""
+
+    def __init__(self, server, hooks=None):
+        self.server = server
+        self.hooks = hooks  # () -> the running hookloader.Hooks (a reload replaces it), or None
+        self._dispatchers = []  # those of the last scrape
+        self._retired = {}  # (hook, attribute) -> final counts of dispatchers a reload replaced
+
+    def describe(self):
+        return []  # families are made per scrape; nothing to check at registration
+
+    def collect(self):
+        server = self.server
+        counters = server.counters
+        sessions = list(server.sessions.values())
+        info = GaugeMetricFamily("diglett_build_info", "diglett version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily("diglett_agents_connected", "agents with a live session",
+                                value=len(sessions))
+        yield GaugeMetricFamily("diglett_streams_open", "streams open through all tunnels",
+                                value=sum(len(s.tunnel.pumps) for s in sessions))
+        yield CounterMetricFamily(
+            "diglett_streams_opened", "streams opened since start",
+            value=counters.streams_opened + sum(s.tunnel.streams_opened for s in sessions))
+        yield self._traffic()
+        yield _by_label("diglett_handshake_failures", "agent handshakes that failed, by reason",
+                        "reason", server.handshake_failures)
+        yield _by_label("diglett_agent_refusals", "authenticated agents refused, by ERROR code",
+                        "code", counters.refusals)
+        yield from self._hooks()
+        durations = HistogramMetricFamily("diglett_session_duration_seconds",
+                                          "length of ended agent sessions")
+        durations.add_metric([], counters.durations.cumulative(), counters.durations.sum)
+        yield durations
+        yield from self._limits(sessions)
+
+    def _traffic(self):
+        family = CounterMetricFamily(
+            "diglett_tunnel_bytes", "bytes through a tunnel: in = public clients to the agent, "
+            "out = agent to public clients", labels=["subdomain", "direction"])
+        for name, (bytes_in, bytes_out) in sorted(traffic(self.server).items()):
+            family.add_metric([name, "in"], bytes_in)
+            family.add_metric([name, "out"], bytes_out)
+        return family
+
+    def _hooks(self):
+        hooks = self.hooks() if self.hooks is not None else None
+        dispatchers = list(hooks.dispatchers) if hooks is not None else []
+        for gone in self._dispatchers:  # stopped by a reload: their counts are final
+            if not any(gone is d for d in dispatchers):
+                for attribute in HOOK_COUNTS:
+                    key = (gone.name, attribute)
+                    self._retired[key] = self._retired.get(key, 0) + getattr(gone, attribute)
+        self._dispatchers = dispatchers
+        for attribute, (name, text) in HOOK_COUNTS.items():
+            counts = {hook: count for (hook, kind), count in self._retired.items()
+                      if kind == attribute}
+            for dispatcher in dispatchers:
+                counts[dispatcher.name] = counts.get(dispatcher.name, 0) + getattr(
+                    dispatcher, attribute)
+            yield _by_label(name, text, "hook", counts)
+
+    def _limits(self, sessions):
+        server, counters = self.server, self.server.counters
+        admission = server.admission
+        yield CounterMetricFamily(
+            "diglett_stream_limit_refusals", "client connections reset at max_streams",
+            value=counters.stream_refusals + sum(s.refused_streams for s in sessions))
+        yield _by_label("diglett_admission_refusals", "connections refused before the handshake",
+                        "kind", admission.refused)
+        yield CounterMetricFamily("diglett_penalties", "penalties given to a source address",
+                                  value=admission.penalties)
+        yield GaugeMetricFamily("diglett_handshakes_pending", "handshakes in progress",
+                                value=admission.pending)
+
+
+def _by_label(name, documentation, label, counts):
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family
+
+
+def make_registry(server, hooks=None):
+    """A registry of its own per server (never prometheus_client's global one); ``hooks``
+    returns the running hookloader.Hooks."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(server, hooks))
+    return registry
+
+
+def render(registry):
+    return generate_latest(registry)
