@@ -278,12 +278,6 @@ def _is_dns_name(text):
     return True
 
 
-def _is_loopback(host):
-    if host == "localhost":
-        return True
-    return _is_ip(host) and ipaddress.ip_address(host).is_loopback
-
-
 # --- the table -------------------------------------------------------------------------------
 
 
@@ -298,11 +292,6 @@ def _check_server(values):
         return ("memory_budget", "stream_window"), (
             "memory_budget (%s) must be at least stream_window (%s) (raise memory_budget)"
             % (format_size(values["memory_budget"]), format_size(values["stream_window"]))
-        )
-    if not values["token"] and not _is_loopback(values["http"][0]):
-        return ("http", "token"), (
-            "the HTTP API is not on loopback, so it needs a bearer token (set token = a long "
-            "random string, e.g. from `openssl rand -hex 32`, or use http = 127.0.0.1:PORT)"
         )
     return None
 
@@ -336,7 +325,8 @@ SERVER = Section(
         "shutdown_timeout": Key(seconds(False), "10", "seconds for sessions to end and hooks "
                                 "to finish after the drain"),
         "log_level": Key(choice(*LOG_LEVELS), "info", "debug, info, warning or error"),
-        "token": Key(string, "", "bearer token of the HTTP API off loopback", secret=True),
+        "token": Key(string, "", "bearer token for /metrics, /api/tunnels and / when http is "
+                     "not loopback (empty: only /info and /healthz are served there)", secret=True),
     },
     check=_check_server,
 )

@@ -1,63 +1,115 @@
-"""The server's HTTP listener: GET /info and GET /healthz (JSON).
+"""The server's HTTP listener: /info, /healthz, /metrics, /api/tunnels, the status page at /.
 
-A small WSGI app over the running Server; it only reads the server's state. /info is
-public by design: it tells agents the server key to pin.
+A small WSGI app over the running Server; it only reads the server's state. /info is public by
+design (it tells agents the server key to pin) and so is /healthz. Everything else shows the
+tunnel inventory, so who may see it depends on the bind (``[server] http``): on a loopback
+address everything is served without a token; on any other address (0.0.0.0 and :: included:
+they listen on every interface) the rest needs ``Authorization: Bearer <token>``, and without a
+configured token it is not served at all (404).
 """
 
 import hmac
+import ipaddress
 import json
+import logging
 
-from diglett import __version__, wire
+from diglett import __version__, metrics, statuspage, wire
+
+log = logging.getLogger(__name__)
+
+PUBLIC = frozenset({"/info", "/healthz"})  # served on every bind, without a token
 
 
-def make_app(server):
+def is_loopback(host):
+    """127.0.0.0/8, ::1 and localhost; the unspecified 0.0.0.0 and :: are not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve anywhere
+
+
+def tunnels(server):
+    """The active sessions as `diglett-admin sessions --json` shows them, with traffic."""
+    result = []
+    for name, session in sorted(server.sessions.items()):
+        data = session.row().to_json()
+        tunnel = session.tunnel
+        data.update(public_host=server.host_of(name), bytes_in=tunnel.bytes_up,
+                    bytes_out=tunnel.bytes_down, streams_open=len(tunnel.pumps),
+                    streams_opened=tunnel.streams_opened)
+        result.append(data)
+    return result
+
+
+def make_app(server, hooks=None):
+    registry = metrics.make_registry(server, hooks)
+    token = server.config.token
+    open_bind = is_loopback(server.config.http[0])
+    if not open_bind and not token:
+        log.warning("http=%s:%d is not loopback and [server] token is empty: only /info and "
+                    "/healthz are served there", *server.config.http)
+
     def info():
-        return 200, {
+        return _json(200, {
             "version": __version__,
             "key": server.public_key,
             "keys": [server.public_key],
             "wire": [wire.WIRE_VERSION],
             "domain": server.config.domain,
             "agent_port": server.agent_port,
-        }
+        })
 
     def healthz():
         failing = server.db.failing
         body = {"status": "ok" if failing is None else "degraded", "agents": len(server.sessions)}
         if failing is not None:
             body["registry"] = failing
-        return 200, body
+        return _json(200, body)
 
-    def debug_stats():
-        return 200, server.stats()
+    routes = {
+        "/info": info,
+        "/healthz": healthz,
+        "/debug/stats": lambda: _json(200, server.stats()),
+        "/metrics": lambda: (200, metrics.CONTENT_TYPE, metrics.render(registry)),
+        "/api/tunnels": lambda: _json(200, tunnels(server)),
+        "/": lambda: (200, "text/html; charset=utf-8",
+                      statuspage.render(server, tunnels(server)).encode()),
+    }
 
-    routes = {"/info": info, "/healthz": healthz, "/debug/stats": debug_stats}
-    public = {"/info", "/healthz"}
-    token = server.config.token
-
-    def authorized(environ):
-        """Everything but /info and /healthz needs the token when one is configured."""
-        if not token or environ.get("PATH_INFO") in public:
-            return True
+    def access(environ):
+        """None when the request may be served, else the refusal (status, content type, body)."""
+        if open_bind or environ.get("PATH_INFO") in PUBLIC:
+            return None
+        if not token:  # nothing beyond /info and /healthz exists here
+            return _json(404, {"error": "not found"})
         given = environ.get("HTTP_AUTHORIZATION", "")
-        return hmac.compare_digest(given.encode(), ("Bearer " + token).encode())
+        if hmac.compare_digest(given.encode(), ("Bearer " + token).encode()):
+            return None
+        return _json(401, {"error": "missing or wrong bearer token"})
 
     def app(environ, start_response):
         handler = routes.get(environ.get("PATH_INFO", ""))
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            status, body = 405, {"error": "method not allowed"}
-        elif not authorized(environ):
-            status, body = 401, {"error": "missing or wrong bearer token"}
-        elif handler is None:
-            status, body = 404, {"error": "not found"}
+            answer = _json(405, {"error": "method not allowed"})
         else:
-            status, body = handler()
-        payload = (json.dumps(body, indent=1) + "\n").encode()
-        start_response("%d %s" % (status, _REASONS[status]), [
-            ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
+            answer = access(environ)
+        if answer is None:
+            answer = _json(404, {"error": "not found"}) if handler is None else handler()
+        status, content_type, payload = answer
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(payload))),
+                   ("Cache-Control", "no-store")]
+        if status == 401:
+            headers.append(("WWW-Authenticate", 'Bearer realm="diglett"'))
+        start_response("%d %s" % (status, _REASONS[status]), headers)
         return [payload]
 
     return app
+
+
+def _json(status, body):
+    return status, "application/json", (json.dumps(body, indent=1) + "\n").encode()
 
 
 _REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed"}

@@ -265,13 +265,13 @@ def test_memory_budget_must_hold_one_window(tmp_path):
     assert error_of(path).startswith("%s:3: [server] memory_budget = 512K: " % path)
 
 
-def test_http_off_loopback_needs_a_token(tmp_path):
+def test_http_off_loopback_without_a_token_is_allowed(tmp_path):
+    """Without a token such a listener serves only /info and /healthz (tests/test_metrics.py)."""
     path = write(tmp_path, "[server]\nhttp = 0.0.0.0:20080\n")
-    message = error_of(path)
-    assert message.startswith("%s:2: [server] http = 0.0.0.0:20080: " % path)
-    assert "set token =" in message
+    cfg = load_server(path)
+    assert (cfg.http, cfg.token) == (("0.0.0.0", 20080), "")
     write(tmp_path, "[server]\nhttp = 0.0.0.0:20080\ntoken = t\n")
-    assert load_server(path).http == ("0.0.0.0", 20080)
+    assert load_server(path).token == "t"
 
 
 # --- errors: structure -----------------------------------------------------------------------
