@@ -210,6 +210,18 @@ def ip_address(text):
         raise ValueError("must be an IP address such as 127.0.0.1 or ::1, not a name") from None
 
 
+def networks(text):
+    """Comma-separated IP addresses or CIDR networks -> a tuple of ipaddress networks."""
+    found = []
+    for item in string_list(text):
+        try:
+            found.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError("%s is not an IP address or network such as 127.0.0.1 or "
+                             "10.0.0.0/8 (names are not allowed)" % item) from None
+    return tuple(found)
+
+
 def dns_name(text):
     """A domain by diglett.names' rules (the ones the server applies to tunnel names)."""
     name = names.validate_domain(text)  # InvalidName is a ValueError naming the bad label
@@ -303,6 +315,8 @@ SERVER = Section(
         "domain": Key(dns_name, "example.com", "public parent domain: tunnel foo is foo.DOMAIN"),
         "bind": Key(ip_address, "127.0.0.1", "IP address the per-agent tunnel listeners bind"),
         "ports": Key(port_range, "0", "tunnel ports: 0 = a random free port, or a range A-B"),
+        "proxy_trusted": Key(networks, "", "IPs/CIDRs whose connections to a tunnel port start "
+                             "with a PROXY protocol header naming the real client"),
         "key": Key(path, "/var/lib/diglett/server.key", "server static key file (made 0600)"),
         "database": Key(database, "/var/lib/diglett/registry.db", "SQLite path or database URL"),
         "handshake_timeout": Key(seconds(), "10", "seconds from accept to the agent's CONFIG"),
@@ -325,6 +339,7 @@ SERVER = Section(
         "shutdown_timeout": Key(seconds(False), "10", "seconds for sessions to end and hooks "
                                 "to finish after the drain"),
         "log_level": Key(choice(*LOG_LEVELS), "info", "debug, info, warning or error"),
+        "log_format": Key(choice("text", "json"), "text", "text (key=value pairs) or json"),
         "token": Key(string, "", "bearer token for /metrics, /api/tunnels and / when http is "
                      "not loopback (empty: only /info and /healthz are served there)", secret=True),
     },
@@ -345,6 +360,8 @@ AGENT = Section(
         "known-servers": Key(path, None, "file of server keys learned on first use"),
         "backend": Key(string, None, "HOST:PORT of the local service to expose"),
         "log-level": Key(choice(*LOG_LEVELS), None, "debug, info, warning or error"),
+        "proxy-protocol": Key(boolean, None, "yes: send each backend connection a PROXY "
+                              "protocol v2 header naming the real client"),
     }
 )
 AGENT_SECTIONS = {AGENT_SECTION: AGENT}
@@ -397,12 +414,13 @@ def load_server(path) -> ServerConfig:
 def load_agent(path) -> dict:
     """Read the agent's config file: the [agent] keys it sets, by long option name.
 
-    Values are strings (paths made absolute against the file's folder); the command line
-    supplies the defaults and overrides these.
+    Values are strings (paths made absolute against the file's folder), except yes/no keys,
+    which are bools; the command line supplies the defaults and overrides these.
     """
     path = Path(path).absolute()
     values = _load(path, AGENT_SECTIONS)[AGENT_SECTION]
-    return {name: str(value) for name, value in values.items()}
+    return {name: value if isinstance(value, bool) else str(value)
+            for name, value in values.items()}
 
 
 def _load(path, table):

@@ -100,6 +100,8 @@ def run_parser():
     parser.add_argument("--known-servers", metavar="PATH",
                         help="file of pinned server keys (default: next to the key file)")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS)
+    parser.add_argument("-v", "--verbose", action="store_const", const="debug",
+                        dest="log_level", help="debug logging (same as --log-level debug)")
     parser.add_argument("--version", action="version", version="diglett %s" % __version__)
     return parser
 

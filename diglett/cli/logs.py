@@ -1,13 +1,43 @@
-"""Logging setup shared by the command-line entry points (the only place logging is configured)."""
+"""Logging setup shared by the command-line entry points (the only place logging is configured).
 
+Text lines carry ``key=value`` pairs (``subdomain=foo session=...``) so grep tells a story;
+the JSON format puts the same pairs into fields, one object per line, for log shippers.
+"""
+
+import json
 import logging
+import re
 import sys
+import time
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FORMATS = ("text", "json")
+_PAIR = re.compile(r"\b([a-z_]+)=([^\s,()]+)")
 
 
-def setup(level="info"):
-    logging.basicConfig(stream=sys.stderr, format=FORMAT, level=getattr(logging, level.upper()))
+class JsonFormatter(logging.Formatter):
+    def format(self, record):
+        message = record.getMessage()
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + ".%03dZ" % record.msecs,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": message,
+        }
+        for key, value in _PAIR.findall(message):
+            entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, sort_keys=False)
+
+
+def setup(level="info", fmt="text"):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    set_level(level)
 
 
 def set_level(level):

@@ -33,6 +33,8 @@ def parse_args(argv):
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS,
                         help="override [server] log_level")
+    parser.add_argument("-v", "--verbose", action="store_const", const="debug",
+                        dest="log_level", help="debug logging (same as --log-level debug)")
     parser.add_argument("--version", action="version", version="diglett-server %s" % __version__)
     return parser.parse_args(argv)
 
@@ -111,7 +113,7 @@ def main(argv=None):
     if args.check:
         print("%s: OK" % cfg.path)
         return 0
-    logs.setup(args.log_level or cfg.log_level)
+    logs.setup(args.log_level or cfg.log_level, cfg.log_format)
     try:
         gateway = Gateway(cfg, context, hook_objects, args.log_level)
     except (RegistryError, crypto.KeyFileError) as exc:
