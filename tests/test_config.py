@@ -482,3 +482,25 @@ def test_agent_errors(tmp_path):
     write(tmp_path, "[agent]\nname = a\nname = b\n")
     assert error_of(path, load_agent).startswith("%s:3: [agent] duplicate key name" % path)
     assert error_of(tmp_path / "missing", load_agent).startswith(str(tmp_path / "missing"))
+
+
+# --- real client address -----------------------------------------------------------------------
+
+
+def test_proxy_trusted_is_a_tuple_of_networks(tmp_path):
+    import ipaddress
+
+    assert load_server(write(tmp_path, "[server]\n")).proxy_trusted == ()
+    cfg = load_server(write(tmp_path, "[server]\nproxy_trusted = 127.0.0.1, 10.0.0.0/8, ::1\n"))
+    assert cfg.proxy_trusted == (ipaddress.ip_network("127.0.0.1/32"),
+                                 ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))
+    path = write(tmp_path, "[server]\nproxy_trusted = 127.0.0.1, traefik\n")
+    assert error_of(path).startswith(
+        "%s:2: [server] proxy_trusted = 127.0.0.1, traefik: traefik is not an IP address" % path)
+
+
+def test_agent_proxy_protocol_is_a_bool(tmp_path):
+    assert load_agent(write(tmp_path, "[agent]\nproxy-protocol = yes\n")) == {"proxy-protocol": True}
+    assert load_agent(write(tmp_path, "[agent]\nproxy-protocol = no\n")) == {"proxy-protocol": False}
+    path = write(tmp_path, "[agent]\nproxy-protocol = maybe\n")
+    assert error_of(path, load_agent).startswith("%s:2: [agent] proxy-protocol = maybe" % path)
