@@ -8,6 +8,7 @@ is known here.
 """
 
 import dataclasses
+import ipaddress
 import logging
 import random
 import time
@@ -15,10 +16,11 @@ import uuid
 
 import gevent
 import gevent.event
+import gevent.pool
 from gevent import socket
 
-from diglett import (__version__, admission, crypto, metrics, names, noise, protocol, signals,
-                     wire)
+from diglett import (__version__, admission, crypto, metrics, names, noise, protocol,
+                     proxyproto, signals, wire)
 from diglett.dbworker import DatabaseWorker
 from diglett.registry import RegistryError, SessionRow
 from diglett.tunnel import (Tunnel, close_with_rst, enable_keepalive, recv_exact,
@@ -33,11 +35,17 @@ PORT_ATTEMPTS = 64  # random ports tried in a configured range before giving up
 TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
 KICK_DELAY = 5  # seconds a kicked agent is told to wait before reconnecting
 LIMIT_LOG_INTERVAL = 10.0  # seconds between log lines about the same limit being hit
+PROXY_HEADER_TIMEOUT = 5.0  # seconds a proxy_trusted source has to send its PROXY header
 RESTART_KEYS = ("listen", "http", "key", "database", "domain", "bind", "token")  # not live
 
 
 class HandshakeTimeout(Exception):
     pass
+
+
+class ProxyHeaderTimeout(Exception):
+    def __str__(self):
+        return "no complete header within %.0f s" % PROXY_HEADER_TIMEOUT
 
 
 class Refusal(Exception):
@@ -391,6 +399,7 @@ class AgentSession:
         self.ended = gevent.event.Event()
         self.refused_streams = 0
         self._refusal_logged = float("-inf")
+        self._proxied = gevent.pool.Group()  # trusted proxies' connections reading their header
         self.label = "subdomain=%s agent=%s session=%s" % (name, crypto.fingerprint(key), session_id)
         try:
             self.listener = server.bind_tunnel_port(name, grant)
@@ -458,7 +467,7 @@ class AgentSession:
             self.tunnel.close("agent said goaway: %s %s" % (wire.code_name(event.code), event.reason))
 
     def _accept_clients(self):
-        tunnel, session = self.tunnel, self.tunnel.session
+        tunnel = self.tunnel
         while True:
             try:
                 client, address = self.listener.accept()
@@ -469,7 +478,7 @@ class AgentSession:
             config = self.server.config  # read per client: SIGHUP may have changed the limits
             max_streams = config.max_streams
             self.open_rate.rate, self.open_rate.burst = config.open_rate, config.open_burst
-            if len(tunnel.pumps) >= max_streams:
+            if len(tunnel.pumps) + len(self._proxied) >= max_streams:
                 self.refused_streams += 1
                 now = time.monotonic()
                 if now - self._refusal_logged >= LIMIT_LOG_INTERVAL:  # a flood logs once
@@ -478,17 +487,70 @@ class AgentSession:
                                 self.label, max_streams, *address[:2], self.refused_streams)
                 close_with_rst(client)
                 continue
-            self.open_rate.take()
-            set_nodelay(client)
-            reset_unless_finished(client)
-            try:
-                stream_id = session.open_stream({"remote": "%s:%d" % address[:2]})
-            except ProtocolError:  # 2^32-1 streams in one session: let the agent reconnect
-                close_with_rst(client)
-                tunnel.close("stream ids exhausted", ErrorCode.NO_ERROR, "stream ids exhausted")
+            if config.proxy_trusted and _trusted(address, config.proxy_trusted):
+                self._proxied.spawn(self._open_proxied, client, address)  # never block accept
+                continue
+            if not self._open_stream(client, address[:2], client.getsockname()[:2]):
                 return
-            tunnel.add_stream(stream_id, client)
-            tunnel.wake()
+
+    def _open_stream(self, client, remote, local):
+        """OPEN a stream for ``client``, naming both its ends; False once stream ids run out."""
+        tunnel = self.tunnel
+        self.open_rate.take()
+        set_nodelay(client)
+        reset_unless_finished(client)
+        try:
+            stream_id = tunnel.session.open_stream({"remote": proxyproto.format_address(remote),
+                                                    "local": proxyproto.format_address(local)})
+        except ProtocolError:  # 2^32-1 streams in one session: let the agent reconnect
+            close_with_rst(client)
+            tunnel.close("stream ids exhausted", ErrorCode.NO_ERROR, "stream ids exhausted")
+            return False
+        tunnel.add_stream(stream_id, client)
+        tunnel.wake()
+        return True
+
+    def _open_proxied(self, client, address):
+        """A proxy_trusted source: its PROXY header names the real client, then the stream
+        opens with that address; no valid header in time closes the connection, logged."""
+        try:
+            with gevent.Timeout(PROXY_HEADER_TIMEOUT, ProxyHeaderTimeout):
+                header = read_proxy_header(client)
+        except (proxyproto.HeaderError, ProxyHeaderTimeout, OSError) as exc:
+            log.warning("%s proxy=%s closed: no valid PROXY header: %s", self.label,
+                        proxyproto.format_address(address), exc)
+            close_with_rst(client)
+            return
+        except gevent.GreenletExit:  # the session ended while the header was on its way
+            close_with_rst(client)
+            raise
+        if self.listener.fileno() < 0:  # drained or ended meanwhile: take no new stream
+            close_with_rst(client)
+            return
+        # LOCAL (the proxy's own health check) or no usable family: the real endpoints
+        self._open_stream(client, header.source or address[:2],
+                          header.destination or client.getsockname()[:2])
+
+
+def read_proxy_header(sock):
+    """The PROXY header that starts ``sock``, read without taking a byte of what follows."""
+    data = b""
+    while True:
+        header = proxyproto.parse(data)
+        if header is not None:
+            return header
+        chunk = sock.recv(proxyproto.wanted(data))
+        if not chunk:
+            raise ConnectionError("connection closed after %d bytes" % len(data))
+        data += chunk
+
+
+def _trusted(address, networks):
+    """Is the source ``address`` in one of ``networks`` ([server] proxy_trusted)?"""
+    ip = ipaddress.ip_address(address[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack listener's IPv4 client
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def _classify(detail):
