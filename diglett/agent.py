@@ -6,6 +6,7 @@ backoff, and dialling the backend per stream. Exit codes are a contract for syst
 RestartPreventExitStatus=; see docs/operations.md.
 """
 
+import functools
 import logging
 import random
 import sys
@@ -15,7 +16,7 @@ import gevent
 import gevent.event
 from gevent import socket
 
-from diglett import __version__, crypto, noise, protocol, wire
+from diglett import __version__, crypto, noise, protocol, proxyproto, wire
 from diglett.tunnel import Tunnel, enable_keepalive, recv_exact, set_nodelay
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
 
@@ -74,8 +75,9 @@ def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.unifor
 
 class Agent:
     def __init__(self, gateway, name, key, server_key, backend, *, on_mismatch=None,
-                 out=sys.stdout, backoff_cap=BACKOFF_CAP):
+                 out=sys.stdout, backoff_cap=BACKOFF_CAP, proxy_protocol=False):
         self.gateway = gateway  # (host, port)
+        self.proxy_protocol = proxy_protocol  # write a PROXY v2 header to every backend socket
         self.name = name
         self.key = key
         self.server_key = bytes.fromhex(server_key)
@@ -212,7 +214,8 @@ class Agent:
     def _on_event(self, event):
         kind = type(event)
         if kind is protocol.StreamOpened:
-            self.tunnel.add_stream(event.stream_id, connect=self._connect_backend)
+            self.tunnel.add_stream(event.stream_id,
+                                   connect=functools.partial(self._connect_backend, event.info))
         elif kind is protocol.GoAwayReceived:
             self._goaway = (event.code, event.reason)
             if event.code == ErrorCode.SHUTTING_DOWN:  # draining: open streams carry on
@@ -221,7 +224,9 @@ class Agent:
             else:
                 self.tunnel.close("server said goaway")
 
-    def _connect_backend(self):
+    def _connect_backend(self, info=None):
+        """Dial the backend for one stream (``info``: its OPEN's JSON); with --proxy-protocol
+        the header goes first, before any byte of the stream."""
         try:
             sock = socket.create_connection(self.backend, timeout=BACKEND_CONNECT_TIMEOUT)
         except OSError as exc:
@@ -229,7 +234,34 @@ class Agent:
                         self.name, *self.backend, _describe(exc))
             raise
         sock.settimeout(None)
+        if self.proxy_protocol:
+            try:
+                sock.sendall(self._proxy_header(info or {}, sock.getpeername()[:2]))
+            except OSError:
+                sock.close()
+                raise
         return sock
+
+    def _proxy_header(self, info, backend_address):
+        try:
+            return proxy_header(info, backend_address)
+        except proxyproto.HeaderError as exc:
+            log.warning("subdomain=%s OPEN names no usable client address (%s): sending a "
+                        "LOCAL PROXY header", self.name, exc)
+            return proxyproto.encode_local()
+
+
+def proxy_header(info, backend_address):
+    """The PROXY v2 header for one stream's backend: OPEN's ``remote`` (the client) as source,
+    its ``local`` (the address the client reached) as destination, else the backend's own
+    address. An OPEN without ``remote`` (an older server) gets a LOCAL header: the backend
+    then sees the agent's own address, as without --proxy-protocol."""
+    if info.get("remote") is None:
+        return proxyproto.encode_local()
+    source = proxyproto.parse_address(info["remote"])
+    local = info.get("local")
+    destination = backend_address if local is None else proxyproto.parse_address(local)
+    return proxyproto.encode_v2(source, destination)
 
 
 def _describe(exc):

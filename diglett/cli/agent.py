@@ -22,7 +22,7 @@ DEFAULT_KEY_FILE = Path("~/.config/diglett/agent.key")
 KNOWN_SERVERS_NAME = "known_servers"  # default file, next to the key file
 SUBCOMMANDS = ("keygen", "pubkey", "demo")
 OPTIONS = ("gateway", "name", "key-file", "server-key", "info-url", "known-servers",
-           "backend", "log-level")  # also the keys of the [agent] config section
+           "backend", "log-level", "proxy-protocol")  # also the keys of the [agent] section
 
 
 class UsageError(Exception):
@@ -100,6 +100,9 @@ def run_parser():
     parser.add_argument("--known-servers", metavar="PATH",
                         help="file of pinned server keys (default: next to the key file)")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS)
+    parser.add_argument("--proxy-protocol", action=argparse.BooleanOptionalAction,
+                        help="write a PROXY protocol v2 header to each backend connection, "
+                        "naming the real client's address and port (the backend must expect it)")
     parser.add_argument("-v", "--verbose", action="store_const", const="debug",
                         dest="log_level", help="debug logging (same as --log-level debug)")
     parser.add_argument("--version", action="version", version="diglett %s" % __version__)
@@ -123,6 +126,7 @@ def settings(args):
     values.setdefault("known-servers",
                       str(Path(values["key-file"]).parent / KNOWN_SERVERS_NAME))
     values.setdefault("log-level", "info")
+    values.setdefault("proxy-protocol", False)
     return values
 
 
@@ -156,7 +160,7 @@ def main(argv=None):
     except known_servers.TrustError as exc:
         return fail(exc)
     tunnel_agent = agent.Agent(
-        gateway, name, key, server_key, backend,
+        gateway, name, key, server_key, backend, proxy_protocol=values["proxy-protocol"],
         on_mismatch=lambda: known_servers.mismatch_message(
             gateway_text, server_key, source, values.get("info-url")))
     for signum in (signal.SIGTERM, signal.SIGINT):
