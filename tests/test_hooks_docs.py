@@ -133,7 +133,8 @@ def test_the_reference_hook_sections_load_once_uncommented(tmp_path):
 
 
 def example_configs():
-    return sorted(path for path in EXAMPLES.glob("*.conf"))
+    """The server examples; agent-*.conf are agent configs (tests/test_systemd.py loads them)."""
+    return sorted(path for path in EXAMPLES.glob("*.conf") if not path.name.startswith("agent-"))
 
 
 def test_there_are_example_files():
