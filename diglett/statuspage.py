@@ -85,6 +85,7 @@ _SCRIPT = """
       cell(tr, t.fingerprint, "", true);
       cell(tr, t.remote, "", true);
       cell(tr, age(now - since), "");
+      tr.lastChild.title = t.started;
       cell(tr, size(t.bytes_in), "num");
       cell(tr, size(t.bytes_out), "num");
       cell(tr, t.streams_open + " open / " + t.streams_opened, "num");
