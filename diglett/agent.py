@@ -9,6 +9,7 @@ RestartPreventExitStatus=; see docs/operations.md.
 import functools
 import logging
 import random
+import re
 import sys
 import time
 
@@ -65,6 +66,13 @@ _REFUSALS = {  # server ERROR code -> exit code; anything else is retried
 }
 _GOAWAY_FATAL = {ErrorCode.REVOKED: EXIT_REVOKED, ErrorCode.REPLACED: EXIT_REPLACED}
 KICK_MIN_DELAY = 5.0  # a kicked agent waits at least this long (the server may say more)
+_RETRY_AFTER = re.compile(r"retry-after=(\d+)")
+
+
+def kick_delay(reason):
+    """A kick's GOAWAY reason carries ``retry-after=N`` seconds; never less than the minimum."""
+    match = _RETRY_AFTER.search(reason)
+    return max(KICK_MIN_DELAY, float(match.group(1)) if match else 0.0)
 
 
 def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.uniform):
@@ -206,7 +214,7 @@ class Agent:
             if code in _GOAWAY_FATAL:
                 raise Fatal(_GOAWAY_FATAL[code], "server ended the tunnel: %s (%s)"
                             % (reason, wire.code_name(code)))
-            min_delay = KICK_MIN_DELAY if code == ErrorCode.KICKED else 0.0
+            min_delay = kick_delay(reason) if code == ErrorCode.KICKED else 0.0
             raise Retry("server said goaway: %s (%s)" % (reason, wire.code_name(code)), min_delay)
         if not self._stopping.is_set():
             raise Retry(detail)

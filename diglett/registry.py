@@ -111,6 +111,24 @@ class SessionRow:
 
 
 @dataclass(frozen=True)
+class AuditEntry:
+    """One line of the audit trail: who did what to which name, and the details."""
+
+    id: int
+    time: float
+    actor: str
+    action: str  # grant, regrant, revoke, session-start, session-end, kick, hook-done, ...
+    subdomain: str
+    key: str | None
+    detail: str
+
+    def to_json(self):
+        data = asdict(self)
+        data["time"] = iso_time(self.time)
+        return data
+
+
+@dataclass(frozen=True)
 class Delivery:
     """One event one hook still has to handle (the outbox), or has handled."""
 
@@ -215,7 +233,21 @@ class OutboxModel(_Base):
         indexes = ((("hook", "state", "id"), False),)
 
 
-MODELS = (GrantModel, SessionModel, AuditLogModel, OutboxModel)  # what the migrations create
+class KickModel(_Base):
+    """`diglett-admin kick` requests; the server polls them as it polls the grants."""
+
+    subdomain = peewee.CharField(max_length=63)
+    delay = peewee.IntegerField()  # seconds the kicked agent waits before reconnecting
+    actor = peewee.TextField()
+    requested = peewee.FloatField()
+    handled = peewee.FloatField(null=True)
+    result = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "kicks"
+
+
+MODELS = (GrantModel, SessionModel, AuditLogModel, OutboxModel, KickModel)  # the migrations
 
 
 def _bind(model, db):
@@ -269,6 +301,7 @@ class Registry:
         self._audit = _bind(AuditLogModel, self.db)
         self._versions = _bind(SchemaVersionModel, self.db)
         self._outbox = _bind(OutboxModel, self.db)
+        self._kicks = _bind(KickModel, self.db)
         self._writes = 0  # bumped after each own commit: invalidates the grant snapshot cache
         self._local = threading.local()  # per-connection snapshot cache (like peewee's state)
         if migrate:
@@ -344,9 +377,12 @@ class Registry:
         """
         return self._call(self._insert_session, row, deliveries)
 
-    def record_session_end(self, session_id, reason, ended, deliveries=()):
-        """Mark an active session ended (with its deliveries); False if it was not active."""
-        return self._call(self._end_session, session_id, reason, ended, deliveries)
+    def record_session_end(self, session_id, reason, ended, deliveries=(), detail=""):
+        """Mark an active session ended (with its deliveries); False if it was not active.
+
+        ``detail`` (e.g. bytes and streams) goes into the audit entry of the end.
+        """
+        return self._call(self._end_session, session_id, reason, ended, deliveries, detail)
 
     def active_sessions(self):
         model = self._sessions
@@ -360,6 +396,68 @@ class Registry:
         same transaction.
         """
         return self._call(self._end_stale, instance, deliveries_of or (lambda row: ()))
+
+    # -- kicks (diglett-admin kick -> the running server)
+
+    def request_kick(self, subdomain, delay, actor=None):
+        """Ask the running server to end the session of ``subdomain``; returns the request id."""
+        subdomain = names.validate_subdomain(subdomain)
+        actor = actor or default_actor()
+
+        def insert():
+            with self._write():
+                row = self._kicks.create(subdomain=subdomain, delay=int(delay), actor=actor,
+                                         requested=time.time())
+                self._log(actor, "kick-request", subdomain, None, "delay=%d" % delay)
+            return row.id
+
+        return self._call(insert)
+
+    def pending_kicks(self):
+        model = self._kicks
+        query = model.select().where(model.handled.is_null()).order_by(model.id)
+        return self._call(lambda: [(row.id, row.subdomain, row.delay, row.actor) for row in query])
+
+    def kick_handled(self, kick_id, result):
+        query = self._kicks.update(handled=time.time(), result=result).where(
+            self._kicks.id == kick_id)
+        self._call(self._write_query, query)
+
+    def kick_result(self, kick_id):
+        """The server's answer to a kick request, or None while it is pending."""
+        row = self._call(lambda: self._kicks.get_or_none(self._kicks.id == kick_id))
+        return None if row is None or row.handled is None else row.result
+
+    def cancel_kick(self, kick_id):
+        query = self._kicks.delete().where((self._kicks.id == kick_id)
+                                           & self._kicks.handled.is_null())
+        return self._call(self._write_query, query)
+
+    # -- the audit trail
+
+    def audit(self, action, subdomain, key=None, detail="", actor=None):
+        """Append one audit entry (the server calls this for hook outcomes and kicks)."""
+        def insert():
+            with self._write():
+                self._log(actor or default_actor(), action, subdomain, key, detail)
+
+        self._call(insert)
+
+    def audit_entries(self, since=None, subdomain=None, limit=1000):
+        """Newest first."""
+        model = self._audit
+        query = model.select().order_by(model.id.desc()).limit(limit)
+        if since is not None:
+            query = query.where(model.time >= since)
+        if subdomain is not None:
+            query = query.where(model.subdomain == subdomain)
+        return self._call(lambda: [AuditEntry(r.id, r.time, r.actor, r.action, r.subdomain, r.key,
+                                              r.detail) for r in query])
+
+    def prune_audit(self, before):
+        """Forget audit entries older than ``before`` (UNIX seconds); returns how many."""
+        query = self._audit.delete().where(self._audit.time < before)
+        return self._call(self._write_query, query)
 
     # -- the hook outbox
 
@@ -379,16 +477,18 @@ class Registry:
         return self._call(lambda: [_delivery_of(row) for row in query])
 
     def delivery_done(self, delivery_id):
-        query = self._outbox.update(state=DELIVERY_DONE).where(self._outbox.id == delivery_id)
-        self._call(self._write_query, query)
+        """The hook handled it; the audit trail says so."""
+        self._call(self._settle, delivery_id, {"state": DELIVERY_DONE}, "hook-done")
 
     def delivery_failed(self, delivery_id, attempts, next_attempt, error, dead=False):
-        """Record a failed attempt: retry at ``next_attempt``, or give up when ``dead``."""
-        query = self._outbox.update(
-            attempts=attempts, next_attempt=next_attempt, last_error=error[:2000],
-            state=DELIVERY_DEAD if dead else DELIVERY_PENDING,
-        ).where(self._outbox.id == delivery_id)
-        self._call(self._write_query, query)
+        """Record a failed attempt: retry at ``next_attempt``, or give up when ``dead``.
+
+        The audit trail gets the first failure and the death, not every retry.
+        """
+        changes = {"attempts": attempts, "next_attempt": next_attempt,
+                   "last_error": error[:2000], "state": DELIVERY_DEAD if dead else DELIVERY_PENDING}
+        action = "hook-dead" if dead else "hook-failed" if attempts == 1 else None
+        self._call(self._settle, delivery_id, changes, action, error)
 
     def prune_deliveries(self, before):
         """Forget finished deliveries created before ``before`` (UNIX seconds)."""
@@ -523,6 +623,8 @@ class Registry:
             if existing is None:
                 self._sessions.insert(**fields).execute()
                 self._queue(row, deliveries)
+                self._log("server", "session-start", row.subdomain, row.key,
+                          "session=%s remote=%s port=%d" % (row.id, row.remote, row.port))
         if existing is not None and _session_of(existing) != row:
             log.warning("session %s is already recorded in %s with other values; kept the "
                         "first", row.id, self.location)
@@ -532,7 +634,7 @@ class Registry:
         with self._write():
             return query.execute()
 
-    def _end_session(self, session_id, reason, ended, deliveries):
+    def _end_session(self, session_id, reason, ended, deliveries, detail):
         model = self._sessions
         with self._write():
             row = model.get_or_none((model.id == session_id) & (model.state == STATE_ACTIVE))
@@ -541,6 +643,10 @@ class Registry:
             model.update(state=STATE_ENDED, reason=reason, ended=ended).where(
                 model.id == session_id).execute()
             self._queue(_session_of(row), deliveries)
+            self._log("server", "session-end", row.subdomain, row.key,
+                      " ".join(filter(None, ("session=%s remote=%s reason=%s duration=%.0f"
+                                             % (row.id, row.remote, reason, ended - row.started),
+                                             detail))))
         return True
 
     def _end_stale(self, instance, deliveries_of):
@@ -556,7 +662,20 @@ class Registry:
                 ).execute()
             for row in rows:
                 self._queue(row, deliveries_of(row))
+                self._log("server", "session-end", row.subdomain, row.key,
+                          "session=%s remote=%s reason=%s" % (row.id, row.remote, REASON_STALE))
         return rows
+
+    def _settle(self, delivery_id, changes, action, error=""):
+        model = self._outbox
+        with self._write():
+            model.update(**changes).where(model.id == delivery_id).execute()
+            row = model.get_or_none(model.id == delivery_id)
+            if action is not None and row is not None:
+                detail = "hook=%s event=%s event_id=%s attempts=%d" % (
+                    row.hook, row.kind, row.event_id, row.attempts)
+                self._log("server", action, row.subdomain, None,
+                          detail + (" error=%s" % error[:300] if error else ""))
 
     def _queue(self, row, deliveries):
         now = time.time()

@@ -33,7 +33,7 @@ GRANT_POLL_INTERVAL = 1.0  # seconds between grant reloads: a revoke bites withi
 ACCEPT_BACKLOG = 1024
 PORT_ATTEMPTS = 64  # random ports tried in a configured range before giving up
 TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
-KICK_DELAY = 5  # seconds a kicked agent is told to wait before reconnecting
+AUDIT_PRUNE_INTERVAL = 3600  # seconds between prunes of audit entries past audit_retention
 LIMIT_LOG_INTERVAL = 10.0  # seconds between log lines about the same limit being hit
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a proxy_trusted source has to send its PROXY header
 RESTART_KEYS = ("listen", "http", "key", "database", "domain", "bind", "token")  # not live
@@ -171,9 +171,46 @@ class Server:
                 session.terminate("revoked", ErrorCode.REVOKED, "grant revoked")
 
     def _poll_grants(self):
+        """The registry is how diglett-admin reaches us: grants (revoke) and kick requests."""
+        pruned = 0.0
         while True:
             gevent.sleep(GRANT_POLL_INTERVAL)
             self._reload_grants()
+            self._handle_kicks()
+            if time.monotonic() - pruned > AUDIT_PRUNE_INTERVAL:
+                pruned = time.monotonic()
+                self._prune_audit()
+
+    def _handle_kicks(self):
+        try:
+            kicks = self.db.call(self.registry.pending_kicks)
+        except RegistryError as exc:
+            log.warning("cannot read kick requests: %s", exc)
+            return
+        for kick_id, name, delay, actor in kicks:
+            session = self.sessions.get(name)
+            if session is None:
+                result = "not connected"
+            else:
+                session.terminate("kicked", ErrorCode.KICKED,
+                                  "kicked by %s; retry-after=%d" % (actor, delay))
+                result = "kicked session %s" % session.session_id
+            log.info("subdomain=%s kick by %s: %s", name, actor, result)
+            try:
+                self.db.call(self.registry.kick_handled, kick_id, result)
+            except RegistryError as exc:
+                log.warning("cannot record a kick: %s", exc)
+
+    def _prune_audit(self):
+        try:
+            removed = self.db.call(self.registry.prune_audit,
+                                   time.time() - self.config.audit_retention)
+        except RegistryError as exc:
+            log.warning("cannot prune the audit trail: %s", exc)
+            return
+        if removed:
+            log.info("pruned %d audit entries older than %s s", removed,
+                     self.config.audit_retention)
 
     # ----- agents ---------------------------------------------------------------------
     def _accept_loop(self):
@@ -365,8 +402,11 @@ class Server:
     def session_ended(self, agent_session, reason):
         row = agent_session.row()
         event = self._event(row, "disconnect", reason)
+        tunnel = agent_session.tunnel
+        detail = "bytes_in=%d bytes_out=%d streams=%d" % (
+            tunnel.bytes_up, tunnel.bytes_down, tunnel.streams_opened)
         self.db.submit(self.registry.record_session_end,
-                       (row.id, reason, time.time(), self._deliveries(event)),
+                       (row.id, reason, time.time(), self._deliveries(event), detail),
                        after=lambda: signals.session_ended.send(self, event=event))
 
     def active_session_events(self):

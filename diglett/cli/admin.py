@@ -6,14 +6,16 @@ to the running server: revocation works because the server polls the grants ever
 """
 
 import argparse
+import datetime
 import json
 import os
 import pwd
 import sys
+import time
 
 from diglett import __version__, config, crypto, hookloader
-from diglett.cli import logs
-from diglett.names import InvalidName
+from diglett.cli import explain, logs
+from diglett.names import InvalidName, validate_subdomain
 from diglett.registry import Registry, RegistryError, default_actor, iso_time
 
 PROG = "diglett-admin"
@@ -21,6 +23,7 @@ DEFAULT_CONFIG = "/etc/diglett.conf"
 CONFIG_ENV = "DIGLETT_CONFIG"
 REVOKE_NOTICE = "the server disconnects a connected agent within 2 s"
 EXIT_ERROR = 1  # argparse uses 2 for usage errors
+KICK_WAIT = 5  # seconds to wait for the running server to pick up a kick request
 
 
 class AdminError(Exception):
@@ -28,6 +31,21 @@ class AdminError(Exception):
 
 
 # --- command line ------------------------------------------------------------------------
+
+
+def since_time(text):
+    """``30m``, ``12h``, ``7d`` (an age) or an ISO 8601 date -> UNIX seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return time.time() - int(text[:-1]) * units[text[-1]]
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("use an age like 30m, 12h or 7d, or an ISO date "
+                                         "like 2026-11-26T10:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
 
 
 def port_number(text):
@@ -72,6 +90,29 @@ def build_parser():
                        ("info", "server key, domain, database and counts")):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("--json", action="store_true", help="print JSON only, on stdout")
+    kick = commands.add_parser(
+        "kick", help="end the live session of a name (the agent reconnects after a delay)",
+        description="Ask the running server to end the live session of NAME. The agent is told "
+        "why and waits at least DELAY seconds before it reconnects (revoke the grant to keep "
+        "it out). The server polls for requests every second.")
+    kick.add_argument("name", metavar="NAME")
+    kick.add_argument("--delay", type=int, default=30, metavar="S",
+                      help="seconds the agent waits before reconnecting (default 30)")
+    status = commands.add_parser(
+        "status", help="one name end to end: grants, session, hooks, Traefik, audit",
+        description="Explain NAME end to end: its grants, the live session (with traffic, from "
+        "the running server's HTTP API), what each hook last did for it, what Traefik routes "
+        "for it now, and its latest audit entries.")
+    status.add_argument("name", metavar="NAME")
+    status.add_argument("--json", action="store_true", help="print JSON only, on stdout")
+    audit = commands.add_parser(
+        "audit", help="the audit trail: grants, sessions, kicks, hook outcomes",
+        description="The audit trail, newest first: grant changes, session starts and ends "
+        "(remote address, reason, bytes), kicks and hook outcomes.")
+    audit.add_argument("--since", type=since_time, metavar="WHEN",
+                       help="only entries since WHEN: an age like 30m, 12h, 7d, or an ISO date")
+    audit.add_argument("--name", metavar="NAME", help="only entries for this name")
+    audit.add_argument("--json", action="store_true", help="print JSON only, on stdout")
     deliveries = commands.add_parser(
         "deliveries", help="hook deliveries (the outbox): pending, done or dead",
         description="Hook deliveries, newest first: what each hook still has to do, did, or "
@@ -216,6 +257,42 @@ def cmd_deliveries(args, cfg, registry, applied):
                 rows, "no deliveries")
 
 
+def cmd_kick(args, cfg, registry, applied):
+    name = validate_subdomain(args.name)
+    kick_id = registry.request_kick(name, max(0, args.delay), actor())
+    deadline = time.monotonic() + KICK_WAIT
+    while time.monotonic() < deadline:
+        result = registry.kick_result(kick_id)
+        if result is not None:
+            if not result.startswith("kicked"):
+                raise AdminError("%s: %s" % (name, result))
+            print("%s: %s; the agent may reconnect after %d s (revoke the grant to keep it "
+                  "out)" % (name, result, max(0, args.delay)))
+            return
+        time.sleep(0.2)
+    registry.cancel_kick(kick_id)
+    raise AdminError("no running server answered within %d s; is diglett-server running with "
+                     "database %s?" % (KICK_WAIT, registry.location))
+
+
+def cmd_audit(args, cfg, registry, applied):
+    name = validate_subdomain(args.name) if args.name else None
+    entries = registry.audit_entries(since=args.since, subdomain=name)
+    if args.json:
+        return print_json([entry.to_json() for entry in entries])
+    rows = [(short_time(e.time), e.actor, e.action, e.subdomain,
+             crypto.fingerprint(e.key) if e.key else "-", e.detail) for e in entries]
+    print_table(("TIME (UTC)", "ACTOR", "ACTION", "NAME", "KEY", "DETAIL"), rows, "no entries")
+
+
+def cmd_status(args, cfg, registry, applied):
+    name = validate_subdomain(args.name)
+    report = explain.status(name, cfg, registry)
+    if args.json:
+        return print_json(report)
+    explain.print_status(report)
+
+
 def cmd_migrate(args, cfg, registry, applied):
     for name in applied:
         print("applied %s" % name)
@@ -230,6 +307,9 @@ COMMANDS = {
     "sessions": cmd_sessions,
     "info": cmd_info,
     "deliveries": cmd_deliveries,
+    "kick": cmd_kick,
+    "status": cmd_status,
+    "audit": cmd_audit,
     "migrate": cmd_migrate,
 }
 

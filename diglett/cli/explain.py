@@ -1,0 +1,141 @@
+"""``diglett-admin status NAME``: one name end to end, from every place that knows about it.
+
+The registry gives the grants, the session row, the hook outbox and the audit trail; the
+running server's HTTP API gives live traffic; Traefik's API gives the route it serves now.
+What cannot be reached is reported as such, never as an error of the whole command.
+"""
+
+import ipaddress
+import json
+import urllib.error
+import urllib.request
+
+from diglett import crypto
+from diglett.registry import iso_time
+
+HTTP_TIMEOUT = 2  # seconds for each of the server's and Traefik's APIs
+AUDIT_LINES = 10  # latest audit entries shown
+
+
+def status(name, cfg, registry):
+    session = next((row for row in registry.active_sessions() if row.subdomain == name), None)
+    return {
+        "name": name,
+        "host": "%s.%s" % (name, cfg.domain),
+        "grants": [grant.to_json() for grant in registry.grants() if grant.subdomain == name],
+        "session": _session(session, cfg),
+        "hooks": _hooks(name, registry),
+        "traefik": _traefik(name, cfg),
+        "audit": [entry.to_json()
+                  for entry in registry.audit_entries(subdomain=name, limit=AUDIT_LINES)],
+    }
+
+
+def _session(row, cfg):
+    if row is None:
+        return None
+    data = row.to_json()
+    live = _get_json(_server_url(cfg, "/api/tunnels"), _auth(cfg))
+    if isinstance(live, list):
+        mine = next((t for t in live if t.get("id") == row.id), None)
+        for key in ("bytes_in", "bytes_out", "streams_open", "streams_opened"):
+            if mine and key in mine:
+                data[key] = mine[key]
+    else:
+        data["live"] = live.get("error") if isinstance(live, dict) else "unavailable"
+    return data
+
+
+def _hooks(name, registry):
+    """The latest delivery of each hook for ``name``."""
+    latest = {}
+    for delivery in registry.deliveries(limit=5000):
+        if delivery.subdomain == name and delivery.hook not in latest:
+            latest[delivery.hook] = {
+                "event": delivery.kind, "state": delivery.state, "attempts": delivery.attempts,
+                "last_error": delivery.last_error, "queued": iso_time(delivery.created),
+            }
+    return latest
+
+
+def _traefik(name, cfg):
+    if "traefik" not in cfg.sections.get("hooks", {}).get("enabled", ()):
+        return None
+    options = cfg.sections.get("hook:traefik", {})
+    mode = options.get("mode", "http")
+    base = options["api"].rstrip("/") + "/api/%s/" % mode
+    router = _get_json(base + "routers/diglett-%s@rest" % name)
+    if not isinstance(router, dict) or "error" in router:
+        return {"route": None, "detail": (router or {}).get("error", "no answer")}
+    service = _get_json(base + "services/diglett-%s@rest" % name)
+    servers = (service or {}).get("loadBalancer", {}).get("servers", []) if isinstance(
+        service, dict) else []
+    return {"route": router.get("rule"), "status": router.get("status"),
+            "entrypoints": router.get("entryPoints"),
+            "servers": [s.get("url") or s.get("address") for s in servers],
+            "errors": router.get("error") or []}
+
+
+def _server_url(cfg, path):
+    host, port = cfg.http
+    if ipaddress.ip_address(host).is_unspecified:  # listening everywhere: ask loopback
+        host = "::1" if ":" in host else "127.0.0.1"
+    return "http://%s:%d%s" % ("[%s]" % host if ":" in host else host, port, path)
+
+
+def _auth(cfg):
+    return {"Authorization": "Bearer " + cfg.token} if cfg.token else {}
+
+
+def _get_json(url, headers=None):
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as answer:
+            return json.loads(answer.read(1 << 20))
+    except urllib.error.HTTPError as exc:
+        return {"error": "%s answered %d" % (url, exc.code)}
+    except (OSError, ValueError) as exc:
+        return {"error": "%s: %s" % (url, getattr(exc, "reason", exc))}
+
+
+def print_status(report):
+    print("%s (%s)" % (report["name"], report["host"]))
+    print("\ngrants:")
+    for grant in report["grants"] or [None]:
+        print("  (none: no key may serve this name)" if grant is None else
+              "  key %s  port %s  %s  %s" % (grant["fingerprint"], grant["port"] or "-",
+                                             grant["created"], grant["comment"]))
+    session = report["session"]
+    print("\nsession:")
+    if session is None:
+        print("  not connected")
+    else:
+        print("  %s since %s, tunnel port %s:%s, agent %s from %s"
+              % (session["id"], session["started"], session["host"], session["port"],
+                 crypto.fingerprint(session["key"]), session["remote"]))
+        if "bytes_in" in session:
+            print("  traffic: %s bytes in, %s bytes out, %s streams open, %s opened"
+                  % (session["bytes_in"], session["bytes_out"], session.get("streams_open"),
+                     session.get("streams_opened")))
+        else:
+            print("  live traffic: %s" % session.get("live", "unavailable"))
+    print("\nhooks:")
+    for hook, last in sorted(report["hooks"].items()) or [(None, None)]:
+        print("  (no deliveries)" if hook is None else
+              "  %-8s last %s: %s after %d attempts (queued %s)%s"
+              % (hook, last["event"], last["state"], last["attempts"], last["queued"],
+                 "; error: " + last["last_error"] if last["last_error"] else ""))
+    traefik = report["traefik"]
+    if traefik is not None:
+        print("\ntraefik:")
+        if traefik["route"] is None:
+            print("  no route (%s)" % traefik["detail"])
+        else:
+            print("  %s -> %s (%s)%s" % (traefik["route"], ", ".join(traefik["servers"]),
+                                         traefik["status"], "; errors: " + "; ".join(
+                                             traefik["errors"]) if traefik["errors"] else ""))
+    print("\naudit (latest first):")
+    for entry in report["audit"] or [None]:
+        print("  (none)" if entry is None else
+              "  %s  %-14s %s  %s" % (entry["time"][:19], entry["action"], entry["actor"],
+                                      entry["detail"]))
