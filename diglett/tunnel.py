@@ -294,7 +294,9 @@ class Pump:
             self.sock.settimeout(0)
             while self.buffer:
                 chunk = self.buffer.popleft()
-                if self.sock.send(chunk) < len(chunk):
+                sent = self.sock.send(chunk)
+                self.tunnel.bytes_down += sent  # delivered too: the byte counters include it
+                if sent < len(chunk):
                     return
         except OSError:
             pass  # full or already broken: the RST follows regardless
