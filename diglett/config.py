@@ -342,7 +342,8 @@ SERVER = Section(
         "log_format": Key(choice("text", "json"), "text", "text (key=value pairs) or json"),
         "audit_retention": Key(seconds(), "7776000", "seconds audit entries are kept (90 days)"),
         "token": Key(string, "", "bearer token for /metrics, /api/tunnels and / when http is "
-                     "not loopback (empty: only /info and /healthz are served there)", secret=True),
+                     "not loopback (empty: only /info and /healthz are served there)",
+                     secret=True),
     },
     check=_check_server,
 )
