@@ -268,3 +268,48 @@ def test_proxyproto_imports_no_io():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=20)
     assert result.returncode == 0, "imported: %s %s" % (result.stdout, result.stderr)
+
+
+# --- the agent's header and the server's reader ----------------------------------------------
+
+
+def test_agent_header_from_open_info():
+    from diglett.agent import proxy_header
+
+    backend = ("127.0.0.1", 8080)
+    assert proxy_header({"remote": "127.0.0.5:4242", "local": "127.0.0.1:8080"}, backend) \
+        == V4_HEADER
+    assert parse(proxy_header({"remote": "[2001:db8::1]:443"}, ("::1", 80))) == \
+        Header(52, ("2001:db8::1", 443), ("::1", 80))  # no local (older server): the backend
+    assert proxy_header({}, backend) == LOCAL_HEADER  # no remote (older server): LOCAL
+    with pytest.raises(HeaderError):
+        proxy_header({"remote": "somewhere"}, backend)  # the agent falls back to LOCAL
+
+
+def test_server_reads_exactly_the_header_from_a_socket():
+    import socket
+
+    from diglett.server import read_proxy_header
+
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(V6_HEADER + b"stream bytes")
+        assert read_proxy_header(right) == parse(V6_HEADER)
+        assert right.recv(100) == b"stream bytes"
+        left.sendall(b"PROXY UNKNOWN\r\n")
+        left.shutdown(socket.SHUT_WR)
+        assert read_proxy_header(right) == Header(15, None, None)
+        with pytest.raises(ConnectionError, match="closed after 0 bytes"):
+            read_proxy_header(right)
+
+
+def test_trusted_sources():
+    from diglett.config import networks
+    from diglett.server import _trusted
+
+    trusted = networks("127.0.0.1, 10.0.0.0/8, 2001:db8::/32")
+    assert _trusted(("127.0.0.1", 1), trusted)
+    assert _trusted(("::ffff:10.1.2.3", 1, 0, 0), trusted)  # a dual-stack listener's IPv4 peer
+    assert _trusted(("2001:db8::7", 1, 0, 0), trusted)
+    assert not _trusted(("127.0.0.2", 1), trusted)
+    assert not _trusted(("::1", 1, 0, 0), trusted)
