@@ -160,14 +160,14 @@ def test_handshake_failures_refusals_and_penalties_are_counted(tmp_path, echo_ba
     with socket.create_connection(gw.agent_address, timeout=5) as sock:
         sock.sendall(b"GET / HT")  # exactly a preamble's size: the server reads it all
         assert sock.recv(64) == b""
-    samples = wait_metric(gw, lambda s: value(s, "diglett_penalties_total") == 1, "a penalty")
+    samples = wait_metric(gw, lambda s: value(s, "diglett_penalties_total") >= 1, "a penalty")
     assert value(samples, "diglett_handshake_failures_total",
                  reason="bad preamble or CONFIG") == 1
     # ... during which the next connection is refused before any crypto
     with socket.create_connection(gw.agent_address, timeout=5) as sock:
         _, code = wire.parse_reject(harness.recv_exact(sock, wire.PREAMBLE_SIZE))
     assert code == wire.RejectCode.BUSY
-    wait_metric(gw, lambda s: value(s, "diglett_admission_refusals_total", kind="penalised") == 1,
+    wait_metric(gw, lambda s: value(s, "diglett_admission_refusals_total", kind="penalised") >= 1,
                 "an admission refusal")
 
     # UNAUTHORIZED: a key without a grant for the name (retried past the penalty)
