@@ -159,16 +159,17 @@ def test_handshake_failures_refusals_and_penalties_are_counted(tmp_path, echo_ba
     # junk instead of a preamble: a handshake failure and a 1 s penalty for 127.0.0.1 ...
     with socket.create_connection(gw.agent_address, timeout=5) as sock:
         sock.sendall(b"GET / HT")  # exactly a preamble's size: the server reads it all
-        assert sock.recv(64) == b""
-    samples = wait_metric(gw, lambda s: value(s, "diglett_penalties_total") >= 1, "a penalty")
-    assert value(samples, "diglett_handshake_failures_total",
-                 reason="bad preamble or CONFIG") == 1
+        assert sock.recv(64) == b""  # closed after the penalty was recorded
     # ... during which the next connection is refused before any crypto
     with socket.create_connection(gw.agent_address, timeout=5) as sock:
         _, code = wire.parse_reject(harness.recv_exact(sock, wire.PREAMBLE_SIZE))
     assert code == wire.RejectCode.BUSY
-    wait_metric(gw, lambda s: value(s, "diglett_admission_refusals_total", kind="penalised") >= 1,
-                "an admission refusal")
+    samples = wait_metric(
+        gw, lambda s: value(s, "diglett_admission_refusals_total", kind="penalised") >= 1,
+        "an admission refusal")
+    assert value(samples, "diglett_penalties_total") >= 1
+    assert value(samples, "diglett_handshake_failures_total",
+                 reason="bad preamble or CONFIG") == 1
 
     # UNAUTHORIZED: a key without a grant for the name (retried past the penalty)
     stranger_key, _ = gw.new_key("stranger")
