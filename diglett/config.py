@@ -326,8 +326,8 @@ SERVER = Section(
         "stream_window": Key(
             size(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW), "256K", "per-stream credit window"
         ),
-        "open_rate": Key(integer(1), "200", "new streams per second per agent (then queued)"),
-        "open_burst": Key(integer(1), "400", "new streams an agent may open at once"),
+        "open_rate": Key(integer(1), "1000", "new streams per second per agent (then queued)"),
+        "open_burst": Key(integer(1), "2000", "new streams an agent may open at once"),
         "max_startups": Key(startups, "16:30:64", "handshakes in progress, START:RATE:FULL"),
         "per_source_startups": Key(integer(1), "8", "handshakes in progress per source address"),
         "penalty_max": Key(seconds(False), "30", "cap in seconds of an auth-failure penalty"),

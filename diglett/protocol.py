@@ -172,8 +172,12 @@ class Session:
         if not data:  # nothing to queue; marking the stream ready would leave it empty
             return True
         stream.send_credit -= len(data)
-        for offset in range(0, len(data), wire.MAX_DATA_PAYLOAD):
-            stream.queue.append(data[offset:offset + wire.MAX_DATA_PAYLOAD])
+        if len(data) <= wire.MAX_DATA_PAYLOAD:
+            stream.queue.append(data)
+        else:  # one frame each; memoryview slices copy nothing until the frame is built
+            view = memoryview(data)
+            for offset in range(0, len(data), wire.MAX_DATA_PAYLOAD):
+                stream.queue.append(view[offset:offset + wire.MAX_DATA_PAYLOAD])
         self._mark_ready(stream)
         return True
 
@@ -233,7 +237,7 @@ class Session:
     def buffered_output(self):
         """Bytes of DATA queued but not yet sealed (for budgets and debug stats)."""
         return sum(len(item) for s in self.streams.values() for item in s.queue
-                   if type(item) is bytes)
+                   if item is not _FIN and type(item) is not _Reset)
 
     def data_to_send(self, limit=OUTPUT_CHUNK):
         """Seal queued frames into records: control first, then one DATA frame per stream per turn."""
@@ -304,30 +308,35 @@ class Session:
 
     # ----- input ----------------------------------------------------------------------
     def receive_data(self, data):
-        """Feed bytes from the socket; returns the events of every complete record."""
-        buf = self._inbuf
-        buf += data
+        """Feed bytes from the socket; returns the events of every complete record.
+
+        Records are decrypted straight out of ``data`` (no copy) unless a partial record is
+        left over from the previous call; only a trailing partial record is kept.
+        """
+        if self._inbuf:
+            self._inbuf += data
+            data, self._inbuf = self._inbuf, bytearray()
         events = []
-        offset = 0
+        size, offset = len(data), 0
+        view = memoryview(data)
         while True:
             if self._body_len is None:
-                if len(buf) - offset < RECORD_HEADER_SIZE:
+                if size - offset < RECORD_HEADER_SIZE:
                     break
-                header = bytes(buf[offset:offset + RECORD_HEADER_SIZE])
-                self._body_len = self._open(self._recv_cipher.open_length, header)
+                self._body_len = self._open(self._recv_cipher.open_length,
+                                            view[offset:offset + RECORD_HEADER_SIZE])
                 offset += RECORD_HEADER_SIZE
             need = self._body_len + TAG_SIZE
-            if len(buf) - offset < need:
+            if size - offset < need:
                 break
-            body = bytes(buf[offset:offset + need])
+            plaintext = self._open(self._recv_cipher.open_body, view[offset:offset + need])
             offset += need
             self._body_len = None
-            plaintext = self._open(self._recv_cipher.open_body, body)
             self.records_in += 1
             for frame in wire.decode_frames(plaintext):
                 self._handle(frame, events)
-        if offset:
-            del buf[:offset]
+        if offset < size:
+            self._inbuf += view[offset:]
         return events
 
     @staticmethod

@@ -113,6 +113,7 @@ class Tunnel:
         self._wake = Event()
         self._greenlets = []
         self._goaway = None  # (code, reason) to flush before closing
+        self._write_started = None  # monotonic time the pending sendall began
 
     # ----- lifecycle ------------------------------------------------------------------
     def start(self, pending_events=()):
@@ -190,17 +191,23 @@ class Tunnel:
             while session.has_output:
                 data = session.data_to_send()
                 if data:
-                    with gevent.Timeout(self.write_stall_timeout, WriteStalled):
-                        sendall(data)
+                    self._write_started = time.monotonic()  # the keepalive watches for stalls
+                    sendall(data)
+                    self._write_started = None
 
     def _keepalive_loop(self):
-        step = max(0.05, min(self.ping_interval, self.dead_after / 3.0))
+        step = max(0.05, min(self.ping_interval, self.dead_after / 3.0,
+                             self.write_stall_timeout / 3.0))
         next_ping = time.monotonic() + self.ping_interval
         while True:
             gevent.sleep(step)
             now = time.monotonic()
             if now - self.last_recv > self.dead_after:
                 raise TunnelClosed("peer silent for %.0f s" % (now - self.last_recv))
+            started = self._write_started
+            if started is not None and now - started > self.write_stall_timeout:
+                raise WriteStalled("peer stopped reading: no send progress for %.0f s"
+                                   % (now - started))
             if now >= next_ping:
                 next_ping = now + self.ping_interval
                 self.session.ping(os.urandom(wire.PING_SIZE))

@@ -188,7 +188,8 @@ def decode_frames(plaintext):
             raise ProtocolError(
                 "%s payload of %d bytes (allowed %d-%d)" % (FrameType(ftype).name, length, low, high)
             )
-        frames.append(Frame(ftype, stream_id, bytes(view[offset : offset + length])))
+        payload = view[offset : offset + length]  # DATA stays a view: bulk bytes are not copied
+        frames.append(Frame(ftype, stream_id, payload if ftype == FrameType.DATA else bytes(payload)))
         offset += length
     return frames
 

@@ -55,7 +55,7 @@ def test_defaults(tmp_path):
     assert cfg.key == Path("/var/lib/diglett/server.key")
     assert cfg.database == Path("/var/lib/diglett/registry.db")
     assert (cfg.handshake_timeout, cfg.ping_interval, cfg.dead_after) == (10, 10, 30)
-    assert (cfg.max_streams, cfg.open_rate, cfg.open_burst) == (16384, 200, 400)
+    assert (cfg.max_streams, cfg.open_rate, cfg.open_burst) == (16384, 1000, 2000)
     assert cfg.stream_window == 256 * 1024
     assert cfg.memory_budget == 256 * 1024 * 1024
     assert cfg.max_startups == (16, 30, 64)
