@@ -1,0 +1,387 @@
+"""bench/results.json -> docs/benchmarks.md and docs/benchmarks.png.
+
+Only formatting lives here: every figure comes from the results, every verdict from TARGETS.
+"""
+
+from pathlib import Path
+
+TIE = 0.10  # the issue's noise allowance: within 10% of a target counts as meeting it
+SSH = "ssh -R"
+DIRECT = "direct"
+SOCAT = "socat"
+MiB = 1 << 20
+
+
+# ----- small formatting helpers -------------------------------------------------------------
+def ratio(value, reference):
+    if value is None or not reference:
+        return "—"
+    return "%.2f×" % (value / reference)
+
+
+def ms(value):
+    if value is None:
+        return "—"
+    return "%.3f" % value if value < 1 else "%.2f" % value if value < 10 else "%.1f" % value
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def digletts(results):
+    return [name for name in results["setups"] if name.startswith("diglett")]
+
+
+# ----- targets ------------------------------------------------------------------------------
+def verdict(value, limit, higher_is_better):
+    """met / met (tie) / not met, with the tie band of TIE around ``limit``."""
+    if value is None or limit is None:
+        return "—"
+    if (value >= limit) if higher_is_better else (value <= limit):
+        return "**met**"
+    if (value >= limit * (1 - TIE)) if higher_is_better else (value <= limit * (1 + TIE)):
+        return "**met** (tie)"
+    return "not met"
+
+
+def target_rows(results, name):
+    """(metric, target, diglett's figure, ratio, verdict) for one diglett setup."""
+    bulk, lat, fair = results["bulk"], results["latency"], results["fairness"]
+    conc, mem = results["concurrent"], results["concurrent"]
+    fast = "pycryptodome" not in name
+    bulk_goal = 1.0 if fast else 0.5
+    rows = []
+    for direction in ("download", "upload"):
+        mine, ssh = bulk[name][direction]["gbps"], bulk[SSH][direction]["gbps"]
+        rows.append(("bulk %s" % direction, "≥ %.1f× ssh -R" % bulk_goal,
+                     "%.3f GB/s" % mine, ratio(mine, ssh), verdict(mine / ssh, bulk_goal, True)))
+    for direction in ("download", "upload"):
+        mine, ssh = bulk[name][direction]["cpu_s_per_gb"], bulk[SSH][direction]["cpu_s_per_gb"]
+        rows.append(("tunnel CPU per GB, %s" % direction,
+                     "≤ 1.0× ssh -R" if fast else "(none; ssh -R for scale)",
+                     "%.2f CPU-s/GB" % mine, ratio(mine, ssh),
+                     verdict(mine / ssh, 1.0, False) if fast else "—"))
+    mine, ssh = lat[name]["kept"]["p50_ms"], lat[SSH]["kept"]["p50_ms"]
+    rows.append(("kept-connection round trip p50", "≤ 1.0× ssh -R", "%s ms" % ms(mine),
+                 ratio(mine, ssh), verdict(mine / ssh, 1.0, False)))
+    mine = lat[name]["fresh"]["p50_ms"]
+    socat = lat[SOCAT]["fresh"]["p50_ms"]
+    rows.append(("fresh connection + round trip p50", "≤ 2 ms", "%s ms" % ms(mine),
+                 "—", verdict(mine, 2.0, False)))
+    rows.append(("", "≤ 3× socat", "", ratio(mine, socat), verdict(mine / socat, 3.0, False)))
+    mine = lat[name]["fresh_gapped"]["p50_ms"]
+    socat = lat[SOCAT]["fresh_gapped"]["p50_ms"]
+    rows.append(("… with 20 ms gaps between connections", "≤ 2 ms", "%s ms" % ms(mine), "—",
+                 verdict(mine, 2.0, False)))
+    rows.append(("", "≤ 3× socat", "", ratio(mine, socat), verdict(mine / socat, 3.0, False)))
+    failures, total = conc[name]["failures"], conc[name]["total_s"]
+    ssh_total = conc[SSH]["total_s"]
+    rows.append(("1000 concurrent: failures", "0", str(failures), "—",
+                 "**met**" if failures == 0 else "not met"))
+    rows.append(("1000 concurrent: total time", "≤ 1.0× ssh -R", "%.2f s" % total,
+                 ratio(total, ssh_total), verdict(total / ssh_total, 1.0, False)))
+    raised = results.get("concurrent_raised", {}).get(name)
+    if raised:
+        rows.append(("… with open_rate raised", "(for scale)", "%.2f s" % raised["total_s"],
+                     ratio(raised["total_s"], ssh_total), "—"))
+    mine, ssh = fair[name]["bulk"]["p99_ms"], fair[SSH]["bulk"]["p99_ms"]
+    rows.append(("neighbour p99 during a bulk download", "≤ 1.0× ssh -R", "%s ms" % ms(mine),
+                 ratio(mine, ssh), verdict(mine / ssh, 1.0, False)))
+    stall, calm = fair[name]["stall"]["p50_ms"], fair[name]["no_stall"]["p50_ms"]
+    rows.append(("neighbour p50, stalled reader vs none", "≤ 1.2×",
+                 "%s vs %s ms" % (ms(stall), ms(calm)), ratio(stall, calm),
+                 verdict(stall / calm, 1.2, False)))
+    mine, ssh = mem[name]["held"]["pss"], mem[SSH]["held"]["pss"]
+    rows.append(("PSS with 1000 connections open", "≤ 1.0× ssh -R", "%.1f MiB" % (mine / MiB),
+                 ratio(mine, ssh), verdict(mine / ssh, 1.0, False)))
+    streams = results.get("streams", {}).get(name)
+    if streams:
+        count = streams["ok"] + streams["failures"]
+        rows.append(("%d streams on one agent" % count, "0 failures, memory stated",
+                     "%d failures, PSS %.0f MiB (%.1f KiB/stream)" % (
+                         streams["failures"], streams["held"]["pss"] / MiB,
+                         streams["pss_per_stream"] / 1024), "—",
+                     "**met**" if streams["failures"] == 0 else "not met"))
+    return rows
+
+
+# ----- sections -----------------------------------------------------------------------------
+def machine_section(results):
+    m = results["machine"]
+    plan = results["plan"]
+    lines = [
+        "- **date**: %s%s" % (results["date"], " (`--quick` run)" if results["quick"] else ""),
+        "- **CPU**: %s, %d cores; %.1f GiB RAM; kernel %s" % (
+            m["cpu"], m["cores"], m["memory_gib"], m["kernel"]),
+        "- **Python** %s, gevent %s; **diglett** %s" % (m["python"], m["gevent"], m["diglett"]),
+        "- **AEAD backends**: `cryptography` %s (OpenSSL's ChaCha20-Poly1305), pycryptodome %s"
+        % (m["cryptography"], m["pycryptodome"]),
+        "- **OpenSSH** %s (%s), cipher `%s`, compression off; **socat** %s" % (
+            m["openssh"], m["openssl"], m.get("ssh -R cipher", "?"), m["socat"]),
+        "- **plan**: bulk %d MiB × %d repetitions per direction (median); %d kept round trips; "
+        "%d fresh connections back to back, %d with %d ms gaps; %d neighbour round trips per "
+        "fairness phase; %d concurrent connections; %d streams; the run took %.0f s" % (
+            plan["bulk_mib"], plan["reps"], plan["kept"], plan["fresh"], plan["gapped"],
+            plan["gap"] * 1000, plan["neighbour"], plan["concurrent"], plan["streams"],
+            results["elapsed_s"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bulk_section(results):
+    rows = []
+    for name in results["setups"]:
+        row = [name]
+        for direction in ("download", "upload"):
+            entry = results["bulk"][name][direction]
+            spread = "%.2f–%.2f" % (min(entry["gbps_all"]), max(entry["gbps_all"]))
+            row += ["**%.3f** (%s)" % (entry["gbps"], spread),
+                    ratio(entry["gbps"], results["bulk"][SSH][direction]["gbps"]),
+                    ratio(entry["gbps"], results["bulk"][DIRECT][direction]["gbps"])]
+        rows.append(row)
+    throughput = table(["setup", "download GB/s (min–max)", "× ssh -R", "× direct",
+                        "upload GB/s (min–max)", "× ssh -R", "× direct"], rows)
+    rows = []
+    for name in results["setups"]:
+        if name == DIRECT:
+            continue
+        row = [name]
+        for direction in ("download", "upload"):
+            mine = results["bulk"][name][direction]["cpu_s_per_gb"]
+            row += ["%.2f" % mine, ratio(mine, results["bulk"][SSH][direction]["cpu_s_per_gb"])]
+        rows.append(row)
+    cpu = table(["setup", "download CPU-s/GB", "× ssh -R", "upload CPU-s/GB", "× ssh -R"], rows)
+    return throughput, cpu
+
+
+def latency_section(results):
+    rows = []
+    for name in results["setups"]:
+        lat = results["latency"][name]
+        row = [name]
+        for kind in ("kept", "fresh", "fresh_gapped"):
+            row += ["%s / %s" % (ms(lat[kind]["p50_ms"]), ms(lat[kind]["p99_ms"])),
+                    ratio(lat[kind]["p50_ms"], results["latency"][SSH][kind]["p50_ms"]),
+                    ratio(lat[kind]["p50_ms"], results["latency"][DIRECT][kind]["p50_ms"])]
+        rows.append(row)
+    return table(["setup", "kept p50 / p99 ms", "× ssh", "× direct",
+                  "fresh p50 / p99 ms", "× ssh", "× direct",
+                  "fresh, gaps p50 / p99 ms", "× ssh", "× direct"], rows)
+
+
+def fairness_section(results):
+    rows = []
+    for name in results["setups"]:
+        f = results["fairness"][name]
+        rows.append([name, "%s / %s" % (ms(f["quiet"]["p50_ms"]), ms(f["quiet"]["p99_ms"])),
+                     "%s / %s" % (ms(f["bulk"]["p50_ms"]), ms(f["bulk"]["p99_ms"])),
+                     ratio(f["bulk"]["p99_ms"], results["fairness"][SSH]["bulk"]["p99_ms"]),
+                     "%s / %s" % (ms(f["no_stall"]["p50_ms"]), ms(f["no_stall"]["p99_ms"])),
+                     "%s / %s" % (ms(f["stall"]["p50_ms"]), ms(f["stall"]["p99_ms"])),
+                     ratio(f["stall"]["p50_ms"], f["no_stall"]["p50_ms"])])
+    return table(["setup", "quiet p50 / p99 ms", "beside bulk p50 / p99 ms", "p99 × ssh",
+                  "no stall p50 / p99 ms", "stalled reader p50 / p99 ms", "p50 stall / none"],
+                 rows)
+
+
+def concurrency_section(results):
+    rows = []
+    ssh = results["concurrent"][SSH]
+    for name in results["setups"]:
+        c = results["concurrent"][name]
+        rows.append([name, "%d" % c["failures"], "%.2f" % c["open_s"], "%.2f" % c["total_s"],
+                     ratio(c["total_s"], ssh["total_s"])])
+        raised = results.get("concurrent_raised", {}).get(name)
+        if raised:
+            rows.append(["%s, open_rate raised" % name, "%d" % raised["failures"],
+                         "%.2f" % raised["open_s"], "%.2f" % raised["total_s"],
+                         ratio(raised["total_s"], ssh["total_s"])])
+    return table(["setup", "failures", "all answered (s)", "total with close (s)", "× ssh -R"],
+                 rows)
+
+
+def memory_section(results):
+    rows = []
+    ssh = results["concurrent"][SSH]
+    for name in results["setups"]:
+        if name == DIRECT:
+            continue
+        c = results["concurrent"][name]
+        rows.append([name, "%.1f" % (c["idle"]["pss"] / MiB), "%.1f" % (c["held"]["rss"] / MiB),
+                     "%.1f" % (c["held"]["pss"] / MiB), ratio(c["held"]["pss"], ssh["held"]["pss"]),
+                     "%.1f" % (c["pss_per_stream"] / 1024),
+                     ratio(c["pss_per_stream"], ssh["pss_per_stream"])])
+    return table(["setup", "idle PSS MiB", "RSS MiB, 1000 open", "PSS MiB, 1000 open",
+                  "× ssh -R", "PSS KiB per idle stream", "× ssh -R"], rows)
+
+
+def streams_section(results):
+    rows = []
+    for name, s in results.get("streams", {}).items():
+        count = s["ok"] + s["failures"]
+        rows.append([name, "%d" % count, "%d %s" % (s["failures"], s["errors"] or ""),
+                     "%.2f" % s["open_s"], "%.1f" % (s["idle"]["pss"] / MiB),
+                     "%.1f" % (s["held"]["rss"] / MiB), "%.1f" % (s["held"]["pss"] / MiB),
+                     "%.1f" % (s["pss_per_stream"] / 1024), "%.1f" % (s["after"]["pss"] / MiB)])
+    return table(["setup", "streams", "failures", "all answered (s)", "PSS before MiB",
+                  "RSS MiB, all open", "PSS MiB, all open", "PSS KiB per stream",
+                  "PSS MiB after close"], rows)
+
+
+def targets_section(results):
+    out = []
+    for name in digletts(results):
+        out.append("**%s**\n\n" % name)
+        out.append(table(["metric", "target", "diglett", "ratio", "verdict"],
+                         target_rows(results, name)))
+        out.append("\n")
+    return "".join(out)
+
+
+# ----- the chart ----------------------------------------------------------------------------
+def chart(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = results["setups"]
+    labels = [name.replace("diglett (", "diglett\n(") for name in names]
+    x = range(len(names))
+    colors = ["#999999", "#6baed6", "#fd8d3c", "#31a354", "#a1d99b"][:len(names)]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+
+    def bars(ax, series, title, ylabel, log=False):
+        width = 0.8 / len(series)
+        for index, (label, values, hatch) in enumerate(series):
+            offsets = [i + (index - (len(series) - 1) / 2) * width for i in x]
+            drawn = ax.bar(offsets, values, width, label=label, color=colors, hatch=hatch,
+                           edgecolor="black", linewidth=0.5)
+            for rect, value in zip(drawn, values):
+                text = "%.2f" % value if value < 10 else "%.0f" % value
+                ax.annotate(text, (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=9)
+        if log:
+            ax.set_yscale("log")
+        if len(series) > 1:  # the colours name the setups; the legend names the hatches
+            from matplotlib.patches import Patch
+
+            ax.legend(handles=[Patch(facecolor="white", edgecolor="black", hatch=hatch,
+                                     label=label) for label, _values, hatch in series],
+                      fontsize=8)
+
+    bulk = results["bulk"]
+    bars(axes[0][0], [("download", [bulk[n]["download"]["gbps"] for n in names], ""),
+                      ("upload", [bulk[n]["upload"]["gbps"] for n in names], "//")],
+         "bulk throughput, one stream (median of %d)" % results["plan"]["reps"],
+         "GB/s (higher is better)")
+    bars(axes[0][1], [("download", [bulk[n]["download"]["cpu_s_per_gb"] for n in names], ""),
+                      ("upload", [bulk[n]["upload"]["cpu_s_per_gb"] for n in names], "//")],
+         "tunnel CPU per GB (all tunnel processes)", "CPU-s/GB (lower is better)")
+    lat = results["latency"]
+    bars(axes[1][0], [("kept p50", [lat[n]["kept"]["p50_ms"] for n in names], ""),
+                      ("fresh p50", [lat[n]["fresh"]["p50_ms"] for n in names], "//"),
+                      ("fresh, 20 ms gaps p50", [lat[n]["fresh_gapped"]["p50_ms"] for n in names],
+                       "..")],
+         "round trip of 64 bytes", "ms, log scale (lower is better)", log=True)
+    fair = results["fairness"]
+    bars(axes[1][1], [("quiet p99", [fair[n]["quiet"]["p99_ms"] for n in names], ""),
+                      ("beside bulk p99", [fair[n]["bulk"]["p99_ms"] for n in names], "//"),
+                      ("beside stalled reader p50", [fair[n]["stall"]["p50_ms"] for n in names],
+                       "..")],
+         "a neighbour's round trip on the same tunnel", "ms, log scale (lower is better)",
+         log=True)
+    fig.suptitle("diglett vs ssh -R, socat and direct on loopback (%s, %d cores), %s" % (
+        results["machine"]["cpu"], results["machine"]["cores"], results["date"][:10]),
+        fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----- the document -------------------------------------------------------------------------
+INTRO = """\
+# Benchmarks
+
+diglett against OpenSSH's remote forwarding (`ssh -R`), a bare relay hop (`socat`) and no relay
+at all (`direct`), measured on loopback in one run against the same backend and load
+generator. Rerun it with one command (it installs socat, openssh-server and matplotlib if
+missing, and rewrites this page, `docs/benchmarks.png` and `bench/results.json`):
+
+    .venv/bin/python bench/run.py            # full run, ~10 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick    # 128 MiB transfers, fewer samples, ~3 minutes
+
+Ratios are of medians measured in the same run; this machine is noisy, so a figure within
+10% of its target counts as a tie (met). GB is 10^9 bytes.
+"""
+
+METHOD = """\
+## How it is measured
+
+- **Setups.** `direct`: the client talks to the backend. `socat`: `socat
+  TCP-LISTEN:P,bind=127.0.0.1,reuseaddr,fork,backlog=1024 TCP:127.0.0.1:B`. `ssh -R`: a
+  throwaway sshd (`-D -f config`, its own ed25519 host key and authorized_keys) on a loopback
+  port, and `ssh -F /dev/null -N -o Compression=no -R 0:127.0.0.1:B` with OpenSSH's default
+  cipher. diglett: `diglett-server` with a fresh config (every key at its default but the
+  addresses and paths) and one `diglett` agent, from the CLIs, granted with `diglett-admin
+  grant`; twice, once with the `cryptography` AEAD backend and once with pycryptodome only.
+  The pycryptodome run hides the `cryptography` package from both processes through
+  `bench/aead/sitecustomize.py` (`DIGLETT_AEAD=pycryptodome` on `PYTHONPATH`), so diglett
+  behaves as if it were not installed; the benchmark checks each process's memory map to
+  confirm which backend it runs.
+- **Backend** (`bench/backend.py`): a thread per connection; a 9-byte header selects download
+  (send N bytes), upload (count N bytes, answer one byte) or echo. **Load generator**
+  (`bench/load.py`): blocking sockets with `TCP_NODELAY`, 1 MiB reads and writes, one selector
+  for the concurrent connections. `direct` shows what backend and load generator reach alone.
+- **Bulk**: one stream per transfer, a fresh connection each time, download then upload for
+  every setup in turn, repeated; the median is shown with the spread. **CPU per GB**: utime +
+  stime (and that of reaped children) of every process of the tunnel, from `/proc/PID/stat`,
+  before and after each transfer: diglett-server + agent; sshd and all its session processes
+  + the ssh client; socat and its forked children. The backend and the client are not charged.
+- **Latency**: 64-byte echoes. Kept: one connection, 50 warm-up round trips, then the count
+  shown. Fresh: connect, send the header and the request in one write, read the echo, close;
+  back to back, and again with 20 ms between connections (an idle tunnel in between).
+- **Fairness**: a neighbour's kept-connection round trips, quiet; while another process
+  downloads without end through the same tunnel; and while another client has asked for an
+  endless download and reads nothing (after 1 s, when its window and socket buffers are full),
+  against a no-stall run just before.
+- **Concurrency and memory**: N connections opened at once (10,000 in batches of 1000),
+  one round trip on each while all stay open, then closed; failures are connects refused,
+  resets, wrong echoes or no answer within 120 s. RSS and PSS (`/proc/PID/smaps_rollup`,
+  summed over the tunnel's processes) are read 1 s after the last answer; per idle stream is
+  (PSS with N open − PSS before) / N. diglett's default `open_rate` (200 new streams/s, burst
+  400) paces a burst of 1000; the runs marked *open_rate raised* (and the 10,000 streams) set
+  `open_rate = open_burst = 100000` by a reload (SIGHUP) to show the cost without the limiter.
+"""
+
+
+def write(results, docs):
+    docs = Path(docs)
+    chart(results, docs / "benchmarks.png")
+    throughput, cpu = bulk_section(results)
+    parts = [
+        INTRO,
+        "\n## Machine\n\n", machine_section(results),
+        "\n![throughput, CPU, latency and fairness](benchmarks.png)\n",
+        "\n## Targets (issue 5)\n\n", targets_section(results),
+        "## Bulk throughput, one stream\n\n", throughput,
+        "\n## Tunnel CPU per GB\n\n", cpu,
+        "\n## Round-trip latency, 64 bytes (ms)\n\n", latency_section(results),
+        "\n## Fairness: a neighbour's round trips on the same tunnel (ms)\n\n",
+        fairness_section(results),
+        "\n## %d concurrent connections\n\n" % results["plan"]["concurrent"],
+        concurrency_section(results),
+        "\n## Memory of the tunnel processes, %d connections open\n\n"
+        % results["plan"]["concurrent"], memory_section(results),
+        "\n## %d streams on one agent\n\n" % results["plan"]["streams"], streams_section(results),
+        "\n", METHOD,
+    ]
+    (docs / "benchmarks.md").write_text("".join(parts))

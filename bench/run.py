@@ -1,0 +1,322 @@
+"""diglett against direct, socat and ssh -R on loopback: one command, one run, one report.
+
+    python bench/run.py            # the full run (~10 minutes on 2 cores)
+    python bench/run.py --quick    # 128 MiB transfers, fewer round trips (~3 minutes)
+    python bench/run.py --report   # rewrite docs/benchmarks.md and the chart from results.json
+
+It installs what it lacks (socat and openssh-server with apt-get, matplotlib with pip),
+starts one backend (bench/backend.py) and every setup at once, measures them in rounds so a
+drift of the machine hits all setups alike, then writes bench/results.json (raw),
+docs/benchmarks.md and docs/benchmarks.png. See docs/benchmarks.md for what is measured.
+"""
+
+import argparse
+import datetime
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import load  # noqa: E402
+import setups  # noqa: E402
+
+RESULTS = BENCH / "results.json"
+NOFILE = 65536  # descriptors for this process and every process it starts (10,000 streams)
+MiB = 1 << 20
+SETTLE = 1.0  # seconds for a stalled stream to fill its buffers, and before memory readings
+QUIET_CPU = 0.02  # CPU seconds per QUIET_STEP below which a tunnel counts as idle again
+QUIET_STEP = 0.25  # seconds between CPU readings while waiting for a tunnel to go idle
+QUIET_TIMEOUT = 30  # seconds to wait for it (10,000 streams take a while to close)
+FULL = {"bulk_mib": 512, "reps": 5, "kept": 2000, "fresh": 300, "gapped": 100, "gap": 0.02,
+        "neighbour": 1000, "concurrent": 1000, "streams": 10000, "batch": 1000}
+QUICK = dict(FULL, bulk_mib=128, reps=3, kept=1000, fresh=150, gapped=50, neighbour=500)
+RAISED_OPEN_RATE = 100000  # open_rate/open_burst for the runs that measure more than the limiter
+
+
+def log(message, *args):
+    print("[%s] %s" % (time.strftime("%H:%M:%S"), message % args), flush=True)
+
+
+# ----- prerequisites ------------------------------------------------------------------------
+def ensure_tools():
+    missing = [package for tool, package in (("socat", "socat"), ("/usr/sbin/sshd", "openssh-server"),
+                                             ("ssh", "openssh-client"))
+               if not shutil.which(tool)]
+    if missing:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        log("installing %s with apt-get", " ".join(missing))
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(sudo + ["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                               *missing], check=True, env=env)
+    for module, requirement in (("matplotlib", "matplotlib"), ("cryptography", "cryptography>=42")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            log("installing %s into %s", requirement, sys.prefix)
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", requirement],
+                           check=True)
+
+
+def raise_nofile():
+    """Children inherit the limit: the backend, socat, sshd and diglett all need it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, max(NOFILE, hard)))
+    except (ValueError, OSError):  # not root: as far as the hard limit allows
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ----- statistics ---------------------------------------------------------------------------
+def percentile(values, fraction):
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = min(len(ordered), max(1, math.ceil(fraction * len(ordered))))
+    return ordered[rank - 1]
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def latency_summary(seconds):
+    return {"count": len(seconds), "p50_ms": percentile(seconds, 0.5) * 1e3,
+            "p99_ms": percentile(seconds, 0.99) * 1e3, "max_ms": max(seconds) * 1e3}
+
+
+def wait_quiet(setup):
+    """Wait until the tunnel's processes stop burning CPU (streams closed, buffers freed), so
+    one test's aftermath is not charged to the next."""
+    roots = setup.roots()
+    deadline = time.monotonic() + QUIET_TIMEOUT
+    before = setups.cpu_seconds(roots)
+    while time.monotonic() < deadline:
+        time.sleep(QUIET_STEP)
+        now = setups.cpu_seconds(roots)
+        if now - before < QUIET_CPU:
+            return
+        before = now
+    log("%s still busy after %d s", setup.name, QUIET_TIMEOUT)
+
+
+# ----- measurements -------------------------------------------------------------------------
+def bulk(all_setups, plan):
+    """Rounds of one download and one upload per setup; throughput and tunnel CPU per rep."""
+    size = plan["bulk_mib"] * MiB
+    raw = {setup.name: {"download": [], "upload": []} for setup in all_setups}
+    for rep in range(plan["reps"]):
+        for setup in all_setups:
+            for direction, transfer in (("download", load.download), ("upload", load.upload)):
+                roots = setup.roots()
+                cpu_before = setups.cpu_seconds(roots)
+                seconds = transfer(setup.port, size)
+                cpu = setups.cpu_seconds(roots) - cpu_before
+                raw[setup.name][direction].append({"seconds": seconds, "cpu_s": cpu})
+                log("bulk %d/%d %-26s %-8s %6.3f GB/s  %5.2f CPU-s/GB", rep + 1, plan["reps"],
+                    setup.name, direction, size / seconds / 1e9, cpu / (size / 1e9))
+            setup.check()
+    out = {}
+    for name, directions in raw.items():
+        out[name] = {}
+        for direction, reps in directions.items():
+            rates = [size / rep["seconds"] / 1e9 for rep in reps]
+            cpus = [rep["cpu_s"] / (size / 1e9) for rep in reps]
+            out[name][direction] = {"gbps": median(rates), "gbps_all": rates,
+                                    "cpu_s_per_gb": median(cpus), "cpu_s_per_gb_all": cpus}
+    return out, size
+
+
+def latency(setup, plan):
+    kept = load.kept_round_trips(setup.port, plan["kept"])
+    fresh = load.fresh_round_trips(setup.port, plan["fresh"])
+    gapped = load.fresh_round_trips(setup.port, plan["gapped"], gap=plan["gap"])
+    result = {"kept": latency_summary(kept), "fresh": latency_summary(fresh),
+              "fresh_gapped": latency_summary(gapped)}
+    log("latency %-26s kept p50 %.3f ms p99 %.3f | fresh p50 %.3f p99 %.3f | gapped p50 %.3f",
+        setup.name, result["kept"]["p50_ms"], result["kept"]["p99_ms"],
+        result["fresh"]["p50_ms"], result["fresh"]["p99_ms"], result["fresh_gapped"]["p50_ms"])
+    return result
+
+
+def fairness(setup, plan, folder):
+    """A neighbour's round trips: quiet, beside a bulk download, beside a stalled reader."""
+    count = plan["neighbour"]
+    quiet = load.kept_round_trips(setup.port, count)
+    hog = setups.Proc([sys.executable, str(BENCH / "load.py"), "hog", str(setup.port), "60"],
+                      folder, "hog-%s" % setup.name.replace(" ", "_"))
+    try:
+        hog.wait_for("started", timeout=30)
+        during_bulk = load.kept_round_trips(setup.port, count)
+    finally:
+        hog.popen.send_signal(signal.SIGTERM)
+        hog.popen.wait(10)
+    wait_quiet(setup)
+    before_stall = load.kept_round_trips(setup.port, count)
+    stalled = load.stalled_reader(setup.port)
+    try:
+        time.sleep(SETTLE)  # let the stalled stream fill its window and socket buffers
+        during_stall = load.kept_round_trips(setup.port, count)
+    finally:
+        stalled.close()
+    wait_quiet(setup)
+    setup.check()
+    result = {"quiet": latency_summary(quiet), "bulk": latency_summary(during_bulk),
+              "no_stall": latency_summary(before_stall), "stall": latency_summary(during_stall)}
+    log("fairness %-26s p99 quiet %.3f bulk %.3f ms | p50 no stall %.3f stall %.3f ms",
+        setup.name, result["quiet"]["p99_ms"], result["bulk"]["p99_ms"],
+        result["no_stall"]["p50_ms"], result["stall"]["p50_ms"])
+    return result
+
+
+def concurrency(setup, count, batch):
+    """``count`` connections open at once, one round trip each; the tunnel's memory with all of
+    them open, idle before and after."""
+    roots = setup.roots()
+    wait_quiet(setup)
+    idle = setups.memory(roots)
+    held = {}
+
+    def probe(open_count):
+        time.sleep(SETTLE)
+        held.update(setups.memory(roots), open=open_count)
+
+    result = load.concurrent(setup.port, count, batch=batch, hold=probe)
+    wait_quiet(setup)
+    after = setups.memory(roots)
+    setup.check()
+    result.update(idle=idle, held=held, after=after,
+                  pss_per_stream=(held["pss"] - idle["pss"]) / max(1, held["open"]),
+                  rss_per_stream=(held["rss"] - idle["rss"]) / max(1, held["open"]))
+    log("concurrent %-26s %d: %d failures %s, open %.2f s, total %.2f s (per connection p50 "
+        "%.3f max %.3f s, %d over 1 s), PSS %.1f MiB (idle %.1f), %.1f KiB per stream",
+        setup.name, count, result["failures"], result["errors"] or "", result["open_s"],
+        result["total_s"], result["answer_s"].get("p50", 0), result["answer_s"].get("max", 0),
+        result["answer_s"].get("over_1s", 0), held["pss"] / MiB,
+        idle["pss"] / MiB, result["pss_per_stream"] / 1024)
+    return result
+
+
+# ----- the machine --------------------------------------------------------------------------
+def machine(all_setups, nofile):
+    def version(command, pattern):
+        import re
+
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "?"
+        match = re.search(pattern, done.stdout + done.stderr)
+        return match.group(1) if match else "?"
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import diglett
+
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(), "diglett": diglett.__version__,
+        "openssh": version(["ssh", "-V"], r"(OpenSSH_\S+)"),
+        "openssl": version(["ssh", "-V"], r"(OpenSSL [\d.a-z]+)"),
+        "socat": version(["socat", "-V"], r"socat version (\S+)"),
+        "nofile": nofile,
+    }
+    for package in ("gevent", "pycryptodome", "cryptography"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
+    for setup in all_setups:
+        info.update({"%s %s" % (setup.name, key): value
+                     for key, value in setup.describe().items()})
+    return info
+
+
+# ----- the run ------------------------------------------------------------------------------
+def run(plan, quick, folder):
+    nofile = raise_nofile()
+    backend = setups.Proc([sys.executable, str(BENCH / "backend.py")], folder, "backend")
+    port = int(backend.wait_for(r"listening (\d+)").group(1))
+    all_setups = [setups.Direct(folder, port), setups.Socat(folder, port),
+                  setups.Ssh(folder, port), setups.Diglett(folder, port, "cryptography"),
+                  setups.Diglett(folder, port, "pycryptodome")]
+    started = time.monotonic()
+    try:
+        for setup in all_setups:
+            setup.start()
+            log("started %-26s port %d, processes %s", setup.name, setup.port, setup.roots())
+        results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   "quick": quick, "plan": plan, "machine": machine(all_setups, nofile),
+                   "setups": [setup.name for setup in all_setups]}
+        results["idle_start"] = {s.name: setups.memory(s.roots()) for s in all_setups}
+        results["bulk"], results["bulk_bytes"] = bulk(all_setups, plan)
+        results["latency"] = {s.name: latency(s, plan) for s in all_setups}
+        results["fairness"] = {s.name: fairness(s, plan, folder) for s in all_setups}
+        results["concurrent"] = {s.name: concurrency(s, plan["concurrent"], plan["batch"])
+                                 for s in all_setups}
+        results["concurrent_raised"], results["streams"] = {}, {}
+        for setup in all_setups:
+            if isinstance(setup, setups.Diglett):
+                setup.reconfigure(open_rate=RAISED_OPEN_RATE, open_burst=RAISED_OPEN_RATE)
+                results["concurrent_raised"][setup.name] = concurrency(
+                    setup, plan["concurrent"], plan["batch"])
+                results["streams"][setup.name] = concurrency(setup, plan["streams"],
+                                                             plan["batch"])
+        results["elapsed_s"] = time.monotonic() - started
+        return results
+    finally:
+        for setup in reversed(all_setups):
+            setup.stop()
+        backend.stop()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="128 MiB transfers, fewer samples")
+    parser.add_argument("--reps", type=int, help="bulk repetitions (default 3)")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite docs/benchmarks.md and the chart from results.json")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args(argv)
+    ensure_tools()
+    import report
+
+    if not args.report:
+        plan = dict(QUICK if args.quick else FULL)
+        if args.reps:
+            plan["reps"] = max(1, args.reps)
+        folder = Path(tempfile.mkdtemp(prefix="diglett-bench-"))
+        log("working in %s", folder)
+        try:
+            results = run(plan, args.quick, folder)
+        finally:
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        log("raw results in %s (%.0f s)", RESULTS.relative_to(ROOT), results["elapsed_s"])
+    report.write(json.loads(RESULTS.read_text()), ROOT / "docs")
+    log("wrote docs/benchmarks.md and docs/benchmarks.png")
+
+
+if __name__ == "__main__":
+    main()
