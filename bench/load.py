@@ -3,7 +3,8 @@
 Every function takes the port a setup exposes on 127.0.0.1 and speaks bench/backend.py's
 protocol. Every loop is bounded by a count and a deadline. ``python bench/load.py hog PORT
 SECONDS`` is the bulk neighbour of the fairness test, in its own process so it competes with
-the measured client only through the tunnel, never through this process's GIL.
+the measured client only through the tunnel, never through this process's GIL; ``push`` is
+its upload twin (run.py's --profile samples diglett during both).
 """
 
 import errno
@@ -253,8 +254,24 @@ def hog(port, seconds):
     print("bytes %d seconds %.3f" % (total, elapsed), flush=True)
 
 
+def push(port, seconds):
+    """Upload without end for at most ``seconds``; prints "started", then the bytes sent."""
+    block = memoryview(bytes(range(256)) * (BLOCK // 256))
+    total = 0
+    with connect(port) as sock:
+        sock.sendall(HEADER.pack(b"U", FOREVER))
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            sock.sendall(block)
+            total += len(block)
+            if total == 8 * BLOCK:
+                print("started", flush=True)
+        elapsed = time.monotonic() - started
+    print("bytes %d seconds %.3f" % (total, elapsed), flush=True)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "hog":
-        hog(int(sys.argv[2]), float(sys.argv[3]))
+    if len(sys.argv) == 4 and sys.argv[1] in ("hog", "push"):
+        {"hog": hog, "push": push}[sys.argv[1]](int(sys.argv[2]), float(sys.argv[3]))
     else:
-        sys.exit("usage: python bench/load.py hog PORT SECONDS")
+        sys.exit("usage: python bench/load.py hog|push PORT SECONDS")

@@ -117,7 +117,11 @@ def machine_section(results):
         "- **date**: %s%s" % (results["date"], " (`--quick` run)" if results["quick"] else ""),
         "- **CPU**: %s, %d cores; %.1f GiB RAM; kernel %s" % (
             m["cpu"], m["cores"], m["memory_gib"], m["kernel"]),
-        "- **Python** %s, gevent %s; **diglett** %s" % (m["python"], m["gevent"], m["diglett"]),
+        "- **Python** %s, gevent %s; **diglett** %s, commit `%s`%s%s" % (
+            m["python"], m["gevent"], m["diglett"], m.get("commit", "?").split(" ")[0],
+            " (last change to diglett/: `%s`)" % m["diglett_commit"]
+            if m.get("diglett_commit") else "",
+            " with uncommitted changes in diglett/" if m.get("dirty") else ""),
         "- **AEAD backends**: `cryptography` %s (OpenSSL's ChaCha20-Poly1305), pycryptodome %s"
         % (m["cryptography"], m["pycryptodome"]),
         "- **OpenSSH** %s (%s), cipher `%s`, compression off; **socat** %s" % (
@@ -129,6 +133,9 @@ def machine_section(results):
             plan["gap"] * 1000, plan["neighbour"], plan["concurrent"], plan["streams"],
             results["elapsed_s"]),
     ]
+    if "foreign_cpu_share" in results:
+        lines.append("- **other load**: processes outside the benchmark used %.0f%% of one core "
+                     "on average during the run" % (100 * results["foreign_cpu_share"]))
     return "\n".join(lines) + "\n"
 
 
@@ -193,15 +200,17 @@ def concurrency_section(results):
     ssh = results["concurrent"][SSH]
     for name in results["setups"]:
         c = results["concurrent"][name]
-        rows.append([name, "%d" % c["failures"], "%.2f" % c["open_s"], "%.2f" % c["total_s"],
-                     ratio(c["total_s"], ssh["total_s"])])
         raised = results.get("concurrent_raised", {}).get(name)
-        if raised:
-            rows.append(["%s, open_rate raised" % name, "%d" % raised["failures"],
-                         "%.2f" % raised["open_s"], "%.2f" % raised["total_s"],
-                         ratio(raised["total_s"], ssh["total_s"])])
-    return table(["setup", "failures", "all answered (s)", "total with close (s)", "× ssh -R"],
-                 rows)
+        for label, entry in ((name, c), ("%s, open_rate raised" % name, raised)):
+            if entry is None:
+                continue
+            answer = entry.get("answer_s") or {}
+            rows.append([label, "%d" % entry["failures"], "%.2f" % entry["open_s"],
+                         "%.2f" % entry["total_s"], ratio(entry["total_s"], ssh["total_s"]),
+                         "%.3f / %.3f" % (answer.get("p50", 0), answer.get("max", 0)),
+                         "%d" % answer.get("over_1s", 0)])
+    return table(["setup", "failures", "all answered (s)", "total with close (s)", "× ssh -R",
+                  "one connection p50 / max (s)", "over 1 s"], rows)
 
 
 def memory_section(results):
@@ -216,7 +225,10 @@ def memory_section(results):
                      "%.1f" % (c["pss_per_stream"] / 1024),
                      ratio(c["pss_per_stream"], ssh["pss_per_stream"])])
     return table(["setup", "idle PSS MiB", "RSS MiB, 1000 open", "PSS MiB, 1000 open",
-                  "× ssh -R", "PSS KiB per idle stream", "× ssh -R"], rows)
+                  "× ssh -R", "PSS KiB per idle stream", "× ssh -R"], rows) + (
+        "\nRSS is summed over the processes, so pages they share count once per process (socat "
+        "forks one per connection); PSS divides shared pages among their processes and is the "
+        "figure to compare.\n")
 
 
 def streams_section(results):
@@ -240,6 +252,48 @@ def targets_section(results):
                          target_rows(results, name)))
         out.append("\n")
     return "".join(out)
+
+
+def records_section(results):
+    rows = []
+    for entry in results.get("records", []):
+        rows.append([entry["case"], "%.2f" % entry["seal_gbps"], "%.2f" % entry["open_gbps"],
+                     "%.1f" % entry["small_seal_us"],
+                     "%.2f" % (1 / entry["seal_gbps"] + 1 / entry["open_gbps"])])
+    return table(["AEAD backend", "seal GB/s", "open GB/s", "µs per 64-byte record (seal)",
+                  "CPU-s/GB, seal + open"], rows)
+
+
+def profile_section(results, native=False):
+    """Shares of the samples (server + agent, weighted by their samples) per category, and the
+    tunnel CPU per GB they stand for; py-spy's Python view, or perf's native one."""
+    def view(entry):
+        return entry.get("native", {"samples": 0}) if native else entry
+
+    profiles = results.get("profile") or {}
+    if not any(view(entry)["samples"] for per_setup in profiles.values()
+               for entry in per_setup.values()):
+        return ""
+    header, columns = ["category"], []
+    for name, per_setup in profiles.items():
+        for direction in ("download", "upload"):
+            parts = [view(entry) for key, entry in per_setup.items() if key.endswith(direction)]
+            total = sum(entry["samples"] for entry in parts)
+            if not total:
+                continue
+            shares = {}
+            for entry in parts:
+                for category, share in entry["categories"].items():
+                    shares[category] = shares.get(category, 0) + share * entry["samples"] / total
+            cpu = results["bulk"][name][direction]["cpu_s_per_gb"]
+            header.append("%s, %s" % (name.replace("diglett (", "").rstrip(")"), direction))
+            columns.append((shares, cpu))
+    categories = {category for shares, _ in columns for category in shares}
+    order = sorted(categories, key=lambda c: -sum(shares.get(c, 0) for shares, _ in columns))
+    rows = [[category] + ["%.0f%% (%.2f)" % (100 * shares.get(category, 0),
+                                             shares.get(category, 0) * cpu)
+                          for shares, cpu in columns] for category in order]
+    return table(header, rows)
 
 
 # ----- the chart ----------------------------------------------------------------------------
@@ -313,11 +367,12 @@ INTRO = """\
 
 diglett against OpenSSH's remote forwarding (`ssh -R`), a bare relay hop (`socat`) and no relay
 at all (`direct`), measured on loopback in one run against the same backend and load
-generator. Rerun it with one command (it installs socat, openssh-server and matplotlib if
-missing, and rewrites this page, `docs/benchmarks.png` and `bench/results.json`):
+generator. Rerun it with one command (it installs socat, openssh-server, matplotlib and py-spy
+if missing, and rewrites this page, `docs/benchmarks.png` and `bench/results.json`):
 
-    .venv/bin/python bench/run.py            # full run, ~10 minutes on 2 cores
-    .venv/bin/python bench/run.py --quick    # 128 MiB transfers, fewer samples, ~3 minutes
+    bench/run            # full run, ~5 minutes on 2 cores
+    bench/run --quick    # 128 MiB transfers, fewer samples, ~2.5 minutes
+    bench/run --report   # only redraw this page and the chart from bench/results.json
 
 Ratios are of medians measured in the same run; this machine is noisy, so a figure within
 10% of its target counts as a tie (met). GB is 10^9 bytes.
@@ -348,18 +403,42 @@ METHOD = """\
   + the ssh client; socat and its forked children. The backend and the client are not charged.
 - **Latency**: 64-byte echoes. Kept: one connection, 50 warm-up round trips, then the count
   shown. Fresh: connect, send the header and the request in one write, read the echo, close;
-  back to back, and again with 20 ms between connections (an idle tunnel in between).
-- **Fairness**: a neighbour's kept-connection round trips, quiet; while another process
+  back to back, and again with 20 ms between connections (an idle tunnel in between). Measured
+  in 5 rounds across the setups and pooled, so a slow minute of the machine hits all alike.
+- **Fairness** (also in 5 pooled rounds): a neighbour's kept-connection round trips, quiet; while another process
   downloads without end through the same tunnel; and while another client has asked for an
   endless download and reads nothing (after 1 s, when its window and socket buffers are full),
   against a no-stall run just before.
 - **Concurrency and memory**: N connections opened at once (10,000 in batches of 1000),
   one round trip on each while all stay open, then closed; failures are connects refused,
-  resets, wrong echoes or no answer within 120 s. RSS and PSS (`/proc/PID/smaps_rollup`,
+  resets, wrong echoes or no answer within 120 s. A connection answered after more than 1 s
+  almost always had its SYN dropped by a full accept queue (the kernel resends it after 1 s). RSS and PSS (`/proc/PID/smaps_rollup`,
   summed over the tunnel's processes) are read 1 s after the last answer; per idle stream is
   (PSS with N open − PSS before) / N. diglett's default `open_rate` (200 new streams/s, burst
   400) paces a burst of 1000; the runs marked *open_rate raised* (and the 10,000 streams) set
   `open_rate = open_burst = 100000` by a reload (SIGHUP) to show the cost without the limiter.
+"""
+
+
+RECORDS_NOTE = """\
+`bench/records.py` seals 65,535-byte records (two AEAD calls each, as on the wire) with
+diglett's `TransportCipher`, opens them again, and seals 64-byte records for the fixed cost,
+in a fresh process per backend. *pycryptodome-after-openssl* runs pycryptodome after OpenSSL's
+ChaCha20-Poly1305 has run in the same process. The last column is what the record layer alone
+adds to the tunnel's CPU per GB (each byte is sealed once and opened once).
+
+"""
+
+PROFILE_NOTE = """\
+diglett-server and the agent sampled for 4 s each during an endless download and an endless
+upload: with perf (499 Hz, when `perf` is installed), grouped by the shared object the CPU was
+in, and with py-spy (200 Hz, `--nonblocking`), grouped by the Python frame on top of the stack.
+Shares are of the samples of both processes together (a sample is a moment a process was not
+idle); the figure in brackets is that share of the tunnel CPU-s/GB measured above. In the
+Python view, a frame that waits in C shows up as itself: "gevent hub" holds the kernel's
+epoll and scheduling work under the event loop, and "socket calls" hold the kernel's copies
+and TCP stack, which the native view names as kernel time. Skip both with `--no-profile`.
+
 """
 
 
@@ -382,6 +461,17 @@ def write(results, docs):
         "\n## Memory of the tunnel processes, %d connections open\n\n"
         % results["plan"]["concurrent"], memory_section(results),
         "\n## %d streams on one agent\n\n" % results["plan"]["streams"], streams_section(results),
+        "\n## The record layer alone (one process, no I/O)\n\n", RECORDS_NOTE,
+        records_section(results),
+    ]
+    native, python = profile_section(results, native=True), profile_section(results)
+    if native or python:
+        parts += ["\n## Where diglett's time goes during bulk\n\n", PROFILE_NOTE]
+    if native:
+        parts += ["**Native view** (perf: which code the CPU ran)\n\n", native, "\n"]
+    if python:
+        parts += ["**Python view** (py-spy: the Python frame on top of the stack)\n\n", python]
+    parts += [
         "\n", METHOD,
     ]
     (docs / "benchmarks.md").write_text("".join(parts))

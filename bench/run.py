@@ -1,10 +1,11 @@
 """diglett against direct, socat and ssh -R on loopback: one command, one run, one report.
 
-    python bench/run.py            # the full run (~10 minutes on 2 cores)
-    python bench/run.py --quick    # 128 MiB transfers, fewer round trips (~3 minutes)
+    python bench/run.py            # the full run (~5 minutes on 2 cores)
+    python bench/run.py --quick    # 128 MiB transfers, fewer round trips (~2.5 minutes)
     python bench/run.py --report   # rewrite docs/benchmarks.md and the chart from results.json
 
-It installs what it lacks (socat and openssh-server with apt-get, matplotlib with pip),
+It installs what it lacks (socat and openssh-server with apt-get; matplotlib, cryptography
+and py-spy with pip),
 starts one backend (bench/backend.py) and every setup at once, measures them in rounds so a
 drift of the machine hits all setups alike, then writes bench/results.json (raw),
 docs/benchmarks.md and docs/benchmarks.png. See docs/benchmarks.md for what is measured.
@@ -43,7 +44,8 @@ QUIET_CPU = 0.02  # CPU seconds per QUIET_STEP below which a tunnel counts as id
 QUIET_STEP = 0.25  # seconds between CPU readings while waiting for a tunnel to go idle
 QUIET_TIMEOUT = 30  # seconds to wait for it (10,000 streams take a while to close)
 FULL = {"bulk_mib": 512, "reps": 5, "kept": 2000, "fresh": 300, "gapped": 100, "gap": 0.02,
-        "neighbour": 1000, "concurrent": 1000, "streams": 10000, "batch": 1000}
+        "neighbour": 1000, "concurrent": 1000, "streams": 10000, "batch": 1000,
+        "rounds": 5}
 QUICK = dict(FULL, bulk_mib=128, reps=3, kept=1000, fresh=150, gapped=50, neighbour=500)
 RAISED_OPEN_RATE = 100000  # open_rate/open_burst for the runs that measure more than the limiter
 
@@ -100,10 +102,13 @@ def latency_summary(seconds):
             "p99_ms": percentile(seconds, 0.99) * 1e3, "max_ms": max(seconds) * 1e3}
 
 
+BACKEND_PIDS = []  # the backend's PID once started: wait_quiet watches it too
+
+
 def wait_quiet(setup):
-    """Wait until the tunnel's processes stop burning CPU (streams closed, buffers freed), so
-    one test's aftermath is not charged to the next."""
-    roots = setup.roots()
+    """Wait until the tunnel's processes and the backend stop burning CPU (streams closed,
+    threads ended, buffers freed), so one test's aftermath is not charged to the next."""
+    roots = setup.roots() + BACKEND_PIDS
     deadline = time.monotonic() + QUIET_TIMEOUT
     before = setups.cpu_seconds(roots)
     while time.monotonic() < deadline:
@@ -142,46 +147,66 @@ def bulk(all_setups, plan):
     return out, size
 
 
-def latency(setup, plan):
-    kept = load.kept_round_trips(setup.port, plan["kept"])
-    fresh = load.fresh_round_trips(setup.port, plan["fresh"])
-    gapped = load.fresh_round_trips(setup.port, plan["gapped"], gap=plan["gap"])
-    result = {"kept": latency_summary(kept), "fresh": latency_summary(fresh),
-              "fresh_gapped": latency_summary(gapped)}
-    log("latency %-26s kept p50 %.3f ms p99 %.3f | fresh p50 %.3f p99 %.3f | gapped p50 %.3f",
-        setup.name, result["kept"]["p50_ms"], result["kept"]["p99_ms"],
-        result["fresh"]["p50_ms"], result["fresh"]["p99_ms"], result["fresh_gapped"]["p50_ms"])
-    return result
+def latency(all_setups, plan):
+    """Kept and fresh round trips, in rounds across the setups (the samples are pooled)."""
+    rounds = plan["rounds"]
+    samples = {setup.name: {"kept": [], "fresh": [], "fresh_gapped": []} for setup in all_setups}
+    for _ in range(rounds):
+        for setup in all_setups:
+            mine = samples[setup.name]
+            mine["kept"] += load.kept_round_trips(setup.port, plan["kept"] // rounds)
+            mine["fresh"] += load.fresh_round_trips(setup.port, plan["fresh"] // rounds)
+            mine["fresh_gapped"] += load.fresh_round_trips(setup.port, plan["gapped"] // rounds,
+                                                           gap=plan["gap"])
+            setup.check()
+    results = {}
+    for setup in all_setups:
+        result = results[setup.name] = {kind: latency_summary(values)
+                                        for kind, values in samples[setup.name].items()}
+        log("latency %-26s kept p50 %.3f ms p99 %.3f | fresh p50 %.3f p99 %.3f | gapped p50 "
+            "%.3f", setup.name, result["kept"]["p50_ms"], result["kept"]["p99_ms"],
+            result["fresh"]["p50_ms"], result["fresh"]["p99_ms"],
+            result["fresh_gapped"]["p50_ms"])
+    return results
 
 
-def fairness(setup, plan, folder):
-    """A neighbour's round trips: quiet, beside a bulk download, beside a stalled reader."""
-    count = plan["neighbour"]
-    quiet = load.kept_round_trips(setup.port, count)
-    hog = setups.Proc([sys.executable, str(BENCH / "load.py"), "hog", str(setup.port), "60"],
-                      folder, "hog-%s" % setup.name.replace(" ", "_"))
-    try:
-        hog.wait_for("started", timeout=30)
-        during_bulk = load.kept_round_trips(setup.port, count)
-    finally:
-        hog.popen.send_signal(signal.SIGTERM)
-        hog.popen.wait(10)
-    wait_quiet(setup)
-    before_stall = load.kept_round_trips(setup.port, count)
-    stalled = load.stalled_reader(setup.port)
-    try:
-        time.sleep(SETTLE)  # let the stalled stream fill its window and socket buffers
-        during_stall = load.kept_round_trips(setup.port, count)
-    finally:
-        stalled.close()
-    wait_quiet(setup)
-    setup.check()
-    result = {"quiet": latency_summary(quiet), "bulk": latency_summary(during_bulk),
-              "no_stall": latency_summary(before_stall), "stall": latency_summary(during_stall)}
-    log("fairness %-26s p99 quiet %.3f bulk %.3f ms | p50 no stall %.3f stall %.3f ms",
-        setup.name, result["quiet"]["p99_ms"], result["bulk"]["p99_ms"],
-        result["no_stall"]["p50_ms"], result["stall"]["p50_ms"])
-    return result
+def fairness(all_setups, plan, folder):
+    """A neighbour's round trips: quiet, beside a bulk download, and beside a stalled reader
+    against no stall just before; in rounds across the setups, samples pooled."""
+    rounds = plan["rounds"]
+    count = plan["neighbour"] // rounds
+    phases = ("quiet", "bulk", "no_stall", "stall")
+    samples = {setup.name: {phase: [] for phase in phases} for setup in all_setups}
+    for _ in range(rounds):
+        for setup in all_setups:
+            mine = samples[setup.name]
+            mine["quiet"] += load.kept_round_trips(setup.port, count)
+            hog = setups.Proc([sys.executable, str(BENCH / "load.py"), "hog", str(setup.port),
+                               "60"], folder, "hog-%s" % setup.name.replace(" ", "_"))
+            try:
+                hog.wait_for("started", timeout=30)
+                mine["bulk"] += load.kept_round_trips(setup.port, count)
+            finally:
+                hog.popen.send_signal(signal.SIGTERM)
+                hog.popen.wait(10)
+            wait_quiet(setup)
+            mine["no_stall"] += load.kept_round_trips(setup.port, count)
+            stalled = load.stalled_reader(setup.port)
+            try:
+                time.sleep(SETTLE)  # let the stalled stream fill its window and socket buffers
+                mine["stall"] += load.kept_round_trips(setup.port, count)
+            finally:
+                stalled.close()
+            wait_quiet(setup)
+            setup.check()
+    results = {}
+    for setup in all_setups:
+        result = results[setup.name] = {phase: latency_summary(samples[setup.name][phase])
+                                        for phase in phases}
+        log("fairness %-26s p99 quiet %.3f beside bulk %.3f ms | p50 no stall %.3f stall %.3f "
+            "ms", setup.name, result["quiet"]["p99_ms"], result["bulk"]["p99_ms"],
+            result["no_stall"]["p50_ms"], result["stall"]["p50_ms"])
+    return results
 
 
 def concurrency(setup, count, batch):
@@ -212,6 +237,138 @@ def concurrency(setup, count, batch):
     return result
 
 
+def records():
+    """bench/records.py in a fresh process per case: the record layer without any I/O."""
+    out = []
+    for case in ("cryptography", "pycryptodome", "pycryptodome-after-openssl"):
+        env = dict(os.environ, PYTHONPATH=str(BENCH / "aead"),
+                   DIGLETT_AEAD="pycryptodome" if case == "pycryptodome" else "")
+        done = subprocess.run([sys.executable, str(BENCH / "records.py"), case], env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
+        out.append(json.loads(done.stdout))
+        log("records %-28s seal %.2f GB/s, open %.2f GB/s, %.1f us per 64-byte record",
+            case, out[-1]["seal_gbps"], out[-1]["open_gbps"], out[-1]["small_seal_us"])
+    return out
+
+
+PROFILE_SECONDS = 4  # py-spy sampling per process and direction
+PROFILE_RATE = 200  # py-spy samples per second
+PERF_RATE = 499  # perf samples per second
+CATEGORIES = (  # (category, substrings of a leaf frame), first match wins
+    ("AEAD: diglett/crypto.py and the cipher library", ("diglett/crypto.py", "Crypto/",
+                                                        "cryptography/")),
+    ("socket calls (send, recv)", ("_socketcommon.py", "/socket.py")),
+    ("gevent hub (event loop, waits, switches)", ("gevent/",)),
+    ("framing and stream state (wire.py, protocol.py)", ("diglett/wire.py", "diglett/protocol.py")),
+    ("relay loops (tunnel.py)", ("diglett/tunnel.py",)),
+)
+
+
+def py_spy():
+    found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if found is None:
+        log("installing py-spy into %s (--no-profile skips it)", sys.prefix)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=True)
+        found = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    return found
+
+
+def profile(setup, folder, tool):
+    """Where a diglett process spends a bulk transfer: py-spy samples of its Python frames and,
+    where `perf` is installed, perf samples of the native code (kernel, interpreter, cipher)."""
+    perf = shutil.which("perf")
+    result = {}
+    for direction, mode in (("download", "hog"), ("upload", "push")):
+        mover = setups.Proc([sys.executable, str(BENCH / "load.py"), mode, str(setup.port),
+                             str(PROFILE_SECONDS + 2)], folder, "%s-%s" % (mode, setup.aead))
+        mover.wait_for("started", timeout=30)
+        samplers = []
+        for proc in setup.procs:
+            stem = Path(folder) / ("profile-%s-%s-%s" % (setup.aead, direction, proc.label))
+            samplers.append((proc.label, stem, subprocess.Popen(
+                [tool, "record", "-p", str(proc.pid), "-d", str(PROFILE_SECONDS), "-r",
+                 str(PROFILE_RATE), "--nonblocking", "--format", "raw", "-o",
+                 str(stem) + ".pyspy"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+            if perf:
+                samplers.append((proc.label, stem, subprocess.Popen(
+                    [perf, "record", "-q", "-F", str(PERF_RATE), "-p", str(proc.pid), "-o",
+                     str(stem) + ".perf", "--", "sleep", str(PROFILE_SECONDS)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        for _label, _stem, sampler in samplers:
+            sampler.wait(PROFILE_SECONDS + 60)
+        for label, stem, _sampler in samplers[::2 if perf else 1]:
+            entry = result["%s %s" % (label, direction)] = summarize(Path(str(stem) + ".pyspy"))
+            if perf:
+                entry["native"] = native_summary(perf, Path(str(stem) + ".perf"))
+        mover.popen.wait(60)
+        wait_quiet(setup)
+    return result
+
+
+NATIVE = (  # (category, substrings of a shared object's name), first match wins
+    ("kernel: syscalls, TCP over loopback, copies, scheduling", ("[kernel",)),
+    ("cipher library (OpenSSL via cryptography, or pycryptodome)",
+     ("_rust", "libcrypto", "_raw_", "_poly1305", "_chacha20", "Crypto")),
+    ("Python interpreter (diglett's and gevent's Python code)", ("libpython", "python3")),
+    ("libc: memcpy, malloc", ("libc.so", "libc-")),
+    ("gevent, libev and greenlet C code", ("gevent", "greenlet", "libev", "corecext")),
+)
+
+
+def native_summary(perf, path):
+    """{"samples", "categories": {name: share}, "top": [[share, "dso symbol"], ...]}."""
+    def report(sort):
+        done = subprocess.run([perf, "report", "-i", str(path), "--stdio", "-n", "--sort", sort],
+                              capture_output=True, text=True, timeout=120)
+        rows = []
+        for line in done.stdout.splitlines():
+            parts = line.split(None, 2)
+            if len(parts) == 3 and parts[0].endswith("%") and parts[1].isdigit():
+                rows.append((int(parts[1]), parts[2].strip()))
+        return rows
+
+    if not path.exists():
+        return {"samples": 0, "categories": {}, "top": []}
+    by_dso = report("dso")
+    total = sum(count for count, _ in by_dso) or 1
+    categories = {}
+    for count, dso in by_dso:
+        name = next((name for name, marks in NATIVE if any(m in dso for m in marks)), "other")
+        categories[name] = categories.get(name, 0) + count / total
+    top = [[count / total, " ".join(symbol.split())] for count, symbol in report("dso,sym")[:8]]
+    return {"samples": total, "categories": categories, "top": top}
+
+
+def summarize(path):
+    """{"samples", "categories": {name: share}, "top": [[share, frame], ...]} of a raw profile."""
+    frames, total = {}, 0
+    if not path.exists():
+        return {"samples": 0, "categories": {}, "top": []}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        frames[leaf] = frames.get(leaf, 0) + int(count)
+        total += int(count)
+    categories = {}
+    for leaf, count in frames.items():
+        name = next((name for name, marks in CATEGORIES if any(m in leaf for m in marks)),
+                    "other")
+        categories[name] = categories.get(name, 0) + count / total
+    top = sorted(frames.items(), key=lambda item: -item[1])[:8]
+    return {"samples": total, "categories": categories,
+            "top": [[count / total, leaf] for leaf, count in top]}
+
+
+def machine_busy():
+    """(CPU seconds the whole machine was busy, CPU seconds of this process and its children)."""
+    with open("/proc/stat") as handle:
+        fields = [int(value) for value in handle.readline().split()[1:]]
+    busy = sum(fields[:3]) / setups.CLOCK_TICKS  # user, nice, system (not irq, softirq, steal)
+    return busy, setups.cpu_seconds([os.getpid()])
+
+
 # ----- the machine --------------------------------------------------------------------------
 def machine(all_setups, nofile):
     def version(command, pattern):
@@ -240,6 +397,11 @@ def machine(all_setups, nofile):
         "openssl": version(["ssh", "-V"], r"(OpenSSL [\d.a-z]+)"),
         "socat": version(["socat", "-V"], r"socat version (\S+)"),
         "nofile": nofile,
+        "commit": version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], r"(\w+)"),
+        "diglett_commit": version(["git", "-C", str(ROOT), "log", "-1", "--format=%h %cs",
+                                   "--", "diglett"], r"(\w+ [\d-]+)"),
+        "dirty": bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "diglett"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip()),
     }
     for package in ("gevent", "pycryptodome", "cryptography"):
         try:
@@ -253,10 +415,12 @@ def machine(all_setups, nofile):
 
 
 # ----- the run ------------------------------------------------------------------------------
-def run(plan, quick, folder):
+def run(plan, quick, folder, profiling=False):
     nofile = raise_nofile()
     backend = setups.Proc([sys.executable, str(BENCH / "backend.py")], folder, "backend")
     port = int(backend.wait_for(r"listening (\d+)").group(1))
+    BACKEND_PIDS[:] = [backend.pid]
+    machine_before = machine_busy()
     all_setups = [setups.Direct(folder, port), setups.Socat(folder, port),
                   setups.Ssh(folder, port), setups.Diglett(folder, port, "cryptography"),
                   setups.Diglett(folder, port, "pycryptodome")]
@@ -270,8 +434,8 @@ def run(plan, quick, folder):
                    "setups": [setup.name for setup in all_setups]}
         results["idle_start"] = {s.name: setups.memory(s.roots()) for s in all_setups}
         results["bulk"], results["bulk_bytes"] = bulk(all_setups, plan)
-        results["latency"] = {s.name: latency(s, plan) for s in all_setups}
-        results["fairness"] = {s.name: fairness(s, plan, folder) for s in all_setups}
+        results["latency"] = latency(all_setups, plan)
+        results["fairness"] = fairness(all_setups, plan, folder)
         results["concurrent"] = {s.name: concurrency(s, plan["concurrent"], plan["batch"])
                                  for s in all_setups}
         results["concurrent_raised"], results["streams"] = {}, {}
@@ -282,7 +446,16 @@ def run(plan, quick, folder):
                     setup, plan["concurrent"], plan["batch"])
                 results["streams"][setup.name] = concurrency(setup, plan["streams"],
                                                              plan["batch"])
+        results["records"] = records()
+        if profiling:
+            tool = py_spy()
+            results["profile"] = {s.name: profile(s, folder, tool) for s in all_setups
+                                  if isinstance(s, setups.Diglett)}
         results["elapsed_s"] = time.monotonic() - started
+        busy, ours = (after - before for after, before in zip(machine_busy(), machine_before))
+        results["foreign_cpu_share"] = max(0.0, busy - ours) / results["elapsed_s"]
+        log("other processes on this machine used %.0f%% of a core during the run",
+            100 * results["foreign_cpu_share"])
         return results
     finally:
         for setup in reversed(all_setups):
@@ -293,10 +466,13 @@ def run(plan, quick, folder):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="128 MiB transfers, fewer samples")
-    parser.add_argument("--reps", type=int, help="bulk repetitions (default 3)")
+    parser.add_argument("--reps", type=int, help="bulk repetitions (default 5, 3 with --quick)")
     parser.add_argument("--report", action="store_true",
                         help="only rewrite docs/benchmarks.md and the chart from results.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip sampling diglett's processes with py-spy during bulk "
+                        "transfers (otherwise py-spy is installed into the venv if missing)")
     args = parser.parse_args(argv)
     ensure_tools()
     import report
@@ -308,7 +484,7 @@ def main(argv=None):
         folder = Path(tempfile.mkdtemp(prefix="diglett-bench-"))
         log("working in %s", folder)
         try:
-            results = run(plan, args.quick, folder)
+            results = run(plan, args.quick, folder, args.profile)
         finally:
             if not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)
