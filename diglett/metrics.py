@@ -56,6 +56,8 @@ class Counters:
         self.traffic = {}  # subdomain -> [bytes in, bytes out] of its ended sessions
         self.streams_opened = 0  # by ended sessions
         self.stream_refusals = 0  # max_streams reached, by ended sessions
+        self.budget_refusals = 0  # memory_budget reached, by ended sessions
+        self.idle_resets = 0  # streams reset at stream_idle_timeout, by ended sessions
         self.durations = Histogram()
 
     def refused(self, code):
@@ -70,6 +72,8 @@ class Counters:
         totals[1] += tunnel.bytes_down
         self.streams_opened += tunnel.streams_opened
         self.stream_refusals += agent_session.refused_streams
+        self.budget_refusals += agent_session.budget_refusals
+        self.idle_resets += tunnel.idle_resets
         self.durations.observe(max(0.0, time.time() - agent_session.started))
 
 
@@ -153,6 +157,15 @@ class Collector:
         yield CounterMetricFamily(
             "diglett_stream_limit_refusals", "client connections reset at max_streams",
             value=counters.stream_refusals + sum(s.refused_streams for s in sessions))
+        yield CounterMetricFamily(
+            "diglett_memory_budget_refusals", "client connections reset at memory_budget",
+            value=counters.budget_refusals + sum(s.budget_refusals for s in sessions))
+        yield CounterMetricFamily(
+            "diglett_idle_stream_resets", "streams reset after stream_idle_timeout",
+            value=counters.idle_resets + sum(s.tunnel.idle_resets for s in sessions))
+        yield GaugeMetricFamily("diglett_buffered_bytes",
+                                "tunnel bytes received and not yet delivered",
+                                value=sum(s.tunnel.buffered for s in sessions))
         yield _by_label("diglett_admission_refusals", "connections refused before the handshake",
                         "kind", admission.refused)
         yield CounterMetricFamily("diglett_penalties", "penalties given to a source address",

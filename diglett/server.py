@@ -35,6 +35,8 @@ PORT_ATTEMPTS = 64  # random ports tried in a configured range before giving up
 TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
 AUDIT_PRUNE_INTERVAL = 3600  # seconds between prunes of audit entries past audit_retention
 LIMIT_LOG_INTERVAL = 10.0  # seconds between log lines about the same limit being hit
+BUDGET_REFUSE = 0.75  # share of memory_budget buffered at which new streams are refused
+BUDGET_RESUME = 0.50  # ... and below which they are taken again
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a proxy_trusted source has to send its PROXY header
 RESTART_KEYS = ("listen", "http", "key", "database", "domain", "bind", "token")  # not live
 
@@ -91,6 +93,7 @@ class Server:
         self.grants = None  # (subdomain, key) -> Grant; None until first loaded (fail closed)
         self.last_ports = {}
         self.listener = None
+        self._over_budget = False
         self.agent_port = None
         self.stopping = False
         self.handshake_failures = {}
@@ -414,6 +417,20 @@ class Server:
         rows = self.db.call(self.registry.active_sessions)
         return [self._event(row, "connect") for row in rows if row.instance == self.instance]
 
+    def over_budget(self):
+        """Buffered tunnel bytes past 75% of memory_budget refuse new streams, until they
+        fall below 50% (hysteresis, so the refusals do not flap)."""
+        buffered = sum(s.tunnel.buffered for s in self.sessions.values())
+        budget = self.config.memory_budget
+        if self._over_budget:
+            self._over_budget = buffered > budget * BUDGET_RESUME
+        else:
+            self._over_budget = buffered > budget * BUDGET_REFUSE
+            if self._over_budget:
+                log.warning("memory budget: %d bytes buffered (budget %d); refusing new "
+                            "streams until it falls below half", buffered, budget)
+        return self._over_budget
+
     def stats(self):
         return {
             "agents": len(self.sessions),
@@ -437,7 +454,8 @@ class AgentSession:
         self.started = time.time()
         self.end_reason = None
         self.ended = gevent.event.Event()
-        self.refused_streams = 0
+        self.refused_streams = 0  # clients reset at the stream limit
+        self.budget_refusals = 0  # clients reset because the memory budget was reached
         self._refusal_logged = float("-inf")
         self._proxied = gevent.pool.Group()  # trusted proxies' connections reading their header
         self.label = "subdomain=%s agent=%s session=%s" % (name, crypto.fingerprint(key), session_id)
@@ -451,6 +469,7 @@ class AgentSession:
         self.tunnel = Tunnel(sock, session, label=self.label, ping_interval=config.ping_interval,
                              dead_after=config.dead_after,
                              write_stall_timeout=config.write_stall_timeout,
+                             stream_idle_timeout=config.stream_idle_timeout,
                              on_event=self._on_event)
         self.open_rate = TokenBucket(config.open_rate, config.open_burst)
         session.accept({
@@ -520,18 +539,28 @@ class AgentSession:
             self.open_rate.rate, self.open_rate.burst = config.open_rate, config.open_burst
             if len(tunnel.pumps) + len(self._proxied) >= max_streams:
                 self.refused_streams += 1
-                now = time.monotonic()
-                if now - self._refusal_logged >= LIMIT_LOG_INTERVAL:  # a flood logs once
-                    self._refusal_logged = now
-                    log.warning("%s stream limit %d reached, refusing %s:%d (%d refused so far)",
-                                self.label, max_streams, *address[:2], self.refused_streams)
-                close_with_rst(client)
+                self._refuse_client(client, address, "stream limit %d reached" % max_streams,
+                                    self.refused_streams)
+                continue
+            if self.server.over_budget():
+                self.budget_refusals += 1
+                self._refuse_client(client, address, "memory budget reached",
+                                    self.budget_refusals)
                 continue
             if config.proxy_trusted and _trusted(address, config.proxy_trusted):
                 self._proxied.spawn(self._open_proxied, client, address)  # never block accept
                 continue
             if not self._open_stream(client, address[:2], client.getsockname()[:2]):
                 return
+
+    def _refuse_client(self, client, address, why, count):
+        """Reset at once (a proxy answers 502 instead of hanging); a flood logs once."""
+        now = time.monotonic()
+        if now - self._refusal_logged >= LIMIT_LOG_INTERVAL:
+            self._refusal_logged = now
+            log.warning("%s %s, refusing %s:%d (%d refused so far)",
+                        self.label, why, address[0], address[1], count)
+        close_with_rst(client)
 
     def _open_stream(self, client, remote, local):
         """OPEN a stream for ``client``, naming both its ends; False once stream ids run out."""

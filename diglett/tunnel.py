@@ -26,6 +26,7 @@ STREAM_RECV_MAX = 256 * 1024  # bytes read from a stream socket per recv (within
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, not FIN
 LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends FIN after queued data
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
+IDLE_SWEEP_MAX = 30.0  # longest pause between two looks for idle streams
 
 
 class TunnelClosed(Exception):
@@ -95,18 +96,21 @@ class Tunnel:
     """One authenticated agent connection after CONFIG/OK, until it closes."""
 
     def __init__(self, sock, session, *, label, ping_interval, dead_after,
-                 write_stall_timeout=30, on_event=None):
+                 write_stall_timeout=30, stream_idle_timeout=0, on_event=None):
         self.sock = sock
         self.session = session
         self.label = label  # "subdomain=foo session=ab12..." on every log line
         self.ping_interval = ping_interval
         self.dead_after = dead_after
         self.write_stall_timeout = write_stall_timeout
+        self.stream_idle_timeout = stream_idle_timeout  # 0: streams may idle for ever
+        self.buffered = 0  # bytes received for local sockets and not yet delivered to them
         self.on_event = on_event or (lambda event: None)  # role-specific events
         self.pumps = {}
         self.bytes_up = 0  # read from local stream sockets and sent into the tunnel
         self.bytes_down = 0  # received from the tunnel and delivered to local sockets
         self.streams_opened = 0
+        self.idle_resets = 0
         self.last_recv = time.monotonic()
         self.close_reason = None
         self.closed = Event()
@@ -199,6 +203,7 @@ class Tunnel:
         step = max(0.05, min(self.ping_interval, self.dead_after / 3.0,
                              self.write_stall_timeout / 3.0))
         next_ping = time.monotonic() + self.ping_interval
+        next_sweep = 0.0
         while True:
             gevent.sleep(step)
             now = time.monotonic()
@@ -212,6 +217,20 @@ class Tunnel:
                 next_ping = now + self.ping_interval
                 self.session.ping(os.urandom(wire.PING_SIZE))
                 self.wake()
+            if self.stream_idle_timeout and now >= next_sweep:
+                next_sweep = now + min(IDLE_SWEEP_MAX, self.stream_idle_timeout / 4.0)
+                self._reset_idle_streams(now)
+
+    def _reset_idle_streams(self, now):
+        """ChannelTimeout: a stream that moved no byte either way for too long is reset."""
+        idle = [pump for pump in self.pumps.values()
+                if now - pump.last_active > self.stream_idle_timeout]
+        for pump in idle:
+            pump.abort_idle()
+        if idle:
+            log.info("%s reset %d streams idle for %s s", self.label, len(idle),
+                     self.stream_idle_timeout)
+            self.idle_resets += len(idle)
 
     # ----- events ---------------------------------------------------------------------
     def _dispatch(self, events):
@@ -267,13 +286,20 @@ class Pump:
         self._up = self._down = None
         self._done = False
         self._sending = False  # the down greenlet is inside sendall with a popped chunk
+        self.buffered = 0  # bytes in self.buffer
+        self.last_active = time.monotonic()  # last byte moved either way (idle timeout)
 
     def start(self):
         self._up = gevent.spawn(self._run)
 
     def deliver(self, data):
         self.buffer.append(data)
+        self.buffered += len(data)
+        self.tunnel.buffered += len(data)
         self._data_ready.set()
+
+    def abort_idle(self):
+        self._abort(ErrorCode.IDLE_TIMEOUT, "idle for %s s" % self.tunnel.stream_idle_timeout)
 
     def end_of_input(self):
         self._input_ended = True
@@ -290,6 +316,8 @@ class Pump:
         if self.sock is not None:
             self._flush_nowait()
             close_with_rst(self.sock)
+        self.tunnel.buffered -= self.buffered  # whatever was not delivered is dropped
+        self.buffered = 0
         self.tunnel.pumps.pop(self.stream_id, None)
 
     def _flush_nowait(self):
@@ -303,10 +331,16 @@ class Pump:
                 chunk = self.buffer.popleft()
                 sent = self.sock.send(chunk)
                 self.tunnel.bytes_down += sent  # delivered too: the byte counters include it
+                self._delivered(sent)
                 if sent < len(chunk):
                     return
         except OSError:
             pass  # full or already broken: the RST follows regardless
+
+    def _delivered(self, size):
+        self.buffered -= size
+        self.tunnel.buffered -= size
+        self.last_active = time.monotonic()
 
     def _abort(self, code, why, after_queued=False):
         log.debug("%s stream=%d reset code=%s: %s", self.tunnel.label, self.stream_id,
@@ -359,6 +393,7 @@ class Pump:
                 return
             if not session.send_data(stream_id, data):
                 return
+            self.last_active = time.monotonic()
             tunnel.bytes_up += len(data)
             tunnel.wake()
 
@@ -372,6 +407,7 @@ class Pump:
                     self._sending = True
                     sendall(chunk)
                     self._sending = False
+                    self._delivered(len(chunk))
                     tunnel.bytes_down += len(chunk)
                     session.acknowledge(stream_id, len(chunk))
                     if session.has_output:
