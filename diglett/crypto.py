@@ -287,6 +287,10 @@ class TransportCipher:
 
     def seal(self, plaintext):
         """One whole record (18 + L + 16 bytes) carrying ``plaintext`` (1..65535 bytes)."""
+        return b"".join(self.seal_parts(plaintext))
+
+    def seal_parts(self, plaintext):
+        """The record as (header, body), so a writer can send both without joining them."""
         length = len(plaintext)
         if not 0 < length <= MAX_RECORD_PLAINTEXT:
             raise ValueError(
@@ -294,9 +298,9 @@ class TransportCipher:
             )
         nonce = self.nonce
         header = self._aead.seal(self._key, nonce, b"", length.to_bytes(2, "big"))
-        record = header + self._aead.seal(self._key, nonce + 1, b"", plaintext)
+        body = self._aead.seal(self._key, nonce + 1, b"", plaintext)
         self._advance(nonce + 2)
-        return record
+        return header, body
 
     def open_length(self, header):
         """Decrypt an 18-byte record header; returns L, the body plaintext length.

@@ -241,17 +241,22 @@ class Session:
 
     def data_to_send(self, limit=OUTPUT_CHUNK):
         """Seal queued frames into records: control first, then one DATA frame per stream per turn."""
-        records = []
+        return b"".join(self.buffers_to_send(limit))
+
+    def buffers_to_send(self, limit=OUTPUT_CHUNK):
+        """data_to_send as a list of buffers, for a scatter-gather write (no joining copy)."""
+        buffers = []
         total = 0
         while total < limit:
             plaintext = self._next_plaintext()
             if not plaintext:
                 break
-            record = self._send_cipher.seal(plaintext)
+            header, body = self._send_cipher.seal_parts(plaintext)
             self.records_out += 1
-            records.append(record)
-            total += len(record)
-        return b"".join(records)
+            buffers.append(header)
+            buffers.append(body)
+            total += len(header) + len(body)
+        return buffers
 
     def _next_plaintext(self):
         parts = []
@@ -310,34 +315,40 @@ class Session:
     def receive_data(self, data):
         """Feed bytes from the socket; returns the events of every complete record.
 
-        Records are decrypted straight out of ``data`` (no copy) unless a partial record is
-        left over from the previous call; only a trailing partial record is kept.
+        Headers and bodies are decrypted straight out of ``data`` (no copy); only a header
+        or body cut by the end of ``data`` is kept, and completed from the next call.
         """
-        if self._inbuf:
-            self._inbuf += data
-            data, self._inbuf = self._inbuf, bytearray()
         events = []
-        size, offset = len(data), 0
         view = memoryview(data)
+        size, offset = len(view), 0
         while True:
-            if self._body_len is None:
-                if size - offset < RECORD_HEADER_SIZE:
+            need = RECORD_HEADER_SIZE if self._body_len is None else self._body_len + TAG_SIZE
+            if self._inbuf:  # finish the piece an earlier read cut short
+                take = min(need - len(self._inbuf), size - offset)
+                self._inbuf += view[offset:offset + take]
+                offset += take
+                if len(self._inbuf) < need:
                     break
-                self._body_len = self._open(self._recv_cipher.open_length,
-                                            view[offset:offset + RECORD_HEADER_SIZE])
-                offset += RECORD_HEADER_SIZE
-            need = self._body_len + TAG_SIZE
-            if size - offset < need:
+                piece, self._inbuf = self._inbuf, bytearray()
+            elif size - offset < need:
+                self._inbuf += view[offset:]
                 break
-            plaintext = self._open(self._recv_cipher.open_body, view[offset:offset + need])
-            offset += need
-            self._body_len = None
-            self.records_in += 1
-            for frame in wire.decode_frames(plaintext):
-                self._handle(frame, events)
-        if offset < size:
-            self._inbuf += view[offset:]
+            else:
+                piece = view[offset:offset + need]
+                offset += need
+            self._consume(piece, events)
         return events
+
+    def _consume(self, piece, events):
+        """A whole record header, or a whole record body."""
+        if self._body_len is None:
+            self._body_len = self._open(self._recv_cipher.open_length, piece)
+            return
+        plaintext = self._open(self._recv_cipher.open_body, piece)
+        self._body_len = None
+        self.records_in += 1
+        for frame in wire.decode_frames(plaintext):
+            self._handle(frame, events)
 
     @staticmethod
     def _open(step, data):

@@ -27,6 +27,7 @@ LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no
 LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends FIN after queued data
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
 IDLE_SWEEP_MAX = 30.0  # longest pause between two looks for idle streams
+IOV_MAX = 1024  # buffers per sendmsg (the Linux limit)
 
 
 class TunnelClosed(Exception):
@@ -42,6 +43,19 @@ def set_nodelay(sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not TCP (tests may use socketpairs)
+
+
+def sendall_buffers(sock, buffers):
+    """sendall for a list of buffers in one scatter-gather write each turn (no joining copy)."""
+    views = [memoryview(buffer) for buffer in buffers]
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first:first + IOV_MAX])
+        while sent and sent >= len(views[first]):
+            sent -= len(views[first])
+            first += 1
+        if sent:
+            views[first] = views[first][sent:]
 
 
 def recv_exact(sock, size):
@@ -188,15 +202,15 @@ class Tunnel:
                 self._wake.set()
 
     def _write_loop(self):
-        session, sendall, wake = self.session, self.sock.sendall, self._wake
+        session, sock, wake = self.session, self.sock, self._wake
         while True:
             wake.wait()
             wake.clear()
             while session.has_output:
-                data = session.data_to_send()
-                if data:
+                buffers = session.buffers_to_send()
+                if buffers:
                     self._write_started = time.monotonic()  # the keepalive watches for stalls
-                    sendall(data)
+                    sendall_buffers(sock, buffers)
                     self._write_started = None
 
     def _keepalive_loop(self):
@@ -399,17 +413,18 @@ class Pump:
 
     def _down_loop(self):
         tunnel, session, stream_id = self.tunnel, self.tunnel.session, self.stream_id
-        buffer, sendall = self.buffer, self.sock.sendall
+        buffer, sock = self.buffer, self.sock
         try:
             while True:
-                while buffer:
-                    chunk = buffer.popleft()
+                while buffer:  # what has arrived goes out in one write
+                    batch = [buffer.popleft() for _ in range(min(len(buffer), IOV_MAX))]
+                    size = sum(map(len, batch))
                     self._sending = True
-                    sendall(chunk)
+                    sendall_buffers(sock, batch)
                     self._sending = False
-                    self._delivered(len(chunk))
-                    tunnel.bytes_down += len(chunk)
-                    session.acknowledge(stream_id, len(chunk))
+                    self._delivered(size)
+                    tunnel.bytes_down += size
+                    session.acknowledge(stream_id, size)
                     if session.has_output:
                         tunnel.wake()
                 if self._input_ended:
