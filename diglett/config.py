@@ -324,7 +324,7 @@ SERVER = Section(
         "dead_after": Key(seconds(), "30", "seconds of silence before a session is dead"),
         "max_streams": Key(integer(1), "16384", "open streams per agent"),
         "stream_window": Key(
-            size(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW), "256K", "per-stream credit window"
+            size(MIN_STREAM_WINDOW, MAX_STREAM_WINDOW), "2M", "per-stream credit window"
         ),
         "open_rate": Key(integer(1), "1000", "new streams per second per agent (then queued)"),
         "open_burst": Key(integer(1), "2000", "new streams an agent may open at once"),

@@ -13,7 +13,7 @@ from diglett import wire
 from diglett.crypto import DecryptError, RECORD_HEADER_SIZE, TAG_SIZE
 from diglett.wire import ErrorCode, FrameType, ProtocolError
 
-DEFAULT_WINDOW = 256 * 1024  # per-stream credit per direction (W0)
+DEFAULT_WINDOW = 2 * 1024 * 1024  # per-stream credit per direction (W0), as OpenSSH
 DEFAULT_MAX_STREAMS = 16384  # concurrent streams per agent
 OUTPUT_CHUNK = 256 * 1024  # bytes data_to_send returns at most per call (writer latency)
 MAX_PENDING_PONGS = 4  # PINGs beyond this many unanswered are dropped (ping flood)

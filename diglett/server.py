@@ -576,7 +576,7 @@ class AgentSession:
             tunnel.close("stream ids exhausted", ErrorCode.NO_ERROR, "stream ids exhausted")
             return False
         tunnel.add_stream(stream_id, client)
-        tunnel.wake()
+        tunnel.send_soon()
         return True
 
     def _open_proxied(self, client, address):

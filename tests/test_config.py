@@ -56,7 +56,7 @@ def test_defaults(tmp_path):
     assert cfg.database == Path("/var/lib/diglett/registry.db")
     assert (cfg.handshake_timeout, cfg.ping_interval, cfg.dead_after) == (10, 10, 30)
     assert (cfg.max_streams, cfg.open_rate, cfg.open_burst) == (16384, 1000, 2000)
-    assert cfg.stream_window == 256 * 1024
+    assert cfg.stream_window == 2 * 1024 * 1024
     assert cfg.memory_budget == 256 * 1024 * 1024
     assert cfg.max_startups == (16, 30, 64)
     assert (cfg.per_source_startups, cfg.penalty_max) == (8, 30)
