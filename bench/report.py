@@ -10,6 +10,31 @@ SSH = "ssh -R"
 DIRECT = "direct"
 SOCAT = "socat"
 MiB = 1 << 20
+PYTHON_CATEGORIES = (  # (category, substrings of a py-spy leaf frame), first match wins
+    ("AEAD: diglett/crypto.py and the cipher library", ("diglett/crypto.py", "Crypto/",
+                                                        "cryptography/")),
+    ("socket calls (send, sendmsg, recv)", ("_socketcommon.py", "_socket3.py", "/socket.py")),
+    ("gevent hub (event loop, waits, switches)", ("gevent/",)),
+    ("framing and stream state (wire.py, protocol.py)", ("diglett/wire.py", "diglett/protocol.py")),
+    ("relay loops (tunnel.py)", ("diglett/tunnel.py",)),
+)
+NATIVE_CATEGORIES = (  # (category, substrings of a perf shared-object name), first match wins
+    ("kernel: syscalls, TCP over loopback, copies, scheduling", ("[kernel",)),
+    ("cipher library (OpenSSL via cryptography, or pycryptodome)",
+     ("_rust", "libcrypto", "_raw_", "_poly1305", "_chacha20", "Crypto")),
+    ("Python interpreter (diglett's and gevent's Python code)", ("libpython", "python3")),
+    ("libc: memcpy, malloc", ("libc.so", "libc-")),
+    ("gevent, libev and greenlet C code", ("gevent", "greenlet", "libev", "corecext")),
+)
+
+
+def categorize(shares, rules):
+    """{name: share} -> {category: share}; names no rule matches are "other"."""
+    out = {}
+    for name, share in shares.items():
+        category = next((c for c, marks in rules if any(m in name for m in marks)), "other")
+        out[category] = out.get(category, 0) + share
+    return out
 
 
 # ----- small formatting helpers -------------------------------------------------------------
@@ -121,7 +146,8 @@ def machine_section(results):
             m["python"], m["gevent"], m["diglett"], m.get("commit", "?").split(" ")[0],
             " (last change to diglett/: `%s`)" % m["diglett_commit"]
             if m.get("diglett_commit") else "",
-            " with uncommitted changes in diglett/" if m.get("dirty") else ""),
+            " with uncommitted changes in diglett/" if m.get("dirty") else
+            " as committed (`--rev %s`)" % m["rev"] if m.get("rev") else ""),
         "- **AEAD backends**: `cryptography` %s (OpenSSL's ChaCha20-Poly1305), pycryptodome %s"
         % (m["cryptography"], m["pycryptodome"]),
         "- **OpenSSH** %s (%s), cipher `%s`, compression off; **socat** %s" % (
@@ -268,7 +294,10 @@ def profile_section(results, native=False):
     """Shares of the samples (server + agent, weighted by their samples) per category, and the
     tunnel CPU per GB they stand for; py-spy's Python view, or perf's native one."""
     def view(entry):
-        return entry.get("native", {"samples": 0}) if native else entry
+        if native:
+            entry = entry.get("native", {"samples": 0, "objects": {}})
+            return dict(entry, categories=categorize(entry["objects"], NATIVE_CATEGORIES))
+        return dict(entry, categories=categorize(entry["frames"], PYTHON_CATEGORIES))
 
     profiles = results.get("profile") or {}
     if not any(view(entry)["samples"] for per_setup in profiles.values()
@@ -405,14 +434,17 @@ METHOD = """\
   shown. Fresh: connect, send the header and the request in one write, read the echo, close;
   back to back, and again with 20 ms between connections (an idle tunnel in between). Measured
   in 5 rounds across the setups and pooled, so a slow minute of the machine hits all alike.
-- **Fairness** (also in 5 pooled rounds): a neighbour's kept-connection round trips, quiet; while another process
-  downloads without end through the same tunnel; and while another client has asked for an
-  endless download and reads nothing (after 1 s, when its window and socket buffers are full),
-  against a no-stall run just before.
+  On this virtual machine a process woken from idle answers later than a busy one, which is
+  why every setup is slower with gaps than back to back.
+- **Fairness** (also in 5 pooled rounds): a neighbour's kept-connection round trips, quiet;
+  while another process downloads without end through the same tunnel; and while another
+  client has asked for an endless download and reads nothing (after 1 s, when its window and
+  socket buffers are full), against a no-stall run just before.
 - **Concurrency and memory**: N connections opened at once (10,000 in batches of 1000),
   one round trip on each while all stay open, then closed; failures are connects refused,
   resets, wrong echoes or no answer within 120 s. A connection answered after more than 1 s
-  almost always had its SYN dropped by a full accept queue (the kernel resends it after 1 s). RSS and PSS (`/proc/PID/smaps_rollup`,
+  almost always had its SYN dropped by a full accept queue (the kernel resends it after 1 s).
+  RSS and PSS (`/proc/PID/smaps_rollup`,
   summed over the tunnel's processes) are read 1 s after the last answer; per idle stream is
   (PSS with N open − PSS before) / N. diglett's default `open_rate` (200 new streams/s, burst
   400) paces a burst of 1000; the runs marked *open_rate raised* (and the 10,000 streams) set
@@ -424,13 +456,15 @@ RECORDS_NOTE = """\
 `bench/records.py` seals 65,535-byte records (two AEAD calls each, as on the wire) with
 diglett's `TransportCipher`, opens them again, and seals 64-byte records for the fixed cost,
 in a fresh process per backend. *pycryptodome-after-openssl* runs pycryptodome after OpenSSL's
-ChaCha20-Poly1305 has run in the same process. The last column is what the record layer alone
-adds to the tunnel's CPU per GB (each byte is sealed once and opened once).
+ChaCha20-Poly1305 has run in the same process; the last row does the same with OpenSSL's AVX-512
+code paths switched off (`OPENSSL_ia32cap=:~0x10000`), which tells whether those paths cause the
+slowdown. The last column is what the record layer alone adds to the tunnel's CPU per GB (each
+byte is sealed once and opened once).
 
 """
 
 PROFILE_NOTE = """\
-diglett-server and the agent sampled for 4 s each during an endless download and an endless
+diglett-server and the agent sampled for %d s each during an endless download and an endless
 upload: with perf (499 Hz, when `perf` is installed), grouped by the shared object the CPU was
 in, and with py-spy (200 Hz, `--nonblocking`), grouped by the Python frame on top of the stack.
 Shares are of the samples of both processes together (a sample is a moment a process was not
@@ -466,7 +500,8 @@ def write(results, docs):
     ]
     native, python = profile_section(results, native=True), profile_section(results)
     if native or python:
-        parts += ["\n## Where diglett's time goes during bulk\n\n", PROFILE_NOTE]
+        parts += ["\n## Where diglett's time goes during bulk\n\n",
+                  PROFILE_NOTE % results["plan"].get("profile_s", 4)]
     if native:
         parts += ["**Native view** (perf: which code the CPU ran)\n\n", native, "\n"]
     if python:

@@ -45,8 +45,9 @@ QUIET_STEP = 0.25  # seconds between CPU readings while waiting for a tunnel to 
 QUIET_TIMEOUT = 30  # seconds to wait for it (10,000 streams take a while to close)
 FULL = {"bulk_mib": 512, "reps": 5, "kept": 2000, "fresh": 300, "gapped": 100, "gap": 0.02,
         "neighbour": 1000, "concurrent": 1000, "streams": 10000, "batch": 1000,
-        "rounds": 5}
-QUICK = dict(FULL, bulk_mib=128, reps=3, kept=1000, fresh=150, gapped=50, neighbour=500)
+        "rounds": 5, "profile_s": 4}
+QUICK = dict(FULL, bulk_mib=128, reps=3, kept=1000, fresh=150, gapped=50, neighbour=500,
+             profile_s=2)
 RAISED_OPEN_RATE = 100000  # open_rate/open_burst for the runs that measure more than the limiter
 
 
@@ -56,8 +57,8 @@ def log(message, *args):
 
 # ----- prerequisites ------------------------------------------------------------------------
 def ensure_tools():
-    missing = [package for tool, package in (("socat", "socat"), ("/usr/sbin/sshd", "openssh-server"),
-                                             ("ssh", "openssh-client"))
+    missing = [package for tool, package in (("socat", "socat"), ("ssh", "openssh-client"),
+                                             ("/usr/sbin/sshd", "openssh-server"))
                if not shutil.which(tool)]
     if missing:
         sudo = [] if os.geteuid() == 0 else ["sudo"]
@@ -83,6 +84,20 @@ def raise_nofile():
     except (ValueError, OSError):  # not root: as far as the hard limit allows
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def checkout(rev, folder):
+    """diglett as committed at ``rev``, in a folder to put first on PYTHONPATH (it wins over the
+    venv's editable install, whose finder Python asks last), so a run measures a known commit
+    while the working tree changes."""
+    source = Path(folder) / "source"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "diglett", "hooks",
+                              "migrations"], capture_output=True, check=True, timeout=60).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True, timeout=60)
+    for name in ("hooks", "migrations"):  # setup.py installs them as diglett.hooks, .migrations
+        (source / "diglett" / name).symlink_to(source / name)
+    return source
 
 
 # ----- statistics ---------------------------------------------------------------------------
@@ -237,31 +252,35 @@ def concurrency(setup, count, batch):
     return result
 
 
-def records():
+NO_AVX512 = ":~0x10000"  # OPENSSL_ia32cap: hide AVX-512F (CPUID 7 EBX bit 16) from OpenSSL
+RECORD_CASES = (  # (label, records.py case, DIGLETT_AEAD, OPENSSL_ia32cap)
+    ("cryptography", "cryptography", "", None),
+    ("pycryptodome", "pycryptodome", "pycryptodome", None),
+    ("pycryptodome-after-openssl", "pycryptodome-after-openssl", "", None),
+    ("pycryptodome-after-openssl, AVX-512 hidden from OpenSSL", "pycryptodome-after-openssl",
+     "", NO_AVX512),
+)
+
+
+def records(source=None):
     """bench/records.py in a fresh process per case: the record layer without any I/O."""
     out = []
-    for case in ("cryptography", "pycryptodome", "pycryptodome-after-openssl"):
-        env = dict(os.environ, PYTHONPATH=str(BENCH / "aead"),
-                   DIGLETT_AEAD="pycryptodome" if case == "pycryptodome" else "")
+    for label, case, aead, ia32cap in RECORD_CASES:
+        path = [str(BENCH / "aead")] + ([str(source)] if source else [])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), DIGLETT_AEAD=aead)
+        env.pop("OPENSSL_ia32cap", None)
+        if ia32cap:
+            env["OPENSSL_ia32cap"] = ia32cap
         done = subprocess.run([sys.executable, str(BENCH / "records.py"), case], env=env,
                               capture_output=True, text=True, timeout=300, check=True)
-        out.append(json.loads(done.stdout))
-        log("records %-28s seal %.2f GB/s, open %.2f GB/s, %.1f us per 64-byte record",
-            case, out[-1]["seal_gbps"], out[-1]["open_gbps"], out[-1]["small_seal_us"])
+        out.append(dict(json.loads(done.stdout), case=label))
+        log("records %s: seal %.2f GB/s, open %.2f GB/s, %.1f us per 64-byte record",
+            label, out[-1]["seal_gbps"], out[-1]["open_gbps"], out[-1]["small_seal_us"])
     return out
 
 
-PROFILE_SECONDS = 4  # py-spy sampling per process and direction
 PROFILE_RATE = 200  # py-spy samples per second
 PERF_RATE = 499  # perf samples per second
-CATEGORIES = (  # (category, substrings of a leaf frame), first match wins
-    ("AEAD: diglett/crypto.py and the cipher library", ("diglett/crypto.py", "Crypto/",
-                                                        "cryptography/")),
-    ("socket calls (send, recv)", ("_socketcommon.py", "/socket.py")),
-    ("gevent hub (event loop, waits, switches)", ("gevent/",)),
-    ("framing and stream state (wire.py, protocol.py)", ("diglett/wire.py", "diglett/protocol.py")),
-    ("relay loops (tunnel.py)", ("diglett/tunnel.py",)),
-)
 
 
 def py_spy():
@@ -273,29 +292,29 @@ def py_spy():
     return found
 
 
-def profile(setup, folder, tool):
+def profile(setup, folder, tool, seconds):
     """Where a diglett process spends a bulk transfer: py-spy samples of its Python frames and,
     where `perf` is installed, perf samples of the native code (kernel, interpreter, cipher)."""
     perf = shutil.which("perf")
     result = {}
     for direction, mode in (("download", "hog"), ("upload", "push")):
         mover = setups.Proc([sys.executable, str(BENCH / "load.py"), mode, str(setup.port),
-                             str(PROFILE_SECONDS + 2)], folder, "%s-%s" % (mode, setup.aead))
+                             str(seconds + 2)], folder, "%s-%s" % (mode, setup.aead))
         mover.wait_for("started", timeout=30)
         samplers = []
         for proc in setup.procs:
             stem = Path(folder) / ("profile-%s-%s-%s" % (setup.aead, direction, proc.label))
             samplers.append((proc.label, stem, subprocess.Popen(
-                [tool, "record", "-p", str(proc.pid), "-d", str(PROFILE_SECONDS), "-r",
+                [tool, "record", "-p", str(proc.pid), "-d", str(seconds), "-r",
                  str(PROFILE_RATE), "--nonblocking", "--format", "raw", "-o",
                  str(stem) + ".pyspy"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
             if perf:
                 samplers.append((proc.label, stem, subprocess.Popen(
                     [perf, "record", "-q", "-F", str(PERF_RATE), "-p", str(proc.pid), "-o",
-                     str(stem) + ".perf", "--", "sleep", str(PROFILE_SECONDS)],
+                     str(stem) + ".perf", "--", "sleep", str(seconds)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
         for _label, _stem, sampler in samplers:
-            sampler.wait(PROFILE_SECONDS + 60)
+            sampler.wait(seconds + 60)
         for label, stem, _sampler in samplers[::2 if perf else 1]:
             entry = result["%s %s" % (label, direction)] = summarize(Path(str(stem) + ".pyspy"))
             if perf:
@@ -305,18 +324,8 @@ def profile(setup, folder, tool):
     return result
 
 
-NATIVE = (  # (category, substrings of a shared object's name), first match wins
-    ("kernel: syscalls, TCP over loopback, copies, scheduling", ("[kernel",)),
-    ("cipher library (OpenSSL via cryptography, or pycryptodome)",
-     ("_rust", "libcrypto", "_raw_", "_poly1305", "_chacha20", "Crypto")),
-    ("Python interpreter (diglett's and gevent's Python code)", ("libpython", "python3")),
-    ("libc: memcpy, malloc", ("libc.so", "libc-")),
-    ("gevent, libev and greenlet C code", ("gevent", "greenlet", "libev", "corecext")),
-)
-
-
 def native_summary(perf, path):
-    """{"samples", "categories": {name: share}, "top": [[share, "dso symbol"], ...]}."""
+    """{"samples", "objects": {shared object: share}, "top": [[share, "dso symbol"], ...]}."""
     def report(sort):
         done = subprocess.run([perf, "report", "-i", str(path), "--stdio", "-n", "--sort", sort],
                               capture_output=True, text=True, timeout=120)
@@ -328,22 +337,20 @@ def native_summary(perf, path):
         return rows
 
     if not path.exists():
-        return {"samples": 0, "categories": {}, "top": []}
+        return {"samples": 0, "objects": {}, "top": []}
     by_dso = report("dso")
     total = sum(count for count, _ in by_dso) or 1
-    categories = {}
-    for count, dso in by_dso:
-        name = next((name for name, marks in NATIVE if any(m in dso for m in marks)), "other")
-        categories[name] = categories.get(name, 0) + count / total
     top = [[count / total, " ".join(symbol.split())] for count, symbol in report("dso,sym")[:8]]
-    return {"samples": total, "categories": categories, "top": top}
+    return {"samples": total, "objects": {dso: count / total for count, dso in by_dso},
+            "top": top}
 
 
 def summarize(path):
-    """{"samples", "categories": {name: share}, "top": [[share, frame], ...]} of a raw profile."""
+    """{"samples", "frames": {leaf frame: share}} of a py-spy raw profile (report.py groups the
+    frames into categories)."""
     frames, total = {}, 0
     if not path.exists():
-        return {"samples": 0, "categories": {}, "top": []}
+        return {"samples": 0, "frames": {}}
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -351,14 +358,7 @@ def summarize(path):
         leaf = stack.split(";")[-1]
         frames[leaf] = frames.get(leaf, 0) + int(count)
         total += int(count)
-    categories = {}
-    for leaf, count in frames.items():
-        name = next((name for name, marks in CATEGORIES if any(m in leaf for m in marks)),
-                    "other")
-        categories[name] = categories.get(name, 0) + count / total
-    top = sorted(frames.items(), key=lambda item: -item[1])[:8]
-    return {"samples": total, "categories": categories,
-            "top": [[count / total, leaf] for leaf, count in top]}
+    return {"samples": total, "frames": {leaf: count / total for leaf, count in frames.items()}}
 
 
 def machine_busy():
@@ -370,7 +370,7 @@ def machine_busy():
 
 
 # ----- the machine --------------------------------------------------------------------------
-def machine(all_setups, nofile):
+def machine(all_setups, nofile, rev=None):
     def version(command, pattern):
         import re
 
@@ -397,11 +397,14 @@ def machine(all_setups, nofile):
         "openssl": version(["ssh", "-V"], r"(OpenSSL [\d.a-z]+)"),
         "socat": version(["socat", "-V"], r"socat version (\S+)"),
         "nofile": nofile,
-        "commit": version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], r"(\w+)"),
+        "rev": rev,
+        "commit": version(["git", "-C", str(ROOT), "rev-parse", "--short", rev or "HEAD"],
+                          r"(\w+)"),
         "diglett_commit": version(["git", "-C", str(ROOT), "log", "-1", "--format=%h %cs",
-                                   "--", "diglett"], r"(\w+ [\d-]+)"),
-        "dirty": bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "diglett"],
-                                     capture_output=True, text=True, timeout=10).stdout.strip()),
+                                   rev or "HEAD", "--", "diglett"], r"(\w+ [\d-]+)"),
+        "dirty": False if rev else bool(subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "diglett", "hooks", "migrations"],
+            capture_output=True, text=True, timeout=10).stdout.strip()),
     }
     for package in ("gevent", "pycryptodome", "cryptography"):
         try:
@@ -415,22 +418,23 @@ def machine(all_setups, nofile):
 
 
 # ----- the run ------------------------------------------------------------------------------
-def run(plan, quick, folder, profiling=False):
+def run(plan, quick, folder, profiling=False, rev=None):
     nofile = raise_nofile()
     backend = setups.Proc([sys.executable, str(BENCH / "backend.py")], folder, "backend")
     port = int(backend.wait_for(r"listening (\d+)").group(1))
     BACKEND_PIDS[:] = [backend.pid]
     machine_before = machine_busy()
+    source = checkout(rev, folder) if rev else None
     all_setups = [setups.Direct(folder, port), setups.Socat(folder, port),
-                  setups.Ssh(folder, port), setups.Diglett(folder, port, "cryptography"),
-                  setups.Diglett(folder, port, "pycryptodome")]
+                  setups.Ssh(folder, port), setups.Diglett(folder, port, "cryptography", source),
+                  setups.Diglett(folder, port, "pycryptodome", source)]
     started = time.monotonic()
     try:
         for setup in all_setups:
             setup.start()
             log("started %-26s port %d, processes %s", setup.name, setup.port, setup.roots())
         results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   "quick": quick, "plan": plan, "machine": machine(all_setups, nofile),
+                   "quick": quick, "plan": plan, "machine": machine(all_setups, nofile, rev),
                    "setups": [setup.name for setup in all_setups]}
         results["idle_start"] = {s.name: setups.memory(s.roots()) for s in all_setups}
         results["bulk"], results["bulk_bytes"] = bulk(all_setups, plan)
@@ -446,10 +450,11 @@ def run(plan, quick, folder, profiling=False):
                     setup, plan["concurrent"], plan["batch"])
                 results["streams"][setup.name] = concurrency(setup, plan["streams"],
                                                              plan["batch"])
-        results["records"] = records()
+        results["records"] = records(source)
         if profiling:
             tool = py_spy()
-            results["profile"] = {s.name: profile(s, folder, tool) for s in all_setups
+            results["profile"] = {s.name: profile(s, folder, tool, plan["profile_s"])
+                                  for s in all_setups
                                   if isinstance(s, setups.Diglett)}
         results["elapsed_s"] = time.monotonic() - started
         busy, ours = (after - before for after, before in zip(machine_busy(), machine_before))
@@ -470,6 +475,9 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true",
                         help="only rewrite docs/benchmarks.md and the chart from results.json")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--rev", metavar="REV",
+                        help="measure diglett as committed at REV (e.g. HEAD), not the working "
+                        "tree, which may hold unfinished changes")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip sampling diglett's processes with py-spy during bulk "
                         "transfers (otherwise py-spy is installed into the venv if missing)")
@@ -484,7 +492,7 @@ def main(argv=None):
         folder = Path(tempfile.mkdtemp(prefix="diglett-bench-"))
         log("working in %s", folder)
         try:
-            results = run(plan, args.quick, folder, args.profile)
+            results = run(plan, args.quick, folder, args.profile, args.rev)
         finally:
             if not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -272,12 +272,15 @@ class Diglett(Setup):
     """diglett-server and one agent from the CLIs, the AEAD backend forced through
     bench/aead/sitecustomize.py (DIGLETT_AEAD)."""
 
-    def __init__(self, folder, backend_port, aead):
+    def __init__(self, folder, backend_port, aead, source=None):
+        """``source``: a folder holding another diglett package to run instead of the venv's
+        (run.py's --rev)."""
         self.aead = aead
         self.name = "diglett (%s)" % aead
         super().__init__(folder, backend_port)
         self.env = {"PYTHONPATH": os.pathsep.join(filter(None, [
-            str(BENCH / "aead"), os.environ.get("PYTHONPATH")])), "DIGLETT_AEAD": aead}
+            str(BENCH / "aead"), source and str(source), os.environ.get("PYTHONPATH")])),
+            "DIGLETT_AEAD": aead}
         self.config = self.folder / "server.conf"
 
     def write_config(self, **extra):
@@ -295,11 +298,13 @@ class Diglett(Setup):
         gateway = "%s:%s" % server.wait_for(READY).group(1, 2)
         key_file = self.folder / "agent.key"
         if not key_file.exists():
+            env = dict(os.environ, **self.env)
             public = subprocess.run([str(BIN / "diglett"), "keygen", "--key-file", str(key_file)],
-                                    capture_output=True, text=True, timeout=30, check=True)
+                                    capture_output=True, text=True, timeout=30, check=True,
+                                    env=env)
             subprocess.run([str(BIN / "diglett-admin"), "-c", str(self.config), "grant", "bench",
                             "--key", public.stdout.strip()], capture_output=True, timeout=30,
-                           check=True)
+                           check=True, env=env)
         agent = Proc([str(BIN / "diglett"), "-g", gateway, "-n", "bench", "--key-file",
                       str(key_file), "--server-key", server_key,
                       "127.0.0.1:%d" % self.backend_port], self.folder, "agent", self.env)
