@@ -203,7 +203,8 @@ class Agent:
         print("tunnel up: %s -> %s:%d (server port %s)"
               % (info.get("host"), self.backend[0], self.backend[1], info.get("port")),
               file=self.out, flush=True)
-        log.info("%s tunnel up: host=%s port=%s", label, info.get("host"), info.get("port"))
+        log.info("%s tunnel up: host=%s port=%s cipher=%s", label, info.get("host"),
+                 info.get("port"), session.cipher_name)
         self.tunnel.start(pending)
         if self._stopping.is_set():
             self.tunnel.close("stopped by signal", ErrorCode.NO_ERROR, "agent stopping")

@@ -13,14 +13,13 @@ import struct
 from pathlib import Path
 
 import coincurve
-from Crypto.Cipher import ChaCha20_Poly1305
-
 try:  # optional, ~8x faster AEAD (security.md 3.8); the "fast" extra installs it
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 except ImportError:  # pragma: no cover - exercised only where cryptography is absent
     ChaCha20Poly1305 = None
 
+AEAD_ENV = "DIGLETT_AEAD"  # force a record cipher backend: cryptography or pycryptodome
 PUBLIC_KEY_SIZE = 33  # compressed secp256k1 point: 02/03 prefix + 32-byte x
 PUBLIC_KEY_HEX_LEN = 2 * PUBLIC_KEY_SIZE
 PRIVATE_KEY_SIZE = 32
@@ -176,12 +175,21 @@ _AEAD_KEY_CACHE_SIZE = 16  # per backend object: handshake keys + both direction
 
 
 class PycryptodomeAEAD:
-    """ChaCha20-Poly1305 from pycryptodome: always available, ~20 us fixed cost per call."""
+    """ChaCha20-Poly1305 from pycryptodome: always available, ~20 us fixed cost per call.
+
+    Imported only when chosen: pycryptodome loads cffi's C parser, ~10 MB per process that
+    a process on the cryptography backend never needs.
+    """
 
     name = "pycryptodome"
 
+    def __init__(self):
+        from Crypto.Cipher import ChaCha20_Poly1305
+
+        self._new = ChaCha20_Poly1305.new
+
     def seal(self, key, nonce, ad, plaintext):
-        cipher = ChaCha20_Poly1305.new(key=key, nonce=_NONCE.pack(nonce))
+        cipher = self._new(key=key, nonce=_NONCE.pack(nonce))
         if ad:
             cipher.update(ad)
         ciphertext, tag = cipher.encrypt_and_digest(plaintext)
@@ -190,7 +198,7 @@ class PycryptodomeAEAD:
     def open(self, key, nonce, ad, ciphertext_with_tag):
         if len(ciphertext_with_tag) < TAG_SIZE:
             raise DecryptError("ciphertext shorter than its tag")
-        cipher = ChaCha20_Poly1305.new(key=key, nonce=_NONCE.pack(nonce))
+        cipher = self._new(key=key, nonce=_NONCE.pack(nonce))
         if ad:
             cipher.update(ad)
         view = memoryview(ciphertext_with_tag)  # slices without copying the body
@@ -244,10 +252,10 @@ def available_backends():
 
 
 def get_backend(name="auto"):
-    """A new AEAD backend object; "auto" is the fastest available one."""
+    """A new AEAD backend object; "auto" is $DIGLETT_AEAD if set, else the fastest one."""
     available = available_backends()
     if name == "auto":
-        name = available[0]
+        name = os.environ.get(AEAD_ENV) or available[0]
     if name not in _BACKENDS:
         raise ValueError(
             "unknown AEAD backend %r; choose one of: auto, %s" % (name, ", ".join(_BACKENDS))
@@ -277,6 +285,10 @@ class TransportCipher:
         self._pending_length = None  # set by open_length, consumed by open_body
         self.nonce = 0
         self.rotations = 0
+
+    @property
+    def aead_name(self):
+        return self._aead.name
 
     def __repr__(self):
         return "<TransportCipher %s nonce=%d rotations=%d>" % (

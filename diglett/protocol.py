@@ -230,6 +230,10 @@ class Session:
 
     # ----- output ---------------------------------------------------------------------
     @property
+    def cipher_name(self):
+        return self._send_cipher.aead_name
+
+    @property
     def has_output(self):
         return bool(self._control or self._ready)
 

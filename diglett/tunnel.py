@@ -326,9 +326,12 @@ class Tunnel:
 class Pump:
     """Moves one stream's bytes both ways between its local socket and the session.
 
-    ``up``: local socket -> DATA, reading only within the stream's credit, so a slow agent
-    or client backs up into this one socket and nowhere else. ``down``: DATA -> local
-    socket, returning credit only for bytes the socket accepted.
+    ``up`` (a greenlet for the stream's life): local socket -> DATA, reading only within
+    the stream's credit, so a slow agent or client backs up into this one socket and nowhere
+    else. ``down``: DATA -> local socket, returning credit only for bytes the socket
+    accepted; written at once when the socket takes them, and by a down greenlet that runs
+    only while bytes wait or a FIN is to be passed on (most streams never need one, which
+    keeps 10,000 streams cheap).
     """
 
     def __init__(self, tunnel, stream_id, sock, connect):
@@ -338,7 +341,8 @@ class Pump:
         self._connect = connect
         self.buffer = collections.deque()
         self.credit_ready = Event()
-        self._data_ready = Event()
+        self._down_finished = Event()  # the peer's FIN was passed on to the local socket
+        self._connected = sock is not None
         self._input_ended = False
         self._up = self._down = None
         self._done = False
@@ -352,7 +356,7 @@ class Pump:
     def deliver(self, data):
         """DATA for the local socket: written at once when it takes it without waiting (no
         greenlet switch), else queued for the down greenlet."""
-        if not self.buffer and not self._sending and self._down is not None:
+        if not self.buffer and not self._sending and self._connected:
             try:
                 sent = self.sock.send(data, 0, 0.0)  # timeout 0: never wait
             except OSError:  # full, or broken: the down greenlet finds out which
@@ -367,14 +371,30 @@ class Pump:
         self.buffer.append(data)
         self.buffered += len(data)
         self.tunnel.buffered += len(data)
-        self._data_ready.set()
+        self._need_down()
 
     def abort_idle(self):
         self._abort(ErrorCode.IDLE_TIMEOUT, "idle for %s s" % self.tunnel.stream_idle_timeout)
 
     def end_of_input(self):
         self._input_ended = True
-        self._data_ready.set()
+        idle = self._down is None or self._down.dead
+        if idle and self._connected and not self.buffer and not self._done:
+            try:
+                self._pass_fin()  # nothing waits: no greenlet needed for the FIN either
+            except OSError as exc:
+                self._abort(ErrorCode.STREAM_CLOSED, "download side: %s" % exc)
+        else:
+            self._need_down()
+
+    def _pass_fin(self):
+        self.sock.shutdown(socket.SHUT_WR)
+        self._down_finished.set()
+
+    def _need_down(self):
+        """Start the down greenlet unless it runs (a running one re-checks before it ends)."""
+        if self._connected and not self._done and (self._down is None or self._down.dead):
+            self._down = gevent.spawn(self._down_loop)
 
     def kill(self):
         """Abort locally (peer reset, or the tunnel ended): the local peer sees a reset."""
@@ -428,14 +448,16 @@ class Pump:
                 self._abort(ErrorCode.CONNECT_FAILED, "connect: %s" % exc)
                 return
         set_nodelay(self.sock)
-        self._down = gevent.spawn(self._down_loop)
+        self._connected = True
+        if self.buffer or self._input_ended:  # arrived while connecting
+            self._need_down()
         try:
             self._up_loop()
         except OSError as exc:
             # bytes read before the local peer's reset still reach the remote peer
             self._abort(ErrorCode.STREAM_CLOSED, "upload side: %s" % exc, after_queued=True)
             return
-        self._down.join()
+        self._down_finished.wait()  # the other half: until the peer's FIN is passed on
         if not self._done:
             self._done = True
             try:  # both halves ended cleanly: undo reset_unless_finished, flush, FIN
@@ -467,28 +489,28 @@ class Pump:
             self.last_active = time.monotonic()
             tunnel.bytes_up += len(data)
             tunnel.send_soon()
+            if len(data) >= STREAM_RECV_MAX:
+                # A socket that is always ready never makes this greenlet wait, and without a
+                # wait the hub never runs the others: a bulk stream must give way each chunk.
+                gevent.idle()
 
     def _down_loop(self):
         tunnel, session, stream_id = self.tunnel, self.tunnel.session, self.stream_id
         buffer, sock = self.buffer, self.sock
         try:
-            while True:
-                while buffer:  # what has arrived goes out in one write
-                    batch = [buffer.popleft() for _ in range(min(len(buffer), IOV_MAX))]
-                    size = sum(map(len, batch))
-                    self._sending = True
-                    sendall_buffers(sock, batch)
-                    self._sending = False
-                    self._delivered(size)
-                    tunnel.bytes_down += size
-                    session.acknowledge(stream_id, size)
-                    if session.has_output:
-                        tunnel.send_soon()
-                if self._input_ended:
-                    self.sock.shutdown(socket.SHUT_WR)
-                    return
-                self._data_ready.clear()
-                if not buffer and not self._input_ended:
-                    self._data_ready.wait()
+            while buffer:  # what has arrived goes out in one write
+                batch = [buffer.popleft() for _ in range(min(len(buffer), IOV_MAX))]
+                size = sum(map(len, batch))
+                self._sending = True
+                sendall_buffers(sock, batch)
+                self._sending = False
+                self._delivered(size)
+                tunnel.bytes_down += size
+                session.acknowledge(stream_id, size)
+                if session.has_output:
+                    tunnel.send_soon()
+            if self._input_ended:
+                self._pass_fin()
+            # all written: the greenlet ends; a later deliver() starts a new one
         except OSError as exc:
             self._abort(ErrorCode.STREAM_CLOSED, "download side: %s" % exc)

@@ -57,8 +57,8 @@ def test_memory_budget_refuses_new_streams_then_recovers(tmp_path):
             lambda: (metric(gateway, "diglett_buffered_bytes") or 0) > 0.75 * 256 * 1024 and
             metric(gateway, "diglett_buffered_bytes"), 10, what="the budget to fill")
         assert buffered <= 256 * 1024 + 8 * 64 * 1024, "each stalled stream holds one window"
-        probe = harness.connect(agent.port)
-        with pytest.raises(ConnectionResetError):
+        with pytest.raises(ConnectionResetError):  # maybe already while connecting
+            probe = harness.connect(agent.port)
             probe.settimeout(5)
             probe.recv(1)  # reset at once: a proxy answers 502 instead of hanging
         assert metric(gateway, "diglett_memory_budget_refusals") >= 1

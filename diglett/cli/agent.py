@@ -148,6 +148,10 @@ def main(argv=None):
         return fail("--name: %s" % exc, agent.EXIT_INVALID_NAME)
     logs.setup(values["log-level"])
     try:
+        aead = crypto.get_backend().name
+    except ValueError as exc:
+        return fail("%s: %s" % (crypto.AEAD_ENV, exc))
+    try:
         key = crypto.read_private_key(values["key-file"])
     except crypto.KeyFileError as exc:
         return fail("%s (create one with `diglett keygen --key-file %s`)"

@@ -115,14 +115,18 @@ def main(argv=None):
         return 0
     logs.setup(args.log_level or cfg.log_level, cfg.log_format)
     try:
+        aead = crypto.get_backend().name  # the record cipher every session will use
+    except ValueError as exc:
+        return fail("%s: %s" % (crypto.AEAD_ENV, exc), 2)
+    try:
         gateway = Gateway(cfg, context, hook_objects, args.log_level)
     except (RegistryError, crypto.KeyFileError) as exc:
         return fail(exc)
     except OSError as exc:
         return fail("cannot listen: %s (check listen and http in %s)" % (exc, cfg.path))
-    log.info("diglett-server %s ready: agents=%s:%d http=%s:%d domain=%s key=%s",
+    log.info("diglett-server %s ready: agents=%s:%d http=%s:%d domain=%s key=%s cipher=%s",
              __version__, *gateway.agent_address, *gateway.http.address[:2], cfg.domain,
-             gateway.server.public_key)
+             gateway.server.public_key, aead)
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
