@@ -28,7 +28,8 @@ LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends FIN after que
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
 IDLE_SWEEP_MAX = 30.0  # longest pause between two looks for idle streams
 IOV_MAX = 1024  # buffers per sendmsg (the Linux limit)
-GIVE_WAY_MAX = 0.002  # seconds a bulk stream waits at most for the hub to go idle
+GIVE_WAY_MAX = 0.001  # seconds a bulk stream waits at most for the hub to go idle
+GIVE_WAY_EVERY = 1024 * 1024  # bytes a stream may read in a row before it gives way
 MSG_DONTWAIT = socket.MSG_DONTWAIT  # a write that must not wait: gevent raises instead
 
 
@@ -480,6 +481,7 @@ class Pump:
     def _up_loop(self):
         tunnel, session, stream_id = self.tunnel, self.tunnel.session, self.stream_id
         recv = self.sock.recv
+        unyielded = 0  # bytes read since this greenlet last let the others run
         while True:
             credit = session.send_credit(stream_id)
             if credit <= 0:
@@ -488,6 +490,7 @@ class Pump:
                 self.credit_ready.clear()
                 if session.send_credit(stream_id) <= 0:
                     self.credit_ready.wait()
+                    unyielded = 0
                 continue
             data = recv(min(credit, STREAM_RECV_MAX))
             if not data:
@@ -499,7 +502,9 @@ class Pump:
             self.last_active = time.monotonic()
             tunnel.bytes_up += len(data)
             tunnel.send_soon()
-            if len(data) >= STREAM_RECV_MAX:
+            unyielded += len(data)
+            if unyielded >= GIVE_WAY_EVERY:
+                unyielded = 0
                 give_way()
 
     def _down_loop(self):
