@@ -66,9 +66,14 @@ def test_memory_budget_refuses_new_streams_then_recovers(tmp_path):
             sock.close()
         harness.wait_until(lambda: metric(gateway, "diglett_buffered_bytes") == 0, 10,
                            what="the buffers to drain")
-        fresh = harness.connect(agent.port)
-        assert len(fresh.recv(65536)) > 0  # new streams are served again
-        fresh.close()
+        def served():  # new streams are served again (the refusal lifts by itself)
+            try:
+                with harness.connect(agent.port) as fresh:
+                    return len(fresh.recv(65536)) > 0
+            except ConnectionResetError:
+                return False
+
+        harness.wait_until(served, 10, interval=0.2, what="a new stream to be served")
         tunnels = json.loads(urllib.request.urlopen(
             "http://%s:%d/api/tunnels" % gateway.http_address, timeout=5).read())
         assert tunnels and tunnels[0]["subdomain"] == "budget"
