@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from diglett import proxyproto
+from diglett.server import read_proxy_header
 from tests.harness import Backend, Gateway, recv_exact, wait_until
 
 FORGED_SOURCE = ("203.0.113.7", 4242)  # TEST-NET-3: what the trusted proxy says the client is
@@ -19,16 +20,9 @@ FORGED_TARGET = ("198.51.100.1", 443)  # TEST-NET-2: the address that client con
 
 
 def read_header(sock):
-    """A backend's side: the PROXY header the agent wrote first, read to its last byte."""
-    data = b""
-    while True:
-        header = proxyproto.parse(data)
-        if header is not None:
-            return header
-        chunk = sock.recv(proxyproto.wanted(data))
-        if not chunk:
-            raise AssertionError("EOF inside the PROXY header after %r" % data)
-        data += chunk
+    """A backend's side: the PROXY header the agent wrote first, read to its last byte (with
+    the same reader the server uses on trusted sources)."""
+    return read_proxy_header(sock)
 
 
 def reporter(sock):
