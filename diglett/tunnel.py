@@ -234,10 +234,12 @@ class Tunnel:
             self.sock.close()
 
     def _flush_goaway(self, code, message):
+        if self._write_started is not None:
+            return  # the writer was stopped inside a record: anything more would be garbage
         self.session.goaway(code, message)
         try:
             with gevent.Timeout(GOAWAY_FLUSH_TIMEOUT):
-                self.sock.sendall(self.session.data_to_send())
+                sendall_buffers(self.sock, (self._pending or []) + self.session.buffers_to_send())
         except (OSError, gevent.Timeout):
             pass
 
