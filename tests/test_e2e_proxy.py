@@ -13,7 +13,7 @@ import pytest
 
 from diglett import proxyproto
 from diglett.server import read_proxy_header
-from tests.harness import Backend, Gateway, recv_exact, wait_until
+from tests.harness import Backend, Gateway, echo, recv_exact, wait_until
 
 FORGED_SOURCE = ("203.0.113.7", 4242)  # TEST-NET-3: what the trusted proxy says the client is
 FORGED_TARGET = ("198.51.100.1", 443)  # TEST-NET-2: the address that client connected to
@@ -31,12 +31,7 @@ def reporter(sock):
     header = read_header(sock)
     line = "%s %s\n" % (_text(header.source), _text(header.destination))
     sock.sendall(line.encode())
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            sock.shutdown(socket.SHUT_WR)
-            return
-        sock.sendall(data)
+    echo(sock)  # then whatever follows the header comes back untouched
 
 
 def _text(address):
