@@ -9,6 +9,7 @@ It must not do I/O or hold references to ended sessions.
 """
 
 import bisect
+import gc
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -124,6 +125,8 @@ class Collector:
         durations.add_metric([], counters.durations.cumulative(), counters.durations.sum)
         yield durations
         yield from self._limits(sessions)
+        yield GaugeMetricFamily("diglett_greenlets", "greenlet objects alive in the process",
+                                value=greenlet_count())
 
     def _traffic(self):
         family = CounterMetricFamily(
@@ -172,6 +175,14 @@ class Collector:
                                   value=admission.penalties)
         yield GaugeMetricFamily("diglett_handshakes_pending", "handshakes in progress",
                                 value=admission.pending)
+
+
+def greenlet_count():
+    """Greenlets alive (an O(heap) walk of gc's objects, as /debug/stats does); a count that
+    grows under a steady load is a leak."""
+    from greenlet import greenlet
+
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet))
 
 
 def _by_label(name, documentation, label, counts):
