@@ -161,7 +161,7 @@ class Agent:
                 raise Fatal(EXIT_SERVER_KEY_MISMATCH, self.on_mismatch()) from None
             raise
         session = protocol.Session(protocol.AGENT, handshake.send_cipher, handshake.recv_cipher,
-                                   window=None)
+                                   window=None, guard=protocol.FloodGuard(time.monotonic))
         session.send_config({"subdomain": self.name, "agent": "diglett/%s" % __version__,
                              "features": []})
         sock.sendall(act_three + session.data_to_send())

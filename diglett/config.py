@@ -332,6 +332,11 @@ SERVER = Section(
         "per_source_startups": Key(integer(1), "8", "handshakes in progress per source address"),
         "penalty_max": Key(seconds(False), "30", "cap in seconds of an auth-failure penalty"),
         "memory_budget": Key(size(1), "256M", "buffered tunnel bytes before streams are refused"),
+        "ping_limit": Key(integer(0), "1000", "PINGs an agent may send per minute; more "
+                          "ends its session (0 = no limit)"),
+        "flood_limit": Key(integer(0), "20000", "frames per second that move no stream "
+                           "forward (for a closed stream, PONG) before a session ends "
+                           "(0 = no limit)"),
         "write_stall_timeout": Key(seconds(), "30", "seconds without send progress: close"),
         "stream_idle_timeout": Key(seconds(False), "900", "idle seconds before a stream closes"),
         "drain_timeout": Key(seconds(False), "30", "seconds open streams may run on after "

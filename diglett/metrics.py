@@ -59,6 +59,7 @@ class Counters:
         self.stream_refusals = 0  # max_streams reached, by ended sessions
         self.budget_refusals = 0  # memory_budget reached, by ended sessions
         self.idle_resets = 0  # streams reset at stream_idle_timeout, by ended sessions
+        self.flood_closes = 0  # sessions the flood guard ended
         self.durations = Histogram()
 
     def refused(self, code):
@@ -75,6 +76,7 @@ class Counters:
         self.stream_refusals += agent_session.refused_streams
         self.budget_refusals += agent_session.budget_refusals
         self.idle_resets += tunnel.idle_resets
+        self.flood_closes += tunnel.flooded
         self.durations.observe(max(0.0, time.time() - agent_session.started))
 
 
@@ -166,6 +168,9 @@ class Collector:
         yield CounterMetricFamily(
             "diglett_idle_stream_resets", "streams reset after stream_idle_timeout",
             value=counters.idle_resets + sum(s.tunnel.idle_resets for s in sessions))
+        yield CounterMetricFamily(
+            "diglett_flood_closes", "agent sessions ended by the flood guard (ENHANCE_YOUR_CALM)",
+            value=counters.flood_closes)
         yield GaugeMetricFamily("diglett_buffered_bytes",
                                 "tunnel bytes received and not yet delivered",
                                 value=sum(s.tunnel.buffered for s in sessions))

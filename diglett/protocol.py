@@ -17,6 +17,11 @@ DEFAULT_WINDOW = 2 * 1024 * 1024  # per-stream credit per direction (W0), as Ope
 DEFAULT_MAX_STREAMS = 16384  # concurrent streams per agent
 OUTPUT_CHUNK = 256 * 1024  # bytes data_to_send returns at most per call (writer latency)
 MAX_PENDING_PONGS = 4  # PINGs beyond this many unanswered are dropped (ping flood)
+PING_LIMIT = 1000  # PINGs a peer may send per minute (one every 10 s is normal)
+# Frames that move nothing forward, per second: FIN, RESET or WINDOW for closed streams,
+# PONGs. (Empty records are refused outright.) A legitimate burst is about one per stream closed at once, so the
+# ceiling sits above the default max_streams.
+FLOOD_LIMIT = 20000
 
 SERVER = "server"
 AGENT = "agent"
@@ -110,11 +115,44 @@ class StreamState:
         self.fin_received = False
 
 
+class FloodGuard:
+    """Counts what a peer sends that costs work but moves no stream forward, and ends the
+    session (ENHANCE_YOUR_CALM) when a count passes its limit within its window.
+
+    Counted in fixed windows: cheap (the clock is read only for counted frames), and a burst
+    across a window edge gets at most twice the limit. ``clock`` returns seconds (the driver
+    passes time.monotonic), so this module stays free of I/O and tests can drive time.
+    """
+
+    def __init__(self, clock, ping_limit=PING_LIMIT, flood_limit=FLOOD_LIMIT):
+        self.clock = clock
+        self._counts = {"ping": [ping_limit, 60.0, 0.0, 0], "idle": [flood_limit, 1.0, 0.0, 0]}
+
+    def ping(self):
+        self._count("ping", "PINGs", "minute")
+
+    def idle(self):
+        self._count("idle", "frames that move no stream forward", "second")
+
+    def _count(self, kind, what, unit):
+        entry = self._counts[kind]
+        limit, window, start, count = entry
+        if not limit:
+            return  # 0: this guard is off
+        now = self.clock()
+        if now - start >= window:
+            entry[2], count = now, 0
+        entry[3] = count = count + 1
+        if count > limit:
+            raise ProtocolError("flood: more than %d %s in a %s" % (limit, what, unit),
+                                ErrorCode.ENHANCE_YOUR_CALM)
+
+
 class Session:
     """One side of an authenticated agent connection (role SERVER or AGENT)."""
 
     def __init__(self, role, send_cipher, recv_cipher, *, window=DEFAULT_WINDOW,
-                 max_streams=DEFAULT_MAX_STREAMS):
+                 max_streams=DEFAULT_MAX_STREAMS, guard=None):
         self.role = role
         self.window = window  # the agent learns the real value from OK
         self.max_streams = max_streams
@@ -130,6 +168,7 @@ class Session:
         self._control = collections.deque()  # encoded non-DATA frames, sent first
         self._ready = collections.deque()  # streams with queued DATA or FIN, round robin
         self._pending_pongs = 0
+        self._guard = guard if guard is not None else FloodGuard(lambda: 0.0, 0, 0)  # off
 
     # ----- commands -------------------------------------------------------------------
     def send_config(self, config):
@@ -370,10 +409,12 @@ class Session:
         elif not self.configured:
             self._on_first_frame(frame, events)
         elif ftype == FrameType.PING:
+            self._guard.ping()
             if self._pending_pongs < MAX_PENDING_PONGS:
                 self._pending_pongs += 1
                 self._control.append(wire.encode_frame(FrameType.PONG, 0, frame.payload))
         elif ftype == FrameType.PONG:
+            self._guard.idle()
             events.append(PongReceived(frame.payload))
         elif ftype == FrameType.GOAWAY:
             events.append(GoAwayReceived(*wire.decode_code_reason(frame.payload)))
@@ -415,7 +456,7 @@ class Session:
     def _on_data(self, frame, events):
         stream = self._known_stream(frame)
         if stream is None:
-            return
+            return  # late DATA after a reset is the normal race, and pays its way per byte
         if stream.fin_received:
             raise ProtocolError("DATA after FIN on stream %d" % frame.stream_id,
                                 ErrorCode.STREAM_CLOSED)
@@ -444,6 +485,7 @@ class Session:
     def _on_fin(self, frame, events):
         stream = self._known_stream(frame)
         if stream is None or stream.fin_received:
+            self._guard.idle()
             return
         stream.fin_received = True
         if stream.fin_sent:
@@ -453,6 +495,7 @@ class Session:
     def _on_reset(self, frame, events):
         stream = self._known_stream(frame)
         if stream is None:
+            self._guard.idle()
             return
         del self.streams[frame.stream_id]
         events.append(StreamReset(frame.stream_id, wire.decode_u16(frame.payload)))
@@ -463,6 +506,7 @@ class Session:
         if increment == 0:
             raise ProtocolError("WINDOW of 0 on stream %d" % frame.stream_id)
         if stream is None:
+            self._guard.idle()
             return
         if stream.send_credit + increment > wire.MAX_WINDOW:
             raise ProtocolError("WINDOW overflows the credit of stream %d" % frame.stream_id,

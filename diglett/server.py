@@ -288,7 +288,10 @@ class Server:
         handshake.read_act_three(recv_exact(sock, noise.ACT_THREE_SIZE))
         session = protocol.Session(protocol.SERVER, handshake.send_cipher, handshake.recv_cipher,
                                    window=self.config.stream_window,
-                                   max_streams=self.config.max_streams)
+                                   max_streams=self.config.max_streams,
+                                   guard=protocol.FloodGuard(time.monotonic,
+                                                             self.config.ping_limit,
+                                                             self.config.flood_limit))
         events = []
         while not events:
             data = sock.recv(wire.MAX_CONFIG_SIZE + 64)

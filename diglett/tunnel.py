@@ -149,6 +149,7 @@ class Tunnel:
         self.bytes_down = 0  # received from the tunnel and delivered to local sockets
         self.streams_opened = 0
         self.idle_resets = 0
+        self.flooded = False  # closed by the flood guard (a limit, counted in /metrics)
         self.last_recv = time.monotonic()
         self.close_reason = None
         self.closed = Event()
@@ -214,6 +215,8 @@ class Tunnel:
         try:
             loop()
         except ProtocolError as exc:
+            if exc.code == ErrorCode.ENHANCE_YOUR_CALM:
+                self.flooded = True
             log.warning("%s protocol error: %s", self.label, exc)
             self.close("protocol error: %s" % exc, exc.code, "protocol error")
         except (TunnelClosed, WriteStalled) as exc:

@@ -129,8 +129,8 @@ class RawPeer:
         return [f for p in open_records(self.recv, drain(session)) for f in wire.decode_frames(p)]
 
 
-def raw_server():
-    server = Session(SERVER, cipher(KEY_S2A), cipher(KEY_A2S), window=WINDOW)
+def raw_server(guard=None):
+    server = Session(SERVER, cipher(KEY_S2A), cipher(KEY_A2S), window=WINDOW, guard=guard)
     peer = RawPeer(SERVER)
     server.receive_data(peer.record(Frame(FrameType.CONFIG, 0, b"{}")))
     server.accept({"window": WINDOW})
@@ -138,8 +138,9 @@ def raw_server():
     return server, peer
 
 
-def raw_agent(max_streams=protocol.DEFAULT_MAX_STREAMS, window=WINDOW):
-    agent = Session(AGENT, cipher(KEY_A2S), cipher(KEY_S2A), max_streams=max_streams)
+def raw_agent(max_streams=protocol.DEFAULT_MAX_STREAMS, window=WINDOW, guard=None):
+    agent = Session(AGENT, cipher(KEY_A2S), cipher(KEY_S2A), max_streams=max_streams,
+                    guard=guard)
     peer = RawPeer(AGENT)
     ok = wire.encode_json({"window": window}, wire.MAX_CONFIG_SIZE)
     assert agent.receive_data(peer.record(Frame(FrameType.OK, 0, ok))) == [Accepted({"window": window})]
@@ -719,7 +720,7 @@ def test_ping_is_answered_with_pong():
 
 
 def test_ping_flood_does_not_grow_the_control_queue():
-    agent, peer = raw_agent()
+    agent, peer = raw_agent(guard=protocol.FloodGuard(FakeClock(), ping_limit=0))  # the queue alone
     flood = [Frame(FrameType.PING, 0, i.to_bytes(8, "big")) for i in range(8000)]
     for i in range(0, len(flood), 4000):
         agent.receive_data(peer.record(*flood[i:i + 4000]))  # 4000 * 16 bytes per record
@@ -730,6 +731,73 @@ def test_ping_flood_does_not_grow_the_control_queue():
     # Once the answers are out, new PINGs are answered again.
     agent.receive_data(peer.record(Frame(FrameType.PING, 0, b"again!!!")))
     assert peer.read(agent) == [Frame(FrameType.PONG, 0, b"again!!!")]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_ping_guard_allows_its_limit_per_minute_then_ends_the_session():
+    clock = FakeClock()
+    agent, peer = raw_agent(guard=protocol.FloodGuard(clock, ping_limit=10))
+    pings = [Frame(FrameType.PING, 0, i.to_bytes(8, "big")) for i in range(10)]
+    agent.receive_data(peer.record(*pings))  # exactly the limit: fine
+    clock.now += 59
+    with pytest.raises(ProtocolError) as caught:
+        agent.receive_data(peer.record(pings[0]))
+    assert caught.value.code == ErrorCode.ENHANCE_YOUR_CALM
+    assert "more than 10 PINGs in a minute" in str(caught.value)
+
+
+def test_ping_guard_window_restarts():
+    clock = FakeClock()
+    agent, peer = raw_agent(guard=protocol.FloodGuard(clock, ping_limit=10))
+    for _ in range(5):  # 10 a minute for five minutes is within the limit
+        agent.receive_data(peer.record(*[Frame(FrameType.PING, 0, b"12345678")] * 10))
+        peer.read(agent)
+        clock.now += 60
+
+
+@pytest.mark.parametrize("frame", [
+    FIN(1), RESET(1), WINDOW_(1, 100), Frame(FrameType.PONG, 0, b"12345678")],
+    ids=["fin-closed", "reset-closed", "window-closed", "pong"])
+def test_frames_that_move_nothing_are_counted(frame):
+    clock = FakeClock()
+    server, peer = raw_server(guard=protocol.FloodGuard(clock, flood_limit=50))
+    for _ in range(2):
+        server.open_stream()
+    peer.read(server)
+    server.receive_data(peer.record(RESET(1)))  # stream 1 is closed from now on
+    server.receive_data(peer.record(*[frame] * 50))
+    clock.now += 1.0  # a new second: the count starts again
+    server.receive_data(peer.record(*[frame] * 50))
+    with pytest.raises(ProtocolError) as caught:
+        server.receive_data(peer.record(frame))
+    assert caught.value.code == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_frames_that_move_streams_are_not_counted():
+    server, peer = raw_server(guard=protocol.FloodGuard(FakeClock(), flood_limit=1))
+    sids = [server.open_stream() for _ in range(100)]
+    peer.read(server)
+    for sid in sids:  # data, credit, a half-close and a reset of live streams: all progress
+        server.receive_data(peer.record(DATA(sid, b"x"), WINDOW_(sid, 10)))
+    server.receive_data(peer.record(*[FIN(sid) for sid in sids[:50]]))
+    server.receive_data(peer.record(*[RESET(sid) for sid in sids[50:]]))
+    server.receive_data(peer.record(Frame(FrameType.PING, 0, b"12345678")))
+
+
+def test_guard_limits_of_zero_turn_it_off():
+    server, peer = raw_server(guard=protocol.FloodGuard(FakeClock(), 0, 0))
+    server.open_stream()
+    server.receive_data(peer.record(RESET(1)))
+    server.receive_data(peer.record(*[Frame(FrameType.PING, 0, b"12345678")] * 3000))
+    for _ in range(10):
+        server.receive_data(peer.record(*[FIN(1)] * 3000))
 
 
 def test_goaway_both_ways():
