@@ -1,8 +1,25 @@
 """Shared fixtures: every process a test starts is killed by PID when the test ends."""
 
+import os
+
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests import harness
+
+# Hypothesis budgets of tests/test_fuzz.py (docs/operations.md, "Fuzzing"). "fuzz-ci" is the
+# default there: bounded and derandomized, so CI runs the same inputs every time. Long runs:
+# HYPOTHESIS_PROFILE=fuzz (random, many examples, failures kept in .hypothesis/ for replay).
+# Other test files keep their own settings unless HYPOTHESIS_PROFILE is set.
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
+settings.register_profile("fuzz-ci", max_examples=300, stateful_step_count=30, deadline=None,
+                          derandomize=True, database=None, print_blob=True,
+                          suppress_health_check=_FUZZ_HEALTH)
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")),
+                          stateful_step_count=60, deadline=None, print_blob=True,
+                          suppress_health_check=_FUZZ_HEALTH)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +42,6 @@ def echo_backend():
     backend = harness.Backend(harness.echo)
     yield backend
     backend.close()
+
+
+from tests.pgfixture import pg_url, postgres  # noqa: E402,F401  (shared PostgreSQL cluster)
