@@ -14,6 +14,7 @@ import io
 import ipaddress
 import math
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -31,6 +32,8 @@ MAX_PORT = 65535
 MIN_STREAM_WINDOW = 16 * 1024  # below this every stream stalls on round trips
 MAX_STREAM_WINDOW = 16 * 1024 * 1024  # bound on what one stream may buffer at the peer
 MAX_STARTUPS_RATE = 100  # the RATE of START:RATE:FULL is a percentage
+GATEWAY_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")  # [server] gateway_id
+MIN_GATEWAY_STALE_AFTER = 3  # seconds: gateways refresh their row at a third of it, at least 1 s
 _NO_DEFAULT_SECTION = "\0"  # turns off configparser's [DEFAULT] merging: [DEFAULT] is unknown
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -139,6 +142,22 @@ def database(text):
     if "://" in text or text == ":memory:":
         return text
     return path(text)
+
+
+def gateway_id(text):
+    """A gateway's name in a shared registry; empty means this machine's host name."""
+    if not text:
+        return host_gateway_id()
+    if not GATEWAY_ID_RE.fullmatch(text):
+        raise ValueError("must be 1-63 letters, digits, '-', '_' or '.' (e.g. gw1 or "
+                         "gw1.example.com)")
+    return text
+
+
+def host_gateway_id():
+    """The host name, made a valid gateway_id (other characters become '-')."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:63]
+    return name or "localhost"
 
 
 def choice(*names):
@@ -300,6 +319,10 @@ def _check_server(values):
             "dead_after (%s) must be more than ping_interval (%s) (make dead_after about "
             "3 x ping_interval)" % (values["dead_after"], values["ping_interval"])
         )
+    if values["gateway_stale_after"] < MIN_GATEWAY_STALE_AFTER:
+        return ("gateway_stale_after",), (
+            "gateway_stale_after must be at least %d seconds (keep the default 30 unless a "
+            "test needs it short)" % MIN_GATEWAY_STALE_AFTER)
     if values["memory_budget"] < values["stream_window"]:
         return ("memory_budget", "stream_window"), (
             "memory_budget (%s) must be at least stream_window (%s) (raise memory_budget)"
@@ -319,6 +342,10 @@ SERVER = Section(
                              "with a PROXY protocol header naming the real client"),
         "key": Key(path, "/var/lib/diglett/server.key", "server static key file (made 0600)"),
         "database": Key(database, "/var/lib/diglett/registry.db", "SQLite path or database URL"),
+        "gateway_id": Key(gateway_id, "", "this server's name in a shared registry (empty: the "
+                          "host name)"),
+        "gateway_stale_after": Key(seconds(), "30", "seconds after which another gateway that "
+                                   "stopped refreshing its row has its sessions ended"),
         "handshake_timeout": Key(seconds(), "10", "seconds from accept to the agent's CONFIG"),
         "ping_interval": Key(seconds(), "10", "seconds between pings on an idle session"),
         "dead_after": Key(seconds(), "30", "seconds of silence before a session is dead"),

@@ -1,9 +1,16 @@
-"""Runs registry calls on one OS thread, so SQLite never blocks the gevent hub.
+"""Runs registry calls on one OS thread, so the database never blocks the gevent hub.
 
 A lock held by diglett-admin, a slow fsync or a full disk stalls only this thread. Reads
 are calls that wait for their answer; session writes are queued, applied in order and
 retried until they succeed, and their follow-up (sending a signal) runs only after the
 commit. Nothing here knows what the calls do.
+
+The same thread serves PostgreSQL: psycopg2 is a C extension that blocks the thread calling
+it (a query waiting for a lock, a slow network), which is why it must never run on the hub.
+Here it runs on this thread, which holds its own connection and releases the GIL while libpq
+waits, so the hub and every tunnel carry on; psycogreen's patch (making psycopg2 yield to the
+hub) is therefore not needed, and not used. The price is that registry calls are serialized:
+a stuck query delays the other registry calls (grant polls, session records), never the data.
 """
 
 import logging

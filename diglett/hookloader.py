@@ -6,7 +6,8 @@ class attribute ``OPTIONS`` (see docs/hooks.md). Hooks never run in the tunnel's
 the server queues one outbox row per hook with each session change (same transaction), the
 blinker signals only wake the Dispatcher of each hook, and the Dispatcher calls the hook in its
 own guarded greenlet, per subdomain in order, retrying with backoff until it works or the
-delivery is declared dead.
+delivery is declared dead. When several servers share the registry, each one's dispatchers
+deliver only the outbox rows of its own gateway.
 """
 
 import importlib
@@ -128,8 +129,10 @@ def build(cfg, context):
 class Hooks:
     """Runs one Dispatcher per enabled hook and wakes them when a session changes."""
 
-    def __init__(self, hooks, registry, db, settings):
-        self.dispatchers = [Dispatcher(name, hook, registry, db, settings) for name, hook in hooks]
+    def __init__(self, hooks, registry, db, settings, gateway=None):
+        """``gateway``: deliver only that gateway's outbox rows (None: every row)."""
+        self.dispatchers = [Dispatcher(name, hook, registry, db, settings, gateway)
+                            for name, hook in hooks]
         self.names = [name for name, _ in hooks]
         self._receivers = []
         self._pruner = None
@@ -179,10 +182,11 @@ class Hooks:
 class Dispatcher:
     """Delivers one hook's outbox: in order per subdomain, retried, never on the data path."""
 
-    def __init__(self, name, hook, registry, db, settings):
+    def __init__(self, name, hook, registry, db, settings, gateway=None):
         self.name = name
         self.hook = hook
         self.registry = registry
+        self.gateway = gateway
         self.db = db
         self.retry_max = settings["retry_max"]
         self.max_attempts = settings["max_attempts"]
@@ -200,7 +204,8 @@ class Dispatcher:
         if self._in_flight:
             return True
         try:
-            return bool(self.db.call(self.registry.pending_deliveries, self.name, 1))
+            return bool(self.db.call(self.registry.pending_deliveries, self.name, 1,
+                                     self.gateway))
         except RegistryError:
             return False
 
@@ -226,7 +231,8 @@ class Dispatcher:
             self._wake.wait(POLL_INTERVAL)
             self._wake.clear()
             try:
-                pending = self.db.call(self.registry.pending_deliveries, self.name)
+                pending = self.db.call(self.registry.pending_deliveries, self.name, 500,
+                                       self.gateway)
             except RegistryError as exc:
                 log.warning("hook=%s cannot read its outbox: %s", self.name, exc)
                 continue

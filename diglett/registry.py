@@ -1,11 +1,16 @@
-"""The registry: grants, sessions and the audit log in SQLite (or, later, PostgreSQL).
+"""The registry: grants, sessions, gateways and the audit log in SQLite or PostgreSQL.
 
 This module owns the peewee models, the schema migrations runner and a small synchronous API
 that returns plain frozen dataclasses; no peewee object leaves it. It must not import gevent
 or know about sockets: the server calls it from one dedicated OS thread (gevent's threadpool),
-because a SQLite call blocks the whole hub (style habit 8, security.md 5.5), and
-diglett-admin calls it directly. Every database failure leaves as a RegistryError whose
-message names the database and says what to do.
+because a SQLite call, and a psycopg2 call just as much, blocks the thread that makes it
+(style habit 8, security.md 5.5); diglett-admin calls it directly. Every database failure
+leaves as a RegistryError whose message names the database and says what to do.
+
+One registry may be shared by several servers ("gateways", each with its own
+``[server] gateway_id``) when it lives in PostgreSQL: grants are shared, while sessions, hook
+deliveries and kicks carry the gateway that owns them, and the ``gateways`` table says which
+gateways are alive (each refreshes its row every few seconds).
 """
 
 import datetime
@@ -39,12 +44,18 @@ SQLITE_PRAGMAS = (
     ("foreign_keys", 1),
 )
 MIGRATION_RE = re.compile(r"(\d{4})_([a-z0-9_]+)")  # migrations/NNNN_name.py
+IN_CHUNK = 500  # values in one SQL IN (...) list; old SQLite allows 999 parameters
 MAX_COMMENT_LEN = 200  # characters in a grant comment; one line in `diglett-admin grants`
 PORT_RANGE = (1, 65535)
 
 STATE_ACTIVE = "active"
 STATE_ENDED = "ended"
 REASON_STALE = "stale"  # session left active by a server process that is gone
+LEGACY_GATEWAY = ""  # gateway of rows written before migration 0004 (one server per database)
+PG_CONNECT_TIMEOUT = 5  # seconds to reach PostgreSQL before the attempt is reported
+PG_STATEMENT_TIMEOUT = "30s"  # a statement stuck on a lock longer than this fails (and is retried)
+PG_MIGRATION_LOCK = 0x646967  # advisory lock id: one gateway at a time applies migrations
+PG_FIELD_TYPES = {"FLOAT": "DOUBLE PRECISION"}  # peewee's default REAL would round timestamps
 DELIVERY_PENDING = "pending"
 DELIVERY_DONE = "done"
 DELIVERY_DEAD = "dead"  # gave up after too many attempts or too long
@@ -101,12 +112,31 @@ class SessionRow:
     state: str  # STATE_ACTIVE or STATE_ENDED
     reason: str | None
     instance: str  # id of the server process that owns the session
+    gateway: str = LEGACY_GATEWAY  # [server] gateway_id of that server
 
     def to_json(self):
         data = asdict(self)
         data["fingerprint"] = crypto.fingerprint(self.key)
         data["started"] = iso_time(self.started)
         data["ended"] = iso_time(self.ended)
+        return data
+
+
+@dataclass(frozen=True)
+class GatewayRow:
+    """One server sharing the registry, as it last reported itself."""
+
+    gateway_id: str
+    instance: str  # the running process (a new one after each restart)
+    address: str  # its agent listener, "host:port"
+    started: float
+    last_seen: float
+    sessions: int  # active sessions it holds
+
+    def to_json(self):
+        data = asdict(self)
+        data["started"] = iso_time(self.started)
+        data["last_seen"] = iso_time(self.last_seen)
         return data
 
 
@@ -184,6 +214,7 @@ class SessionModel(_Base):
     state = peewee.CharField(max_length=16, index=True)
     reason = peewee.TextField(null=True)
     instance = peewee.TextField()
+    gateway = peewee.CharField(max_length=63, default=LEGACY_GATEWAY, index=True)
 
     class Meta:
         table_name = "sessions"
@@ -227,6 +258,7 @@ class OutboxModel(_Base):
     next_attempt = peewee.FloatField()
     last_error = peewee.TextField(null=True)
     created = peewee.FloatField()
+    gateway = peewee.CharField(max_length=63, default=LEGACY_GATEWAY)  # whose hooks deliver it
 
     class Meta:
         table_name = "outbox"
@@ -242,12 +274,27 @@ class KickModel(_Base):
     requested = peewee.FloatField()
     handled = peewee.FloatField(null=True)
     result = peewee.TextField(null=True)
+    gateway = peewee.CharField(max_length=63, null=True)  # holder of the session; None: any
 
     class Meta:
         table_name = "kicks"
 
 
-MODELS = (GrantModel, SessionModel, AuditLogModel, OutboxModel, KickModel)  # the migrations
+class GatewayModel(_Base):
+    """The servers sharing this registry; each refreshes ``last_seen`` every few seconds."""
+
+    gateway_id = peewee.CharField(max_length=63, primary_key=True)
+    instance = peewee.TextField()
+    address = peewee.TextField()
+    started = peewee.FloatField()
+    last_seen = peewee.FloatField()
+
+    class Meta:
+        table_name = "gateways"
+
+
+MODELS = (GrantModel, SessionModel, AuditLogModel, OutboxModel, KickModel,
+          GatewayModel)  # the migrations
 
 
 def _bind(model, db):
@@ -302,6 +349,7 @@ class Registry:
         self._versions = _bind(SchemaVersionModel, self.db)
         self._outbox = _bind(OutboxModel, self.db)
         self._kicks = _bind(KickModel, self.db)
+        self._gateways = _bind(GatewayModel, self.db)
         self._writes = 0  # bumped after each own commit: invalidates the grant snapshot cache
         self._local = threading.local()  # per-connection snapshot cache (like peewee's state)
         if migrate:
@@ -384,43 +432,114 @@ class Registry:
         """
         return self._call(self._end_session, session_id, reason, ended, deliveries, detail)
 
-    def active_sessions(self):
+    def active_sessions(self, gateway=None):
+        """Active sessions, oldest first: every gateway's, or only ``gateway``'s."""
         model = self._sessions
-        query = model.select().where(model.state == STATE_ACTIVE).order_by(model.started)
+        where = model.state == STATE_ACTIVE
+        if gateway is not None:
+            where &= model.gateway == gateway
+        query = model.select().where(where).order_by(model.started)
         return self._call(lambda: [_session_of(row) for row in query])
 
-    def end_stale_sessions(self, instance, deliveries_of=None):
-        """End (reason 'stale') active sessions owned by another server instance; return them.
+    def active_sessions_of(self, subdomains):
+        """Active sessions of these names on any gateway (the takeover check's question)."""
+        names_ = sorted(set(subdomains))
+        model = self._sessions
 
-        ``deliveries_of(row)`` gives the (hook, event dict) pairs to queue for each, in the
-        same transaction.
+        def select():
+            found = []
+            for start in range(0, len(names_), IN_CHUNK):
+                where = (model.state == STATE_ACTIVE) & model.subdomain.in_(
+                    names_[start:start + IN_CHUNK])
+                found += [_session_of(row) for row in model.select().where(where)]
+            return found
+
+        return self._call(select)
+
+    def end_stale_sessions(self, instance, deliveries_of=None, gateway=LEGACY_GATEWAY):
+        """End (reason 'stale') active sessions of ``gateway`` owned by another server
+        instance, i.e. left by this gateway's previous run; return them.
+
+        Other gateways' sessions are never touched. ``deliveries_of(row)`` gives the (hook,
+        event dict) pairs to queue for each, in the same transaction.
         """
-        return self._call(self._end_stale, instance, deliveries_of or (lambda row: ()))
+        model = self._sessions
+        where = ((model.state == STATE_ACTIVE) & (model.gateway == gateway)
+                 & (model.instance != instance))
+        return self._call(self._end_stale, where, deliveries_of or (lambda row: ()), None)
+
+    def end_sessions_of_dead_gateways(self, gateway, stale_after, deliveries_of=None):
+        """End (reason 'stale') active sessions of gateways not seen for ``stale_after``
+        seconds (and rows older than gateways); ``gateway``, the caller, is never one of them.
+
+        The deliveries are queued for the caller's hooks: the dead gateway cannot run its own.
+        """
+        model, seen = self._sessions, self._gateways
+        alive = seen.select(seen.gateway_id).where(seen.last_seen >= time.time() - stale_after)
+        where = ((model.state == STATE_ACTIVE) & (model.gateway != gateway)
+                 & model.gateway.not_in(alive))
+        return self._call(self._end_stale, where, deliveries_of or (lambda row: ()), gateway)
+
+    # -- gateways (servers sharing this registry)
+
+    def gateway_seen(self, gateway, instance, address):
+        """Refresh ``gateway``'s row; returns the instance that held it before (None: new).
+
+        Another instance there while this one runs means two servers share a gateway_id.
+        """
+        return self._call(self._gateway_seen, gateway, instance, address)
+
+    def gateways(self):
+        """Every gateway that ever used this registry, with its active session count."""
+        seen, model = self._gateways, self._sessions
+        counts = (model.select(model.gateway, peewee.fn.COUNT(model.id).alias("n"))
+                  .where(model.state == STATE_ACTIVE).group_by(model.gateway))
+
+        def select():
+            held = {row.gateway: row.n for row in counts}
+            return [GatewayRow(row.gateway_id, row.instance, row.address, row.started,
+                               row.last_seen, held.get(row.gateway_id, 0))
+                    for row in seen.select().order_by(seen.gateway_id)]
+
+        return self._call(select)
 
     # -- kicks (diglett-admin kick -> the running server)
 
     def request_kick(self, subdomain, delay, actor=None):
-        """Ask the running server to end the session of ``subdomain``; returns the request id."""
+        """Ask the running server to end the session of ``subdomain``; returns the request id.
+
+        The request is addressed to the gateway holding the session, or to any when none does.
+        """
         subdomain = names.validate_subdomain(subdomain)
         actor = actor or default_actor()
+        model = self._sessions
 
         def insert():
             with self._write():
+                holder = (model.select(model.gateway)
+                          .where((model.subdomain == subdomain) & (model.state == STATE_ACTIVE))
+                          .order_by(model.started.desc()).limit(1).scalar())
                 row = self._kicks.create(subdomain=subdomain, delay=int(delay), actor=actor,
-                                         requested=time.time())
+                                         requested=time.time(), gateway=holder)
                 self._log(actor, "kick-request", subdomain, None, "delay=%d" % delay)
             return row.id
 
         return self._call(insert)
 
-    def pending_kicks(self):
+    def pending_kicks(self, gateway=None):
+        """Unanswered kicks: every one, or those for ``gateway`` and those for any gateway."""
         model = self._kicks
-        query = model.select().where(model.handled.is_null()).order_by(model.id)
+        where = model.handled.is_null()
+        if gateway is not None:
+            where &= (model.gateway == gateway) | model.gateway.is_null()
+        query = model.select().where(where).order_by(model.id)
         return self._call(lambda: [(row.id, row.subdomain, row.delay, row.actor) for row in query])
 
     def kick_handled(self, kick_id, result):
-        query = self._kicks.update(handled=time.time(), result=result).where(
-            self._kicks.id == kick_id)
+        """Answer a kick; the first answer wins when several gateways saw it."""
+        model = self._kicks
+        query = model.update(handled=time.time(), result=result).where(
+            (model.id == kick_id) & model.handled.is_null())
         self._call(self._write_query, query)
 
     def kick_result(self, kick_id):
@@ -461,11 +580,17 @@ class Registry:
 
     # -- the hook outbox
 
-    def pending_deliveries(self, hook, limit=500):
-        """The oldest pending deliveries of ``hook``, in the order they were queued."""
+    def pending_deliveries(self, hook, limit=500, gateway=None):
+        """The oldest pending deliveries of ``hook``, in the order they were queued.
+
+        With ``gateway``, only that gateway's (and rows from before gateways existed): each
+        server's hooks deliver what its own sessions caused.
+        """
         model = self._outbox
-        query = (model.select().where((model.hook == hook) & (model.state == DELIVERY_PENDING))
-                 .order_by(model.id).limit(limit))
+        where = (model.hook == hook) & (model.state == DELIVERY_PENDING)
+        if gateway is not None:
+            where &= model.gateway.in_((gateway, LEGACY_GATEWAY))
+        query = model.select().where(where).order_by(model.id).limit(limit)
         return self._call(lambda: [_delivery_of(row) for row in query])
 
     def deliveries(self, state=None, limit=1000):
@@ -508,14 +633,21 @@ class Registry:
         )
         return self._call(lambda: query.scalar())
 
-    def last_ports(self):
-        """{subdomain: tunnel port of its latest session}: a restarted server hands it back."""
+    def last_ports(self, gateway=None):
+        """{subdomain: tunnel port of its latest session}: a restarted server hands it back.
+
+        With ``gateway``, only that gateway's sessions count (another host's ports mean
+        nothing here).
+        """
         model = self._sessions
-        latest = (model.select(model.subdomain, peewee.fn.MAX(model.started).alias("started"))
-                  .group_by(model.subdomain).alias("latest"))
-        query = (model.select(model.subdomain, model.port)
-                 .join(latest, on=((model.subdomain == latest.c.subdomain)
-                                   & (model.started == latest.c.started))))
+        latest = model.select(model.subdomain, peewee.fn.MAX(model.started).alias("started"))
+        query = model.select(model.subdomain, model.port)
+        if gateway is not None:
+            latest = latest.where(model.gateway == gateway)
+            query = query.where(model.gateway == gateway)
+        latest = latest.group_by(model.subdomain).alias("latest")
+        query = query.join(latest, on=((model.subdomain == latest.c.subdomain)
+                                       & (model.started == latest.c.started)))
         return self._call(lambda: {row.subdomain: row.port for row in query})
 
     # -- implementation: each runs inside _call, which retries and translates errors
@@ -525,6 +657,15 @@ class Registry:
         return self.db.atomic("IMMEDIATE") if self._is_sqlite else self.db.atomic()
 
     def _migrate(self, applied):
+        if self._is_sqlite:  # SQLite's IMMEDIATE transactions already take turns
+            return self._apply_migrations(applied)
+        self.db.execute_sql("SELECT pg_advisory_lock(%s)", (PG_MIGRATION_LOCK,))
+        try:  # gateways starting together: one migrates, the others then find nothing to do
+            return self._apply_migrations(applied)
+        finally:
+            self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (PG_MIGRATION_LOCK,))
+
+    def _apply_migrations(self, applied):
         known = migration_names()
         self._versions.create_table(safe=True)
         self._refuse_newer_schema(known)
@@ -649,9 +790,23 @@ class Registry:
                                              detail))))
         return True
 
-    def _end_stale(self, instance, deliveries_of):
+    def _gateway_seen(self, gateway, instance, address):
+        model = self._gateways
+        now = time.time()
+        with self._write():
+            row = model.get_or_none(model.gateway_id == gateway)
+            if row is None:
+                model.create(gateway_id=gateway, instance=instance, address=address,
+                             started=now, last_seen=now)
+                return None
+            changes = {"instance": instance, "address": address, "last_seen": now}
+            if row.instance != instance:
+                changes["started"] = now
+            model.update(**changes).where(model.gateway_id == gateway).execute()
+        return row.instance
+
+    def _end_stale(self, where, deliveries_of, gateway):
         model = self._sessions
-        where = (model.state == STATE_ACTIVE) & (model.instance != instance)
         now = time.time()
         with self._write():
             rows = [_ended(_session_of(row), now) for row in model.select().where(where)]
@@ -661,9 +816,10 @@ class Registry:
                     model.id.in_(ids)
                 ).execute()
             for row in rows:
-                self._queue(row, deliveries_of(row))
+                self._queue(row, deliveries_of(row), gateway)
                 self._log("server", "session-end", row.subdomain, row.key,
-                          "session=%s remote=%s reason=%s" % (row.id, row.remote, REASON_STALE))
+                          "session=%s remote=%s reason=%s gateway=%s"
+                          % (row.id, row.remote, REASON_STALE, row.gateway))
         return rows
 
     def _settle(self, delivery_id, changes, action, error=""):
@@ -677,32 +833,53 @@ class Registry:
                 self._log("server", action, row.subdomain, None,
                           detail + (" error=%s" % error[:300] if error else ""))
 
-    def _queue(self, row, deliveries):
+    def _queue(self, row, deliveries, gateway=None):
+        """Outbox rows for the hooks of ``gateway`` (default: the session's own gateway)."""
         now = time.time()
         for hook, event in deliveries:
             self._outbox.insert(
                 hook=hook, event_id=event["event_id"], subdomain=row.subdomain, session=row.id,
                 kind=event["kind"], payload=json.dumps(event), state=DELIVERY_PENDING,
-                next_attempt=now, created=now,
+                next_attempt=now, created=now, gateway=row.gateway if gateway is None else gateway,
             ).execute()
 
     # -- retries and error translation
 
     def _call(self, function, *args):
         delays = iter(RETRY_DELAYS)
+        reconnected = False
         while True:
             try:
                 return function(*args)
             except RegistryError:
                 raise
             except (peewee.PeeweeException, sqlite3.Error, OSError) as exc:
+                if not reconnected and self._forget_broken_connection():
+                    reconnected = True  # PostgreSQL restarted: one fresh connection, at once
+                    log.info("lost the connection to %s; reconnecting", self.location)
+                    continue
                 delay = next(delays, None) if _is_busy(exc) else None
                 if delay is None:
                     raise RegistryError(self._explain(exc)) from exc
                 log.debug("%s is locked, retrying in %.2f s", self.location, delay)
                 time.sleep(delay)
 
+    def _forget_broken_connection(self):
+        """Drop this thread's PostgreSQL connection if the server closed it; True if so.
+
+        peewee would otherwise keep handing out the dead connection.
+        """
+        if self._is_sqlite:
+            return False
+        connection = self.db._state.conn
+        if connection is None or not getattr(connection, "closed", 0):
+            return False
+        self.db._state.reset()
+        return True
+
     def _explain(self, exc):
+        if not self._is_sqlite and not isinstance(exc, OSError):
+            return _explain_postgres(exc, self.location)
         text = str(exc)
         lower = text.lower()
         where = self.location
@@ -762,8 +939,11 @@ def _open(database):
         # ":memory:" is one database per connection, so per thread: only good for tests.
         path = None if text == ":memory:" else Path(text)
         return peewee.SqliteDatabase(text, **sqlite_options), path
-    scheme = urllib.parse.urlsplit(text).scheme
-    options = sqlite_options if scheme == "sqlite" else {"thread_safe": True}
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme.startswith("postgres"):
+        options = _postgres_options(parts)
+    else:
+        options = sqlite_options if parts.scheme == "sqlite" else {"thread_safe": True}
     try:
         db = db_url.connect(text, **options)
     except (RuntimeError, ValueError) as exc:
@@ -772,6 +952,64 @@ def _open(database):
     if isinstance(db, peewee.SqliteDatabase) and db.database not in ("", ":memory:"):
         path = Path(db.database)
     return db, path
+
+
+def _postgres_options(parts):
+    """Connection options for a postgresql:// URL; what the URL's query sets wins."""
+    try:
+        import psycopg2  # noqa: F401  (peewee's driver; only a fleet needs it)
+    except ImportError:
+        raise RegistryError(
+            "database %s is PostgreSQL, which needs psycopg2: pip install 'diglett[fleet]'"
+            % _display(urllib.parse.urlunsplit(parts))) from None
+    given = urllib.parse.parse_qs(parts.query)
+    options = {"thread_safe": True, "field_types": PG_FIELD_TYPES}
+    if "connect_timeout" not in given:
+        options["connect_timeout"] = PG_CONNECT_TIMEOUT
+    if "options" not in given:
+        options["options"] = "-c statement_timeout=%s" % PG_STATEMENT_TIMEOUT
+    return options
+
+
+def _explain_postgres(exc, where):
+    """An operator's message for a PostgreSQL failure: which server, and what to do."""
+    text = " ".join(str(exc).split())  # libpq's messages span lines
+    lower = text.lower()
+    parts = urllib.parse.urlsplit(where)
+    server = "%s:%s" % (parts.hostname or "localhost", parts.port or 5432)
+    user = parts.username or default_actor()
+    database = parts.path.lstrip("/")
+    if "connection refused" in lower:
+        return ("cannot connect to PostgreSQL at %s for %s: connection refused; start "
+                "PostgreSQL there (listen_addresses and port in postgresql.conf) or fix "
+                "`database` in the config" % (server, where))
+    if "timeout expired" in lower:
+        return ("no answer from PostgreSQL at %s within %d s (%s): check the host name, the "
+                "network and the firewall" % (server, PG_CONNECT_TIMEOUT, where))
+    if "could not translate host name" in lower:
+        return "cannot resolve the host of %s (%s); fix `database` in the config" % (where, text)
+    if "authentication failed" in lower or "no password supplied" in lower:
+        return ("PostgreSQL at %s refused user %s (%s): check the user and password in "
+                "`database` and the server's pg_hba.conf" % (server, user, text))
+    if "does not exist" in lower and "database" in lower:
+        return ("PostgreSQL at %s has no database %s: create it, e.g. as user postgres: "
+                "createdb -O %s %s" % (server, database, user, database))
+    if "does not exist" in lower and "role" in lower:
+        return ("PostgreSQL at %s has no user %s: create it, e.g. as user postgres: "
+                "createuser %s" % (server, user, user))
+    if "permission denied" in lower:
+        return ("user %s may not do this on %s (%s): make it the owner of database %s"
+                % (user, where, text, database))
+    if "statement timeout" in lower:
+        return ("a statement on %s waited more than %s, probably for a lock: look for a long "
+                "transaction in pg_stat_activity" % (where, PG_STATEMENT_TIMEOUT))
+    if "closed the connection" in lower or "connection already closed" in lower \
+            or "terminating connection" in lower:
+        return ("lost the connection to PostgreSQL at %s (%s); diglett reconnects on the next "
+                "call: check that PostgreSQL is running" % (server, text))
+    if "does not exist" in lower and "relation" in lower:
+        return "%s has no diglett schema (%s); run: diglett-admin migrate" % (where, text)
+    return "database error on %s: %s" % (where, text)
 
 
 def _display(database):
@@ -787,8 +1025,11 @@ def _display(database):
 
 
 def _is_busy(exc):
+    """Worth a retry in a moment: a SQLite lock, a PostgreSQL deadlock or serialization
+    conflict (PostgreSQL waits for locks by itself, up to PG_STATEMENT_TIMEOUT)."""
     lower = str(exc).lower()
-    return "locked" in lower or "busy" in lower
+    return any(word in lower for word in ("locked", "busy", "deadlock detected",
+                                          "could not serialize"))
 
 
 def _check_port(port):
@@ -815,7 +1056,7 @@ def _grant_of(row):
 def _session_of(row):
     return SessionRow(
         row.id, row.subdomain, row.key, row.host, row.port, row.remote,
-        row.started, row.ended, row.state, row.reason, row.instance,
+        row.started, row.ended, row.state, row.reason, row.instance, row.gateway,
     )
 
 

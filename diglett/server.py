@@ -2,9 +2,14 @@
 
 Owns the agent listener, the handshake and CONFIG checks, one AgentSession per connected
 agent (its tunnel port and its Tunnel), takeover and revocation. The registry is reached
-only through one database thread (diglett.dbworker) so SQLite never blocks the gevent hub;
-grants are cached in memory. Signals go out after the session row is committed; no hook
-is known here.
+only through one database thread (diglett.dbworker) so SQLite or PostgreSQL never blocks the
+gevent hub; grants are cached in memory. Signals go out after the session row is committed;
+no hook is known here.
+
+Several servers may share one registry, each as its own gateway (``[server] gateway_id``):
+every server polls it for revoked grants, for kicks addressed to it and for newer sessions
+of its names on other gateways (takeover), refreshes its own row in the gateways table, and
+ends the sessions of gateways that stopped refreshing theirs.
 """
 
 import dataclasses
@@ -22,7 +27,7 @@ from gevent import socket
 from diglett import (__version__, admission, crypto, metrics, names, noise, protocol,
                      proxyproto, signals, wire)
 from diglett.dbworker import DatabaseWorker
-from diglett.registry import RegistryError, SessionRow
+from diglett.registry import REASON_STALE, RegistryError, SessionRow
 from diglett.tunnel import (Tunnel, close_with_rst, enable_keepalive, recv_exact,
                             reset_unless_finished, set_nodelay)
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
@@ -30,6 +35,7 @@ from diglett.wire import ErrorCode, ProtocolError, RejectCode
 log = logging.getLogger(__name__)
 
 GRANT_POLL_INTERVAL = 1.0  # seconds between grant reloads: a revoke bites within ~2 s
+GATEWAY_REFRESH = 5.0  # seconds between refreshes of this gateway's row (less if stale_after/3)
 ACCEPT_BACKLOG = 1024
 PORT_ATTEMPTS = 64  # random ports tried in a configured range before giving up
 TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
@@ -85,6 +91,8 @@ class Server:
         self.keys = [crypto.load_or_create_private_key(config.key)]
         self.public_key = crypto.public_hex(self.keys[0])
         self.instance = uuid.uuid4().hex
+        self.gateway_id = config.gateway_id
+        self._announcing = False  # a refresh of our gateways row is queued
         self.db = DatabaseWorker()
         self.hook_names = tuple(config.sections.get("hooks", {}).get("enabled", ()))
         self.admission = admission.Admission(
@@ -109,18 +117,24 @@ class Server:
             events[row.id] = self._event(row, "disconnect", "stale")
             return self._deliveries(events[row.id])
 
-        for row in self.db.call(self.registry.end_stale_sessions, self.instance, deliveries_of):
+        for row in self.db.call(self.registry.end_stale_sessions, self.instance, deliveries_of,
+                                self.gateway_id):  # our previous run's; never other gateways'
             log.info("subdomain=%s session=%s ended reason=stale (port %d)",
                      row.subdomain, row.id, row.port)
             signals.session_ended.send(self, event=events[row.id])
-        self.last_ports = self.db.call(self.registry.last_ports)  # ports survive restarts
+        # ports survive restarts (another gateway's ports mean nothing on this host)
+        self.last_ports = self.db.call(self.registry.last_ports, self.gateway_id)
         self._reload_grants()
         self.listener = socket.socket(_family(self.config.listen[0]), socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(self.config.listen)
         self.listener.listen(ACCEPT_BACKLOG)
-        self._greenlets = [gevent.spawn(self._accept_loop), gevent.spawn(self._poll_grants)]
         self.agent_port = self.listener.getsockname()[1]
+        self.address = "%s:%d" % self.listener.getsockname()[:2]
+        # Our row exists before our first session does, so no gateway takes us for dead.
+        self.db.call(self.registry.gateway_seen, self.gateway_id, self.instance, self.address)
+        self._greenlets = [gevent.spawn(self._accept_loop), gevent.spawn(self._poll_grants),
+                           gevent.spawn(self._keep_alive)]
         return self.listener.getsockname()[:2]
 
     def stop(self, reason="shutdown"):
@@ -174,19 +188,21 @@ class Server:
                 session.terminate("revoked", ErrorCode.REVOKED, "grant revoked")
 
     def _poll_grants(self):
-        """The registry is how diglett-admin reaches us: grants (revoke) and kick requests."""
+        """The registry is how diglett-admin and other gateways reach us: grants (revoke),
+        kick requests and newer sessions of our names elsewhere (takeover)."""
         pruned = 0.0
         while True:
             gevent.sleep(GRANT_POLL_INTERVAL)
             self._reload_grants()
             self._handle_kicks()
+            self._check_takeovers()
             if time.monotonic() - pruned > AUDIT_PRUNE_INTERVAL:
                 pruned = time.monotonic()
                 self._prune_audit()
 
     def _handle_kicks(self):
         try:
-            kicks = self.db.call(self.registry.pending_kicks)
+            kicks = self.db.call(self.registry.pending_kicks, self.gateway_id)
         except RegistryError as exc:
             log.warning("cannot read kick requests: %s", exc)
             return
@@ -203,6 +219,85 @@ class Server:
                 self.db.call(self.registry.kick_handled, kick_id, result)
             except RegistryError as exc:
                 log.warning("cannot record a kick: %s", exc)
+
+    def _check_takeovers(self):
+        """End our session of a name that has a newer session on another gateway (the same
+        agent key reconnected there), or whose row another gateway ended as stale."""
+        mine = {name: s for name, s in self.sessions.items() if s.recorded}
+        if not mine:
+            return
+        try:
+            rows = self.db.call(self.registry.active_sessions_of, list(mine))
+        except RegistryError as exc:
+            log.warning("cannot check for takeovers: %s", exc)
+            return
+        active = {row.id for row in rows}
+        for name, session in mine.items():
+            if self.sessions.get(name) is not session:
+                continue  # ended meanwhile
+            newer = [row for row in rows if row.subdomain == name
+                     and (row.started, row.id) > (session.started, session.session_id)]
+            if newer:
+                log.info("%s replaced by session %s on gateway %s", session.label,
+                         newer[-1].id, newer[-1].gateway)
+                session.terminate("replaced", ErrorCode.REPLACED,
+                                  "replaced by a new connection on gateway %s" % newer[-1].gateway)
+            elif session.session_id not in active:
+                log.warning("%s was ended in the registry by another gateway (this one was "
+                            "silent too long); closing it so the agent reconnects", session.label)
+                session.terminate(REASON_STALE, ErrorCode.SHUTTING_DOWN,
+                                  "session ended by the registry; reconnect")
+
+    # ----- the gateways table ---------------------------------------------------------
+    def _keep_alive(self):
+        """Refresh our row so other gateways see us alive; end the sessions of those gone."""
+        stale_after = self.config.gateway_stale_after
+        period = max(1.0, min(GATEWAY_REFRESH, stale_after / 3.0))
+        while True:
+            gevent.sleep(period)
+            self._announce()
+            self._end_dead_gateways(stale_after)
+
+    def _announce(self):
+        """Queued like the session writes, so the refresh never overtakes them; one at a time."""
+        if self._announcing:
+            return  # the last one still waits behind slow writes
+        self._announcing = True
+        result = {}
+
+        def refresh_gateway():
+            result["previous"] = self.registry.gateway_seen(self.gateway_id, self.instance,
+                                                            self.address)
+
+        def done():
+            self._announcing = False
+            self._check_gateway_id(result.get("previous"))
+
+        self.db.submit(refresh_gateway, (), after=done)
+
+    def _check_gateway_id(self, previous):
+        if previous is None or previous == self.instance:
+            return
+        log.error("gateway_id %s is also used by another server (instance %s); give every "
+                  "server its own [server] gateway_id", self.gateway_id, previous)
+
+    def _end_dead_gateways(self, stale_after):
+        events = {}
+
+        def deliveries_of(row):  # runs inside the registry's transaction; our hooks deliver
+            events[row.id] = self._event(row, "disconnect", REASON_STALE)
+            return self._deliveries(events[row.id])
+
+        try:
+            rows = self.db.call(self.registry.end_sessions_of_dead_gateways, self.gateway_id,
+                                stale_after, deliveries_of)
+        except RegistryError as exc:
+            log.warning("cannot check for gateways that are gone: %s", exc)
+            return
+        for row in rows:
+            log.warning("subdomain=%s session=%s ended reason=stale: gateway %s not seen for "
+                        "%s s", row.subdomain, row.id, row.gateway, stale_after)
+            signals.session_ended.send(self, event=events[row.id])
 
     def _prune_audit(self):
         try:
@@ -324,6 +419,10 @@ class Server:
         if grant is None:
             raise Refusal(ErrorCode.UNAUTHORIZED, "key %s has no grant for %r"
                           % (crypto.fingerprint(key), name), admission.PENALTY_AUTHFAIL)
+        other = self._held_elsewhere(name, key)
+        if other is not None:
+            raise Refusal(ErrorCode.NAME_IN_USE, "%r is connected on gateway %s with another key"
+                          % (name, other.gateway))
         current = self.sessions.get(name)
         if current is not None:
             if current.key != key:
@@ -333,6 +432,20 @@ class Server:
             if self.sessions.get(name) is not None:  # still closing, or another took it meanwhile
                 raise Refusal(ErrorCode.NAME_IN_USE, "%r is still in use, retry" % name)
         return name, grant
+
+    def _held_elsewhere(self, name, key):
+        """Another gateway's active session of ``name`` with another key, or None.
+
+        The same key may move (the other gateway sees our newer session and ends its own);
+        another key must wait, as on one gateway. An unreadable registry lets the agent in.
+        """
+        try:
+            rows = self.db.call(self.registry.active_sessions_of, [name])
+        except RegistryError as exc:
+            log.warning("cannot check other gateways' sessions of %s: %s", name, exc)
+            return None
+        return next((row for row in rows
+                     if row.gateway != self.gateway_id and row.key != key), None)
 
     def _fresh_grant(self, name, key):
         """A grant made since the last poll: an agent started right after `grant` gets in."""
@@ -402,8 +515,13 @@ class Server:
         row = agent_session.row()
         self.last_ports[row.subdomain] = row.port
         event = self._event(row, "connect")
+
+        def recorded():
+            agent_session.recorded = True  # from now on the takeover check may look for it
+            signals.session_started.send(self, event=event)
+
         self.db.submit(self.registry.record_session_start, (row, self._deliveries(event)),
-                       after=lambda: signals.session_started.send(self, event=event))
+                       after=recorded)
 
     def session_ended(self, agent_session, reason):
         row = agent_session.row()
@@ -417,7 +535,7 @@ class Server:
 
     def active_session_events(self):
         """Connect events of this server's active sessions, as the registry holds them."""
-        rows = self.db.call(self.registry.active_sessions)
+        rows = self.db.call(self.registry.active_sessions, self.gateway_id)
         return [self._event(row, "connect") for row in rows if row.instance == self.instance]
 
     def over_budget(self):
@@ -457,6 +575,7 @@ class AgentSession:
         self.started = time.time()
         self.end_reason = None
         self.ended = gevent.event.Event()
+        self.recorded = False  # our session row is committed
         self.refused_streams = 0  # clients reset at the stream limit
         self.budget_refusals = 0  # clients reset because the memory budget was reached
         self._refusal_logged = float("-inf")
@@ -486,7 +605,7 @@ class AgentSession:
         return SessionRow(id=self.session_id, subdomain=self.subdomain, key=self.key,
                           host=self.host, port=self.port, remote=self.remote,
                           started=self.started, ended=None, state="active", reason=None,
-                          instance=self.server.instance)
+                          instance=self.server.instance, gateway=self.server.gateway_id)
 
     def run(self):
         server = self.server

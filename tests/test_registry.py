@@ -1,4 +1,8 @@
-"""diglett.registry against real SQLite files: migrations, grants, sessions, locks, errors."""
+"""diglett.registry against real SQLite files and a real PostgreSQL: migrations, grants,
+sessions, gateways, locks, errors.
+
+Tests that take ``reg`` or ``db_url`` run on both; ``sqlite_reg`` ones test SQLite's own
+behaviour (WAL, data_version, file locks)."""
 
 import dataclasses
 import os
@@ -30,17 +34,32 @@ def db_path(tmp_path):
     return tmp_path / "registry.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, db_path):
+    """The registry's database: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(db_path)
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def reg(db_path):
+def reg(db_url):
+    registry_ = Registry(db_url)
+    yield registry_
+    registry_.close()
+
+
+@pytest.fixture
+def sqlite_reg(db_path):
     registry_ = Registry(str(db_path))
     yield registry_
     registry_.close()
 
 
 def session(id_="a1b2c3d4e5f60718", subdomain="foo", key=K1, port=30001, started=1000.0,
-            instance="server-1"):
+            instance="server-1", gateway=registry.LEGACY_GATEWAY):
     return SessionRow(id_, subdomain, key, "127.0.0.1", port, "192.0.2.7:51000", started,
-                      None, registry.STATE_ACTIVE, None, instance)
+                      None, registry.STATE_ACTIVE, None, instance, gateway)
 
 
 # --- schema ---------------------------------------------------------------------------------
@@ -66,9 +85,9 @@ def test_migration_files_are_numbered_and_discovered():
     assert [number for number, _ in found] == list(range(1, len(found) + 1))
 
 
-def test_models_and_migrations_agree(db_path):
-    Registry(str(db_path)).close()
-    db = peewee.SqliteDatabase(str(db_path))
+def test_models_and_migrations_agree(db_url):
+    reg = Registry(db_url)
+    db = reg.db
     assert not diff_models(db, list(registry.MODELS)), str(diff_models(db, list(registry.MODELS)))
     # diff_models ignores nullability and primary keys: compare them column by column.
     for model in registry.MODELS:
@@ -76,6 +95,7 @@ def test_models_and_migrations_agree(db_path):
         in_db = {c.name: (c.null, c.primary_key) for c in db.get_columns(table)}
         in_model = {f.column_name: (f.null, f.primary_key) for f in model._meta.sorted_fields}
         assert in_db == in_model, table
+    reg.close()
 
 
 def test_newer_schema_is_refused_with_upgrade_hint(db_path):
@@ -148,7 +168,7 @@ def test_pinned_port_conflict_names_the_holder(reg):
     assert len(reg.grants()) == 3
 
 
-def test_revoke_one_key_or_every_key_and_audit(reg, db_path):
+def test_revoke_one_key_or_every_key_and_audit(reg):
     reg.grant("foo", K1, actor="alice")
     reg.grant("foo", K2, actor="alice")
     reg.grant("bar", K1, actor="alice")
@@ -158,8 +178,7 @@ def test_revoke_one_key_or_every_key_and_audit(reg, db_path):
     assert reg.revoke("foo") == 1
     assert reg.revoke("nothing") == 0
     assert [(g.subdomain, g.key) for g in reg.grants()] == [("bar", K1)]
-    log = sqlite3.connect(db_path).execute("SELECT actor, action, subdomain, key FROM audit_log "
-                                           "ORDER BY id").fetchall()
+    log = [(e.actor, e.action, e.subdomain, e.key) for e in reversed(reg.audit_entries())]
     assert log[:3] == [("alice", "grant", "foo", K1), ("alice", "grant", "foo", K2),
                        ("alice", "grant", "bar", K1)]
     assert log[3] == ("bob", "revoke", "foo", K1)
@@ -167,7 +186,8 @@ def test_revoke_one_key_or_every_key_and_audit(reg, db_path):
     assert len(log) == 5  # revokes that removed nothing are not logged
 
 
-def test_grant_snapshot_sees_own_and_other_connections_writes(reg, db_path):
+def test_grant_snapshot_sees_own_and_other_connections_writes(sqlite_reg, db_path):
+    reg = sqlite_reg
     reg.grant("foo", K1)
     snapshot = reg.grant_snapshot()
     assert list(snapshot) == [("foo", K1)]
@@ -259,7 +279,8 @@ def test_last_port_is_the_latest_sessions_port(reg):
 # --- failures -------------------------------------------------------------------------------
 
 
-def test_lock_held_elsewhere_fails_fast_instead_of_hanging(reg, db_path):
+def test_lock_held_elsewhere_fails_fast_instead_of_hanging(sqlite_reg, db_path):
+    reg = sqlite_reg
     reg.grant("foo", K1)
     holder = sqlite3.connect(db_path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
@@ -277,7 +298,8 @@ def test_lock_held_elsewhere_fails_fast_instead_of_hanging(reg, db_path):
     assert len(reg.grants()) == 2
 
 
-def test_short_lock_is_ridden_out_by_retries(reg, db_path):
+def test_short_lock_is_ridden_out_by_retries(sqlite_reg, db_path):
+    reg = sqlite_reg
     holder = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")
 

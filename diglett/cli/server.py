@@ -67,7 +67,8 @@ class Gateway:
 
     def _start_hooks(self, cfg, context, hook_objects):
         context.active_sessions = self.server.active_session_events
-        hooks = hookloader.Hooks(hook_objects, self.registry, self.server.db, cfg.sections["hooks"])
+        hooks = hookloader.Hooks(hook_objects, self.registry, self.server.db, cfg.sections["hooks"],
+                                 gateway=self.server.gateway_id)
         hooks.start()
         self.server.hook_names = tuple(hooks.names)
         return hooks
@@ -124,9 +125,9 @@ def main(argv=None):
         return fail(exc)
     except OSError as exc:
         return fail("cannot listen: %s (check listen and http in %s)" % (exc, cfg.path))
-    log.info("diglett-server %s ready: agents=%s:%d http=%s:%d domain=%s key=%s cipher=%s",
-             __version__, *gateway.agent_address, *gateway.http.address[:2], cfg.domain,
-             gateway.server.public_key, aead)
+    log.info("diglett-server %s ready: agents=%s:%d http=%s:%d domain=%s key=%s cipher=%s "
+             "gateway=%s", __version__, *gateway.agent_address, *gateway.http.address[:2],
+             cfg.domain, gateway.server.public_key, aead, cfg.gateway_id)
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
