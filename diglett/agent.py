@@ -84,7 +84,11 @@ def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.unifor
 class Agent:
     def __init__(self, gateway, name, key, server_key, backend, *, on_mismatch=None,
                  out=sys.stdout, backoff_cap=BACKOFF_CAP, proxy_protocol=False):
-        self.gateway = gateway  # (host, port)
+        # (host, port), or a list of them: a fleet. Each attempt after a failure or a
+        # disconnect goes to the next address, so a dead gateway costs one attempt.
+        self.gateways = [gateway] if isinstance(gateway[0], str) else list(gateway)
+        self.gateway = self.gateways[0]  # the one of the current or last attempt
+        self._turn = 0
         self.proxy_protocol = proxy_protocol  # write a PROXY v2 header to every backend socket
         self.name = name
         self.key = key
@@ -133,7 +137,7 @@ class Agent:
         return EXIT_OK
 
     def connect_once(self):
-        sock = socket.create_connection(self.gateway, timeout=CONNECT_TIMEOUT)
+        sock = self._connect()
         try:
             self._handshaking = sock
             with gevent.Timeout(HANDSHAKE_TIMEOUT):
@@ -144,6 +148,34 @@ class Agent:
         finally:
             self._handshaking = None
             sock.close()
+
+    def _connect(self):
+        """Connect to the gateways' addresses in turn, starting one further each attempt: a
+        refused connect moves on at once, and a gateway that accepts but then fails (paused,
+        half dead) costs one attempt. A name with several addresses (DNS round robin) counts
+        as that many gateways."""
+        addresses = self._addresses()
+        start = self._turn
+        self._turn += 1
+        error = None
+        for step in range(len(addresses)):
+            self.gateway = addresses[(start + step) % len(addresses)]
+            try:
+                return socket.create_connection(self.gateway, timeout=CONNECT_TIMEOUT)
+            except OSError as exc:
+                error = exc
+        raise error
+
+    def _addresses(self):
+        addresses = []
+        for host, port in self.gateways:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror:
+                infos = []
+            found = [(info[4][0], port) for info in infos] or [(host, port)]
+            addresses.extend(a for a in found if a not in addresses)
+        return addresses
 
     def _handshake(self, sock):
         set_nodelay(sock)

@@ -89,7 +89,9 @@ def run_parser():
         "4 invalid name, 5 server key mismatch, 6 revoked, 7 replaced by another agent with "
         "the same key, 8 wire version mismatch; everything else is retried.")
     parser.add_argument("backend", nargs="?", metavar="BACKEND", help="HOST:PORT to expose")
-    parser.add_argument("-g", "--gateway", metavar="HOST:PORT", help="the server's agent port")
+    parser.add_argument("-g", "--gateway", metavar="HOST:PORT",
+                        help="the server's agent port; a fleet: HOST:PORT,HOST:PORT,... or a "
+                             "name with several addresses (tried in turn)")
     parser.add_argument("-n", "--name", help="the subdomain to ask for")
     parser.add_argument("-c", "--config", type=Path,
                         help="agent config file with an [agent] section (flags override it)")
@@ -137,7 +139,10 @@ def main(argv=None):
     args = run_parser().parse_args(argv)
     try:
         values = settings(args)
-        gateway = host_port(values["gateway"], "--gateway")
+        gateway = [host_port(text.strip(), "--gateway")
+                   for text in values["gateway"].split(",") if text.strip()]
+        if not gateway:
+            raise UsageError("--gateway must be HOST:PORT (or several, comma-separated)")
         backend = host_port(values["backend"], "BACKEND")
         name = names.validate_subdomain(values["name"])
     except config.ConfigError as exc:
