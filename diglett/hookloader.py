@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 BUILTIN = {  # name in [hooks] enabled -> module defining HOOK
     "script": "diglett.hooks.script",
     "traefik": "diglett.hooks.traefik",
+    "traefik-etcd": "diglett.hooks.traefik_etcd",
     "webhook": "diglett.hooks.webhook",
 }
 ENTRY_POINT_GROUP = "diglett.hooks"  # third-party hooks: name = "package.module:Class"
@@ -95,10 +96,11 @@ def _keys_of(name, options):
 
 
 class HookContext:
-    """What a hook may know of the server: its domain and the active sessions."""
+    """What a hook may know of the server: its domain, name and active sessions."""
 
-    def __init__(self, domain, active_sessions=None, config_dir=None):
+    def __init__(self, domain, active_sessions=None, config_dir=None, gateway_id=None):
         self.domain = domain
+        self.gateway_id = gateway_id  # [server] gateway_id: this server's name in a fleet
         self.config_dir = config_dir  # relative paths in hook options start here
         self.active_sessions = active_sessions  # () -> [SessionEvent]; set once the server runs
 
@@ -184,9 +186,9 @@ class Dispatcher:
 
     def __init__(self, name, hook, registry, db, settings, gateway=None):
         self.name = name
+        self.gateway = gateway
         self.hook = hook
         self.registry = registry
-        self.gateway = gateway
         self.db = db
         self.retry_max = settings["retry_max"]
         self.max_attempts = settings["max_attempts"]

@@ -155,6 +155,10 @@ class Collector:
                 counts[dispatcher.name] = counts.get(dispatcher.name, 0) + getattr(
                     dispatcher, attribute)
             yield _by_label(name, text, "hook", counts)
+        for dispatcher in dispatchers:  # a hook's own figures (the etcd lease, its claims)
+            for name, kind, text, value in getattr(dispatcher.hook, "metrics", list)():
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, text, value=value)
 
     def _limits(self, sessions):
         server, counters = self.server, self.server.counters

@@ -505,7 +505,7 @@ class Server:
         return signals.SessionEvent(
             kind=kind, subdomain=row.subdomain, host=self.host_of(row.subdomain),
             listen_host=row.host, listen_port=row.port, agent_key=row.key,
-            session_id=row.id, reason=reason)
+            session_id=row.id, reason=reason, started=row.started)
 
     def _deliveries(self, event):
         """One outbox row per enabled hook, written with the session change."""

@@ -32,6 +32,7 @@ class SessionEvent:
     session_id: str
     reason: str = ""  # why the session ended; empty on connect
     time: float = field(default_factory=time.time)
+    started: float = 0.0  # when the session began (which of two sessions is newer)
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def to_json(self):

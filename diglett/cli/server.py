@@ -47,7 +47,8 @@ def fail(message, code=1):
 def load(path):
     """The config and its hooks, built (so bad hook options are config errors too)."""
     cfg = config.load_server(path)
-    context = hookloader.HookContext(cfg.domain, config_dir=str(cfg.path.parent))
+    context = hookloader.HookContext(cfg.domain, config_dir=str(cfg.path.parent),
+                                     gateway_id=cfg.gateway_id)
     return cfg, context, hookloader.build(cfg, context)
 
 

@@ -1,0 +1,303 @@
+"""[hook:traefik-etcd]: publish routes in etcd for a fleet of Traefiks (its etcd provider).
+
+Every gateway holds one etcd lease. A session's route is claimed in ONE transaction on that
+lease: the owner key ``NAMESPACE/owner/NAME`` and all of the route's Traefik keys, guarded by
+the owner key's revision, so at most one gateway owns a name at a time and Traefik never sees
+a router without its service. When the owner key holds another session, the newer session
+wins (the same rule as a takeover on one gateway): an older one never overwrites a newer one.
+Releases are fenced the same way, so a gateway that lost a name cannot delete the new owner's
+route. A dead gateway's routes vanish with its lease; a clean stop revokes it.
+
+When the lease is lost (the gateway was paused or cut off from etcd longer than its TTL), a
+new one is granted and every live session is claimed again; names another gateway took
+meanwhile stay with it, and the shared registry ends the local session as replaced.
+
+Key layout and the reasons for it (anchor, one transaction per route): docs/hooks.md.
+"""
+
+import json
+import logging
+import socket
+import time
+
+import gevent
+import gevent.event
+
+from diglett import etcd
+
+log = logging.getLogger(__name__)
+
+PREFIX = "diglett-"  # routers and services are named diglett-NAME, as with the REST hook
+ANCHOR = "http/middlewares/diglett-anchor/headers/customResponseHeaders/X-Diglett"
+CLAIM_ATTEMPTS = 5  # compare-and-swap rounds before a claim gives up (and the outbox retries)
+
+
+class TraefikEtcdHook:
+    # The owner keys mirror the active sessions: a connect whose disconnect is queued is moot.
+    skip_ended_connects = True
+    OPTIONS = {
+        "endpoints": ("list", None, "etcd client URLs, e.g. http://10.0.0.1:2379 (several: "
+                                    "the next is tried when one does not answer)"),
+        "root_key": ("string", "traefik", "Traefik's --providers.etcd.rootKey"),
+        "namespace": ("string", "diglett", "etcd prefix of diglett's own keys (owners, "
+                                           "gateways); never under root_key"),
+        "lease_ttl": ("seconds", "10", "seconds a dead gateway's routes outlive it"),
+        "keepalive": ("seconds", "3", "seconds between lease refreshes (at most lease_ttl/2)"),
+        "check_interval": ("seconds", "5", "seconds between checks that etcd still has every "
+                                           "owned route (etcd restored or wiped)"),
+        "upstream_host": ("string", "", "host Traefik uses to reach tunnel ports (default: "
+                                        "the server's bind address)"),
+        "entrypoints": ("list", "", "Traefik entrypoints of the routers (default: all)"),
+        "cert_resolver": ("string", "", "certificate resolver: routers get TLS with it"),
+        "middlewares": ("list", "", "middlewares added to every router"),
+        "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough)"),
+        "timeout": ("seconds", "5", "seconds for one call to etcd"),
+    }
+
+    def __init__(self, options, context):
+        self.client = etcd.Client(options["endpoints"], options["timeout"])
+        self.timeout = options["timeout"]
+        self.root = options["root_key"].strip("/")
+        self.namespace = options["namespace"].strip("/")
+        if not self.root or not self.namespace:
+            raise ValueError("root_key and namespace must not be empty")
+        if self.namespace.startswith(self.root):  # Traefik would re-list on every claim
+            raise ValueError("namespace %r must not start with root_key %r"
+                             % (self.namespace, self.root))
+        self.ttl = options["lease_ttl"]
+        self.keepalive = options["keepalive"]
+        if self.keepalive * 2 > self.ttl:
+            raise ValueError("keepalive (%s s) must be at most half of lease_ttl (%s s), so "
+                             "one lost refresh does not lose the lease"
+                             % (self.keepalive, self.ttl))
+        self.check_interval = options["check_interval"]
+        self.mode = options["mode"]
+        if self.mode not in ("http", "tcp"):
+            raise ValueError("mode must be http or tcp, got %r" % self.mode)
+        self.upstream_host = options["upstream_host"]
+        self.entrypoints = list(options["entrypoints"])
+        self.cert_resolver = options["cert_resolver"]
+        self.middlewares = list(options["middlewares"])
+        self.context = context
+        self.gateway_id = getattr(context, "gateway_id", None) or socket.gethostname()
+        self.lease = None
+        self._lease_ready = gevent.event.Event()
+        self._loop = None
+        self.counts = {"claims_won": 0, "claims_lost": 0, "releases": 0, "lease_losses": 0}
+
+    # ----- hook interface -------------------------------------------------------------------
+    def start(self):
+        self._loop = gevent.spawn(self._lease_loop)
+
+    def stop(self):
+        if self._loop is not None:
+            self._loop.kill()
+        lease, self.lease = self.lease, None
+        self._lease_ready.clear()
+        if lease is not None:
+            try:  # every route of this gateway goes in one revision
+                self.client.revoke(lease)
+                log.info("hook=traefik-etcd revoked lease %x", lease)
+            except etcd.EtcdError as exc:
+                log.warning("hook=traefik-etcd could not revoke lease %x (its routes go when "
+                            "it expires): %s", lease, exc)
+
+    def session_started(self, event):
+        self.claim(event)
+
+    def session_ended(self, event):
+        self.release(event)
+
+    def metrics(self):
+        """(name, kind, documentation, value) for /metrics."""
+        return [
+            ("diglett_etcd_lease_up", "gauge", "1 while this gateway holds its etcd lease",
+             int(self.lease is not None)),
+            ("diglett_etcd_lease_losses", "counter", "etcd leases lost (expired while cut off)",
+             self.counts["lease_losses"]),
+            ("diglett_etcd_claims_won", "counter", "route claims written to etcd",
+             self.counts["claims_won"]),
+            ("diglett_etcd_claims_lost", "counter", "route claims refused: a newer session "
+                                                     "owns the name", self.counts["claims_lost"]),
+            ("diglett_etcd_releases", "counter", "routes released in etcd",
+             self.counts["releases"]),
+        ]
+
+    # ----- keys -----------------------------------------------------------------------------
+    def owner_key(self, subdomain):
+        return "%s/owner/%s" % (self.namespace, subdomain)
+
+    def route_prefixes(self, subdomain):
+        base = "%s/%s/" % (self.root, self.mode)
+        return [base + "routers/%s%s/" % (PREFIX, subdomain),
+                base + "services/%s%s/" % (PREFIX, subdomain)]
+
+    def route_keys(self, event):
+        """{key: value} of one route, as Traefik's KV provider reads them."""
+        router, service = self.route_prefixes(event.subdomain)
+        host = self.upstream_host or event.listen_host
+        host = "[%s]" % host if ":" in host else host
+        keys = {router + "service": PREFIX + event.subdomain}
+        if self.mode == "tcp":
+            keys[router + "rule"] = "HostSNI(`%s`)" % event.host
+            keys[router + "tls/passthrough"] = "true"
+            keys[service + "loadbalancer/servers/0/address"] = "%s:%d" % (host, event.listen_port)
+        else:
+            keys[router + "rule"] = "Host(`%s`)" % event.host
+            for index, name in enumerate(self.middlewares):
+                keys[router + "middlewares/%d" % index] = name
+            if self.cert_resolver:
+                keys[router + "tls/certresolver"] = self.cert_resolver
+            keys[service + "loadbalancer/servers/0/url"] = "http://%s:%d" % (host,
+                                                                             event.listen_port)
+        for index, name in enumerate(self.entrypoints):
+            keys[router + "entrypoints/%d" % index] = name
+        return keys
+
+    def owner_value(self, event):
+        return json.dumps({"gateway": self.gateway_id, "session": event.session_id,
+                           "started": _started(event)}, sort_keys=True)
+
+    # ----- claim and release --------------------------------------------------------------
+    def claim(self, event):
+        """Own ``event``'s name and publish its route; False when a newer session owns it."""
+        lease = self._wait_lease()
+        key = self.owner_key(event.subdomain)
+        mine = self.owner_value(event)
+        writes = [etcd.put(key, mine, lease)] + [
+            etcd.put(k, v, lease) for k, v in self.route_keys(event).items()]
+        current = self.client.range(key)
+        for _ in range(CLAIM_ATTEMPTS):
+            revision = 0
+            if current:
+                _, value, revision = current[0]
+                other = _parse_owner(value)
+                if other.get("session") != event.session_id and _newer(other, event):
+                    self.counts["claims_lost"] += 1
+                    log.info("hook=traefik-etcd %s stays with gateway %s: its session %s is "
+                             "newer than %s", event.subdomain, other.get("gateway"),
+                             other.get("session"), event.session_id)
+                    return False
+            won, ranges = self.client.txn([etcd.compare_mod_revision(key, revision)], writes,
+                                          [etcd.get(key)])
+            if won:
+                self.counts["claims_won"] += 1
+                return True
+            current = ranges[0] if ranges else []  # someone wrote in between: look again
+        raise etcd.EtcdError("claim of %s kept racing other gateways" % event.subdomain)
+
+    def release(self, event):
+        """Delete ``event``'s route if, and only if, its session still owns the name."""
+        key = self.owner_key(event.subdomain)
+        for _ in range(CLAIM_ATTEMPTS):
+            current = self.client.range(key)
+            if not current:
+                return
+            _, value, revision = current[0]
+            if _parse_owner(value).get("session") != event.session_id:
+                return  # fenced: the name belongs to a newer session now
+            deletes = [{"request_delete_range": {"key": etcd._b64(key)}}] + [
+                etcd.delete_prefix(prefix) for prefix in self.route_prefixes(event.subdomain)]
+            won, _ = self.client.txn([etcd.compare_mod_revision(key, revision)], deletes)
+            if won:
+                self.counts["releases"] += 1
+                return
+        raise etcd.EtcdError("release of %s kept racing other gateways" % event.subdomain)
+
+    # ----- the lease ------------------------------------------------------------------------
+    def _wait_lease(self):
+        if not self._lease_ready.wait(self.timeout):
+            raise etcd.EtcdError("no etcd lease yet (etcd at %s unreachable?)"
+                                 % ", ".join(self.client.endpoints))
+        return self.lease
+
+    def _lease_loop(self):
+        failing = False
+        last_ok = time.monotonic()
+        next_check = 0.0
+        while True:
+            try:
+                if self.lease is None:
+                    self._new_lease()
+                else:
+                    self.client.keepalive(self.lease)
+                last_ok = time.monotonic()
+                if last_ok >= next_check:
+                    self._check()
+                    next_check = last_ok + self.check_interval
+                if failing:
+                    log.info("hook=traefik-etcd etcd answers again")
+                failing = False
+            except etcd.LeaseLost:
+                self._lost("the lease expired (this gateway was paused or cut off)")
+                continue
+            except etcd.EtcdError as exc:
+                if not failing:
+                    log.warning("hook=traefik-etcd %s", exc)
+                failing = True
+                if self.lease is not None and time.monotonic() - last_ok > self.ttl:
+                    self._lost("etcd has not answered for longer than lease_ttl")
+            gevent.sleep(self.keepalive)
+
+    def _new_lease(self):
+        self.client.put("%s/%s" % (self.root, ANCHOR), "1")  # permanent; see docs/hooks.md
+        lease = self.client.grant(self.ttl)
+        self.client.put("%s/gateways/%s" % (self.namespace, self.gateway_id),
+                        json.dumps({"gateway": self.gateway_id, "started": time.time()}), lease)
+        self.lease = lease
+        self._lease_ready.set()
+        log.info("hook=traefik-etcd gateway %s holds lease %x (ttl %s s)", self.gateway_id,
+                 lease, self.ttl)
+        self._reclaim(self._active())
+
+    def _lost(self, why):
+        self.counts["lease_losses"] += 1
+        self.lease = None
+        self._lease_ready.clear()
+        log.warning("hook=traefik-etcd lost its lease: %s; claiming every route again", why)
+
+    def _check(self):
+        """Claim again what etcd lost (restored from an old backup, or wiped)."""
+        owned = {key.decode() for key, _, _ in self.client.range(
+            "%s/owner/" % self.namespace, prefix=True)}
+        missing = [event for event in self._active()
+                   if self.owner_key(event.subdomain) not in owned]
+        if missing:
+            log.warning("hook=traefik-etcd etcd lacks %d route(s) of this gateway; "
+                        "publishing them again", len(missing))
+            self._reclaim(missing)
+
+    def _reclaim(self, events):
+        for event in events:
+            try:
+                self.claim(event)
+            except etcd.EtcdError as exc:
+                log.warning("hook=traefik-etcd claim of %s failed: %s", event.subdomain, exc)
+
+    def _active(self):
+        active = self.context.active_sessions
+        return list(active()) if active is not None else []
+
+
+def _parse_owner(value):
+    try:
+        owner = json.loads(value)
+    except ValueError:
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _newer(owner, event):
+    """True when the session in ``owner`` started after ``event``'s (ties by session id)."""
+    try:
+        return (float(owner.get("started", 0)), str(owner.get("session"))) > (
+            _started(event), event.session_id)
+    except (TypeError, ValueError):
+        return False
+
+
+def _started(event):
+    return event.started or event.time  # events queued before `started` existed
+
+
+HOOK = TraefikEtcdHook
