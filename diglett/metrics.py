@@ -156,7 +156,8 @@ class Collector:
                     dispatcher, attribute)
             yield _by_label(name, text, "hook", counts)
         for dispatcher in dispatchers:  # a hook's own figures (the etcd lease, its claims)
-            for name, kind, text, value in getattr(dispatcher.hook, "metrics", list)():
+            hook = getattr(dispatcher, "hook", None)
+            for name, kind, text, value in getattr(hook, "metrics", list)():
                 family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                 yield family(name, text, value=value)
 
