@@ -1,0 +1,493 @@
+"""Test plan A (bad input), the parts the older tests leave open, end to end on loopback.
+
+The real diglett-server (and, where it matters, the real agent) against hand-made peers from
+tests.plan_peer: malformed act one keys from a raw socket, grants given in other key encodings,
+malformed and truncated records after a valid handshake, a bit flipped in server -> agent
+traffic, frames for unknown or closed stream ids, and a rewritten preamble. See
+docs/testplan.md for the map from plan items to tests.
+"""
+
+import json
+import socket
+import sqlite3
+import threading
+import time
+
+import coincurve
+import pytest
+
+from diglett import crypto, noise, protocol, wire
+from diglett.wire import ErrorCode, FrameType, RejectCode
+from tests import harness
+from tests.harness import Backend, Gateway, Relay, connect, echo, wait_until
+from tests.plan_peer import (CLOSED_EOF, CLOSED_RESET, STILL_OPEN, TestAgent, TestServer, frame,
+                             login)
+
+DEAD_AFTER = float(harness.TEST_SERVER_OPTIONS["dead_after"])
+KEY_MISMATCH_REJECT = wire.encode_reject(RejectCode.SERVER_KEY_MISMATCH)
+SECP256K1_P = 2**256 - 2**32 - 977
+
+
+@pytest.fixture
+def gw(tmp_path):
+    return Gateway(tmp_path / "gw").start()
+
+
+@pytest.fixture(autouse=True)
+def _no_traceback(request):
+    yield
+    for name in ("gw", "gateway"):
+        gateway = request.node.funcargs.get(name)
+        if gateway is not None and gateway.proc is not None:
+            assert "Traceback" not in gateway.proc.stderr(), gateway.proc.stderr()[-4000:]
+
+
+def echo_ok(port, payload=b"still serving"):
+    with connect(port, timeout=5) as sock:
+        sock.sendall(payload)
+        assert harness.recv_exact(sock, len(payload)) == payload
+
+
+def answer_of(address, data, wait=3):
+    """Everything the server sends back to ``data`` before it closes (or ``wait`` passes)."""
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(data)
+        sock.settimeout(wait)
+        got = b""
+        try:
+            while chunk := sock.recv(64):
+                got += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return got
+
+
+def insert_grants(gateway, pairs):
+    """Grants written straight into the registry (a setup shortcut, or to bypass checks)."""
+    with sqlite3.connect(gateway.workdir / "registry.db", timeout=10) as db:
+        db.executemany("INSERT INTO grants (subdomain, key, port, comment, created)"
+                       " VALUES (?, ?, NULL, '', ?)", [(n, k, time.time()) for n, k in pairs])
+
+
+# ----- A3: malformed and wrong keys in act one, from a raw socket ------------------------------
+def act_one_with(key33, tag=bytes(16)):
+    return wire.encode_preamble() + b"\x00" + key33 + tag
+
+
+@pytest.mark.timeout(40)
+def test_malformed_act_one_keys_get_no_answer_and_a_flipped_parity_fails_the_tag(gw,
+                                                                                echo_backend):
+    agent = gw.agent("foo", echo_backend.address)
+    x = crypto.public_key_bytes(crypto.generate_private_key())[1:]
+    malformed = {
+        "prefix 00": b"\x00" + x, "prefix 04": b"\x04" + x, "prefix 05": b"\x05" + x,
+        "prefix 06": b"\x06" + x, "prefix 07": b"\x07" + x, "prefix ff": b"\xff" + x,
+        "x >= p": b"\x02" + (SECP256K1_P + 1).to_bytes(32, "big"),
+        "x = 5, not on the curve": b"\x02" + (5).to_bytes(32, "big"),
+    }
+    failures_before = gw.http_get("/debug/stats")["handshake_failures"].get("act1 bad key", 0)
+    for what, key in malformed.items():
+        assert answer_of(gw.agent_address, act_one_with(key)) == b"", what
+        echo_ok(agent.port)
+    stats = gw.http_get("/debug/stats")
+    assert stats["handshake_failures"].get("act1 bad key", 0) - failures_before == len(malformed)
+
+    # A valid point with the parity bit flipped is another valid point: it passes the key
+    # check and fails act one's tag, which the server answers with its documented reject.
+    initiator = noise.Initiator(crypto.generate_private_key(), bytes.fromhex(gw.key),
+                                wire.prologue(wire.encode_preamble()))
+    act_one = bytearray(initiator.act_one())
+    act_one[1] ^= 1  # 02 <-> 03
+    assert answer_of(gw.agent_address, wire.encode_preamble() + bytes(act_one)) == \
+        KEY_MISMATCH_REJECT
+    assert gw.http_get("/debug/stats")["handshake_failures"].get("act1 bad tag", 0) >= 1
+    assert gw.sessions()[0]["subdomain"] == "foo" and len(gw.sessions()) == 1
+    echo_ok(agent.port)
+
+
+# ----- A3: a grant in another encoding of the same key -----------------------------------------
+@pytest.mark.timeout(60)
+def test_grant_given_uncompressed_or_hybrid_admits_the_agents_compressed_key(gw, echo_backend):
+    foo_key, foo_public = gw.new_key("foo")
+    bar_key, bar_public = gw.new_key("bar")
+    point = coincurve.PublicKey(bytes.fromhex(foo_public))
+    uncompressed = point.format(compressed=False).hex()
+    assert len(uncompressed) == 130 and uncompressed != foo_public
+    bar_uncompressed = coincurve.PublicKey(bytes.fromhex(bar_public)).format(compressed=False)
+    hybrid = (bytes([6 + (bar_uncompressed[-1] & 1)]) + bar_uncompressed[1:]).hex().upper()
+
+    gw.grant("foo", uncompressed)
+    gw.grant("bar", hybrid)
+    grants = {g["subdomain"]: g["key"] for g in json.loads(gw.admin("grants", "--json").stdout)}
+    assert grants == {"foo": foo_public, "bar": bar_public}, "grants must be stored compressed"
+
+    for name, key_file in (("foo", foo_key), ("bar", bar_key)):
+        agent = gw.agent(name, echo_backend.address, key_file=key_file)
+        echo_ok(agent.port)
+    assert sorted(s["key"] for s in gw.sessions()) == sorted([foo_public, bar_public])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key, words", [
+    ("02" + "00" * 32, "not a valid secp256k1 public key"),  # x = 0: not on the curve
+    ("02" + (5).to_bytes(32, "big").hex(), "not a valid secp256k1 public key"),
+    ("05" + "11" * 32, "not a valid secp256k1 public key"),  # no such prefix
+    ("04" + "11" * 64, "not a valid secp256k1 public key"),  # uncompressed, off the curve
+    ("02" + "11" * 31, "33 or 65 bytes"),
+    ("", "33 or 65 bytes"),
+    ("zz" * 33, "must be hex"),
+])
+def test_admin_refuses_key_encodings_that_are_not_a_point(tmp_path, key, words):
+    gateway = Gateway(tmp_path / "gw")  # not started: diglett-admin works on the file alone
+    result = gateway.admin("grant", "foo", "--key", key, check=False)
+    assert result.returncode != 0
+    assert words in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ----- A4: malformed, oversized and truncated records after a valid handshake ------------------
+def data_frame(stream_id, payload):
+    return frame(FrameType.DATA, stream_id, payload)
+
+
+BAD_RECORDS = {  # case -> (plaintext of one record, word the server's log must show)
+    "zero-length record": (b"", "zero-length record"),
+    "frame overruns the record": (frame(FrameType.PING, 0, bytes(8))[:-4], "overruns"),
+    "trailing bytes": (frame(FrameType.PING, 0, bytes(8)) + b"\x09\x00\x00", "trailing"),
+    "unknown type 0x7f": (bytes([0x7F, 0]) + bytes(4) + bytes(2), "type"),
+    "reserved flag bit": (bytes([FrameType.PING, 0x01]) + bytes(4) + b"\x00\x08" + bytes(8),
+                          "flag"),
+    "DATA on stream 0": (data_frame(0, b"x"), "DATA"),
+    "CONFIG twice": (frame(FrameType.CONFIG, 0, b'{"subdomain":"x"}'), "CONFIG"),
+    "OK from the agent": (frame(FrameType.OK, 0, b'{"window":1}'), "OK"),
+    "WINDOW with 3 bytes": (frame(FrameType.WINDOW, 1, b"\x00\x00\x01"), "WINDOW"),
+    "WINDOW of 0": (frame(FrameType.WINDOW, 1, bytes(4)), "WINDOW"),
+    "RESET with 1 byte": (frame(FrameType.RESET, 1, b"\x01"), "RESET"),
+    "empty DATA": (data_frame(1, b""), "DATA"),
+}
+# "frame overruns the record": a PING header announcing 8 bytes with only 4 behind it
+
+
+@pytest.mark.timeout(90)
+def test_malformed_records_get_goaway_protocol_error_and_a_log_line(gw, echo_backend):
+    good = gw.agent("good", echo_backend.address)
+    key_file, public = gw.new_key("peer")
+    names = ["bad%d" % number for number in range(len(BAD_RECORDS))]
+    insert_grants(gw, [(name, public) for name in names])
+    for name, (case, (plaintext, word)) in zip(names, BAD_RECORDS.items()):
+        peer, answer = login(gw, key_file, name)
+        assert isinstance(answer, protocol.Accepted), (case, answer)
+        port = answer.info["port"]
+        client = connect(port)  # stream 1 is open, so stream-level rules are what fails
+        peer.wait_for(lambda e: isinstance(e, protocol.StreamOpened), 5)
+        peer.send_plaintext(plaintext)
+        how, _ = peer.until_closed(5)
+        assert how in (CLOSED_EOF, CLOSED_RESET), (case, how)
+        goaways = peer.goaways()
+        assert [g.code for g in goaways] == [ErrorCode.PROTOCOL_ERROR], (case, goaways)
+        assert goaways[0].reason == "protocol error", "peer text must be the fixed string"
+        with pytest.raises(OSError):  # the session's stream is reset, not ended cleanly
+            client.settimeout(5)
+            if client.recv(1) == b"":
+                raise AssertionError("%s: the client saw a clean EOF" % case)
+        client.close()
+        peer.close()
+        log = gw.proc.stderr()
+        lines = [line for line in log.splitlines() if "subdomain=%s " % name in line
+                 and "protocol error: " in line and " ended " not in line]
+        assert len(lines) == 1, (case, lines)
+        assert word.lower() in lines[0].lower(), (case, lines[0])
+        echo_ok(good.port)
+    wait_until(lambda: [s["subdomain"] for s in gw.sessions()] == ["good"], 5,
+               what="only the good session left")
+
+
+@pytest.mark.timeout(40)
+def test_oversized_or_late_config_is_refused_during_setup(gw, echo_backend):
+    good = gw.agent("good", echo_backend.address)
+    key_file, public = gw.new_key("peer")
+    gw.grant("peer", public)
+    for plaintext in (frame(FrameType.CONFIG, 0, b'{"subdomain":"peer","x":"' + b"a" * 4080
+                            + b'"}'),  # 4097+ bytes of JSON
+                      frame(FrameType.PING, 0, bytes(8))):  # anything but CONFIG first
+        peer = TestAgent(gw.agent_address, gw.key, crypto.read_private_key(key_file))
+        assert peer.start() is None
+        peer.send_plaintext(plaintext)
+        how, _ = peer.until_closed(5)
+        assert how in (CLOSED_EOF, CLOSED_RESET) and peer.events == [], peer.events
+        peer.close()
+    assert gw.http_get("/debug/stats")["handshake_failures"]["bad preamble or CONFIG"] == 2
+    assert [s["subdomain"] for s in gw.sessions()] == ["good"]
+    echo_ok(good.port)
+
+
+@pytest.mark.timeout(40)
+def test_record_cut_off_then_eof_or_stall_ends_the_session(gw, echo_backend):
+    good = gw.agent("good", echo_backend.address)
+    key_file, public = gw.new_key("peer")
+    insert_grants(gw, [("cut", public), ("stall", public)])
+
+    cut, answer = login(gw, key_file, "cut")
+    whole = cut.send_cipher.seal(frame(FrameType.PING, 0, bytes(8)) * 100)
+    cut.sock.sendall(whole[:18 + 100])  # the length authenticates, the body never completes
+    cut.sock.shutdown(socket.SHUT_WR)
+    assert cut.until_closed(5)[0] in (CLOSED_EOF, CLOSED_RESET)
+    wait_until(lambda: "stall" not in [s["subdomain"] for s in gw.sessions()] and
+               "cut" not in [s["subdomain"] for s in gw.sessions()], 5, what="cut to end")
+
+    stall, answer = login(gw, key_file, "stall")
+    port = answer.info["port"]
+    stall.sock.sendall(stall.send_cipher.seal(bytes(65535))[:18 + 10])  # L=65535, 10 bytes
+    started = time.monotonic()
+    while True:  # read without answering pings: the peer is stuck mid-record
+        stall.sock.settimeout(DEAD_AFTER + 3)
+        try:
+            if not stall.sock.recv(65536):
+                break
+        except (ConnectionResetError, socket.timeout):
+            break
+    took = time.monotonic() - started
+    assert DEAD_AFTER * 0.8 <= took <= DEAD_AFTER + 1.5, "closed after %.1f s" % took
+    wait_until(lambda: [s["subdomain"] for s in gw.sessions()] == ["good"], 5,
+               what="the stalled session to end")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    echo_ok(good.port)
+
+
+@pytest.mark.timeout(60)
+def test_fifty_sessions_stalled_mid_record_cost_little_memory(tmp_path, echo_backend):
+    gateway = Gateway(tmp_path / "gw", ping_interval=10, dead_after=30).start()
+    good = gateway.agent("good", echo_backend.address)
+    keys = [crypto.generate_private_key() for _ in range(50)]
+    insert_grants(gateway, [("s%d" % n, crypto.public_hex(k)) for n, k in enumerate(keys)])
+    time.sleep(1.5)  # one grant poll
+    peers = []
+    try:
+        for number, key in enumerate(keys):
+            peer = TestAgent(gateway.agent_address, gateway.key, key)
+            assert peer.start() is None
+            assert isinstance(peer.login("s%d" % number), protocol.Accepted)
+            peers.append(peer)
+        time.sleep(0.5)
+        before = harness.vm_rss(gateway.proc.pid)
+        for peer in peers:  # announce the largest record, then stop after 10 bytes of it
+            peer.sock.sendall(peer.send_cipher.seal(bytes(65535))[:18 + 10])
+        time.sleep(1.5)
+        growth = harness.vm_rss(gateway.proc.pid) - before
+        print("server RSS grew by %.2f MiB for 50 records stalled at 10 of 65535 bytes"
+              % (growth / 2**20))
+        assert growth < 10 * 2**20
+        assert gateway.http_get("/debug/stats")["agents"] == 51
+        echo_ok(good.port)
+    finally:
+        for peer in peers:
+            peer.close()
+    assert "Traceback" not in gateway.proc.stderr()
+
+
+# ----- A5: a bit flipped in server -> agent traffic ---------------------------------------------
+class DownstreamFlipRelay(Relay):
+    """harness.Relay, but the bit is flipped in the target -> client direction."""
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            first = self.connections == 1
+            server = socket.create_connection(self.target, timeout=5)
+            server.settimeout(None)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, daemon=True,
+                             args=(client, server, None, None)).start()
+            threading.Thread(target=self._pump, daemon=True,
+                             args=(server, client, None, self.flip_at if first else None)).start()
+
+
+@pytest.mark.timeout(60)
+def test_bit_flipped_toward_the_agent_resets_both_ends_and_nothing_wrong_is_delivered(gw):
+    size = 1 << 20
+    blob = b"".join(harness.seeded_chunks(size, b"upload"))
+    got = {}
+
+    def backend_handler(sock):
+        data = bytearray(harness.recv_exact(sock, 5))
+        sock.sendall(b"ready")
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+            got["end"] = "eof"
+        except ConnectionResetError:
+            got["end"] = "reset"
+        got["data"] = bytes(data)
+
+    backend = Backend(backend_handler)
+    relay = DownstreamFlipRelay(gw.agent_address, flip_at=256 * 1024 + 33)
+    key_file, public = gw.new_key("foo")
+    gw.grant("foo", public)
+    try:
+        argv = harness.command("diglett") + ["-g", relay.gateway, "-n", "foo", "--key-file",
+                                             str(key_file), "--server-key", gw.key,
+                                             "%s:%d" % backend.address]
+        agent = harness.Agent(argv, gw.workdir, "agent-flip")
+        port = agent.wait_up()
+        with connect(port) as client:
+            # The stream is up end to end before the bulk (and the flipped bit) arrive, so the
+            # test is not about a session lost while the agent still dials its backend.
+            client.sendall(blob[:5])
+            assert harness.recv_exact(client, 5) == b"ready"
+            try:
+                client.sendall(blob[5:])
+                client.shutdown(socket.SHUT_WR)
+                client.settimeout(10)
+                answer = client.recv(1)
+                ended = "eof" if answer == b"" else "data"
+            except OSError:
+                ended = "error"
+        assert relay.flipped.is_set()
+        assert ended == "error", "the client saw %s, not a reset" % ended
+        wait_until(lambda: "end" in got, 10, what="the backend's stream to end")
+        assert got["end"] == "reset", "the backend saw a clean EOF after %d of %d bytes:\n%s" % (
+            len(got["data"]), size, agent.stderr()[-3000:])
+        assert len(got["data"]) < size and blob.startswith(got["data"]), \
+            "corrupted bytes reached the backend"
+        assert "bad record" in agent.stderr()
+        agent.wait_up(count=2)  # the agent reconnects; the relay no longer flips
+        assert gw.sessions()[0]["port"] == agent.port
+    finally:
+        relay.close()
+        backend.close()
+
+
+# ----- A7: unknown stream ids, frames after close -------------------------------------------
+@pytest.mark.timeout(60)
+def test_frames_for_never_opened_ids_and_open_from_the_agent_end_the_session(gw, echo_backend):
+    good = gw.agent("good", echo_backend.address)
+    key_file, public = gw.new_key("peer")
+    cases = {
+        "DATA 9999": data_frame(9999, b"x"),
+        "FIN 9999": frame(FrameType.FIN, 9999),
+        "WINDOW 9999": frame(FrameType.WINDOW, 9999, (1).to_bytes(4, "big")),
+        "OPEN from the agent": frame(FrameType.OPEN, 1),
+    }
+    insert_grants(gw, [("u%d" % n, public) for n in range(len(cases))])
+    for number, (case, plaintext) in enumerate(cases.items()):
+        peer, answer = login(gw, key_file, "u%d" % number)
+        assert isinstance(answer, protocol.Accepted)
+        peer.send_plaintext(plaintext)
+        assert peer.until_closed(5)[0] in (CLOSED_EOF, CLOSED_RESET), case
+        assert [g.code for g in peer.goaways()] == [ErrorCode.PROTOCOL_ERROR], case
+        peer.close()
+        echo_ok(good.port)
+
+
+@pytest.mark.timeout(60)
+def test_late_frames_for_a_stream_the_server_reset_are_dropped(gw, echo_backend):
+    key_file, public = gw.new_key("peer")
+    gw.grant("peer", public)
+    peer, answer = login(gw, key_file, "peer")
+    port = answer.info["port"]
+    doomed = connect(port)
+    opened = peer.wait_for(lambda e: isinstance(e, protocol.StreamOpened), 5)
+    doomed.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    doomed.close()  # RST: the server resets the stream toward the agent
+    peer.wait_for(lambda e: isinstance(e, protocol.StreamReset) and
+                  e.stream_id == opened.stream_id, 5)
+    for number in range(5):  # late DATA and FIN for the closed id: dropped, no error
+        peer.send_frames(data_frame(opened.stream_id, b"late %d" % number))
+    peer.send_frames(frame(FrameType.FIN, opened.stream_id))
+
+    with connect(port) as live:  # another stream works: echo it by hand
+        live.sendall(b"hello")
+        second = peer.wait_for(lambda e: isinstance(e, protocol.StreamOpened) and
+                               e.stream_id != opened.stream_id, 5)
+        peer.wait_for(lambda e: isinstance(e, protocol.DataReceived) and
+                      e.stream_id == second.stream_id, 5)
+        peer.session.send_data(second.stream_id, b"hello")
+        peer.flush()
+        live.settimeout(5)
+        assert harness.recv_exact(live, 5) == b"hello"
+    assert peer.goaways() == [] and peer.poll(0.3) == STILL_OPEN
+    assert gw.http_get("/debug/stats")["agents"] == 1
+    peer.close()
+
+
+@pytest.mark.timeout(60)
+def test_real_agent_drops_frames_for_closed_streams_and_never_redials(tmp_path):
+    accepted = []
+    backend = Backend(echo)
+    server = TestServer()
+    key_file = tmp_path / "agent.key"
+    crypto.write_private_key(key_file, crypto.generate_private_key())
+    argv = harness.command("diglett") + ["-g", server.gateway, "-n", "foo", "--key-file",
+                                         str(key_file), "--server-key", server.key_hex,
+                                         "%s:%d" % backend.address]
+    agent = harness.Agent(argv, tmp_path, "agent")
+    try:
+        assert server.accept()["subdomain"] == "foo"
+        agent.wait_up()
+        first = server.session.open_stream({"remote": "127.0.0.1:1"})
+        server.flush()
+        server.session.send_data(first, b"one")
+        server.flush()
+        server.wait_for(lambda e: isinstance(e, protocol.DataReceived) and e.stream_id == first,
+                        5)
+        wait_until(lambda: backend.accepted == 1, 5, what="the backend dial")
+        server.session.reset_stream(first, ErrorCode.STREAM_CLOSED)
+        server.flush()
+        time.sleep(0.3)
+        for number in range(5):  # late frames for the closed stream, sealed by hand
+            server.send_frames(data_frame(first, b"late %d" % number))
+        server.send_frames(frame(FrameType.FIN, first))
+        time.sleep(0.5)
+        assert server.poll(0.2) == STILL_OPEN, "the agent closed the session"
+        assert backend.accepted == 1, "the agent dialled the backend again for a closed stream"
+
+        second = server.session.open_stream({"remote": "127.0.0.1:2"})
+        server.flush()
+        server.session.send_data(second, b"two")
+        server.flush()
+        event = server.wait_for(lambda e: isinstance(e, protocol.DataReceived) and
+                                e.stream_id == second, 5)
+        assert event.data == b"two" and backend.accepted == 2
+
+        # A repeated OPEN id is a connection error for the agent: GOAWAY, close, reconnect.
+        server.send_frames(frame(FrameType.OPEN, second))
+        server.wait_for(lambda e: isinstance(e, protocol.GoAwayReceived) and
+                        e.code == ErrorCode.PROTOCOL_ERROR, 5)
+        assert agent.popen.poll() is None, "a protocol error is retried, not fatal"
+        agent.wait_for("reconnecting in", timeout=5)
+    finally:
+        server.close()
+        backend.close()
+
+
+# ----- A8: preamble bound into the prologue; unknown features -----------------------------
+@pytest.mark.timeout(30)
+def test_preamble_rewritten_in_flight_fails_act_one(gw):
+    key_file, public = gw.new_key("foo")
+    gw.grant("foo", public)
+    for rewritten in (wire.encode_preamble(2, 3), wire.encode_preamble(2, 0x7F)):
+        peer = TestAgent(gw.agent_address, gw.key, crypto.read_private_key(key_file),
+                         preamble=rewritten, prologue_preamble=wire.encode_preamble())
+        assert peer.start() == RejectCode.SERVER_KEY_MISMATCH
+        peer.close()
+    assert gw.sessions() == []
+    assert gw.http_get("/debug/stats")["handshake_failures"]["act1 bad tag"] == 2
+
+
+@pytest.mark.timeout(30)
+def test_unknown_features_and_fields_in_config_are_ignored(gw):
+    key_file, public = gw.new_key("foo")
+    gw.grant("foo", public)
+    peer = TestAgent(gw.agent_address, gw.key, crypto.read_private_key(key_file))
+    assert peer.start() is None
+    answer = peer.login("foo", extra={"features": ["unknown", "zstd-v9"], "future": {"x": 1}})
+    assert isinstance(answer, protocol.Accepted), answer
+    assert answer.info["features"] == []
+    assert [s["subdomain"] for s in gw.sessions()] == ["foo"]
+    peer.close()
