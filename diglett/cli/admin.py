@@ -86,7 +86,10 @@ def build_parser():
     revoke.add_argument("name", metavar="NAME")
     revoke.add_argument("--key", metavar="HEX", help="revoke this key only (default: every key)")
 
-    for name, text in (("grants", "list grants"), ("sessions", "list active sessions"),
+    for name, text in (("grants", "list grants"),
+                       ("sessions", "list active sessions, on every gateway"),
+                       ("gateways", "list the servers sharing this registry, when each was "
+                        "last seen and how many sessions it holds"),
                        ("info", "server key, domain, database and counts")):
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("--json", action="store_true", help="print JSON only, on stdout")
@@ -223,10 +226,25 @@ def cmd_sessions(args, cfg, registry, applied):
     sessions = registry.active_sessions()
     if args.json:
         return print_json([row.to_json() for row in sessions])
-    rows = [(s.subdomain, crypto.fingerprint(s.key), "%s:%d" % (s.host, s.port), s.remote,
-             short_time(s.started), s.id) for s in sessions]
-    print_table(("NAME", "KEY", "LISTEN", "REMOTE", "STARTED (UTC)", "SESSION"), rows,
-                "no active sessions")
+    rows = [(s.subdomain, crypto.fingerprint(s.key), s.gateway or "-",
+             "%s:%d" % (s.host, s.port), s.remote, short_time(s.started), s.id)
+            for s in sessions]
+    print_table(("NAME", "KEY", "GATEWAY", "LISTEN", "REMOTE", "STARTED (UTC)", "SESSION"),
+                rows, "no active sessions")
+
+
+def cmd_gateways(args, cfg, registry, applied):
+    """A gateway not seen for gateway_stale_after is gone: a live one ends its sessions."""
+    gateways = registry.gateways()
+    now = time.time()
+    if args.json:
+        return print_json([dict(g.to_json(), up=now - g.last_seen <= cfg.gateway_stale_after)
+                           for g in gateways])
+    rows = [(g.gateway_id, "up" if now - g.last_seen <= cfg.gateway_stale_after else "gone",
+             "%.0f s ago" % max(0, now - g.last_seen), str(g.sessions), g.address,
+             short_time(g.started)) for g in gateways]
+    print_table(("GATEWAY", "STATE", "LAST SEEN", "SESSIONS", "ADDRESS", "STARTED (UTC)"), rows,
+                "no gateway has used this registry yet")
 
 
 def cmd_info(args, cfg, registry, applied):
@@ -305,6 +323,7 @@ COMMANDS = {
     "revoke": cmd_revoke,
     "grants": cmd_grants,
     "sessions": cmd_sessions,
+    "gateways": cmd_gateways,
     "info": cmd_info,
     "deliveries": cmd_deliveries,
     "kick": cmd_kick,

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 
 from diglett import crypto
-from diglett.registry import iso_time
+from diglett.registry import LEGACY_GATEWAY, iso_time
 
 HTTP_TIMEOUT = 2  # seconds for each of the server's and Traefik's APIs
 AUDIT_LINES = 10  # latest audit entries shown
@@ -35,6 +35,9 @@ def _session(row, cfg):
     if row is None:
         return None
     data = row.to_json()
+    if row.gateway not in (cfg.gateway_id, LEGACY_GATEWAY):  # our server's API knows nothing
+        data["live"] = "held by gateway %s; run status there for its traffic" % row.gateway
+        return data
     live = _get_json(_server_url(cfg, "/api/tunnels"), _auth(cfg))
     if isinstance(live, list):
         mine = next((t for t in live if t.get("id") == row.id), None)
@@ -110,9 +113,10 @@ def print_status(report):
     if session is None:
         print("  not connected")
     else:
-        print("  %s since %s, tunnel port %s:%s, agent %s from %s"
+        print("  %s since %s, tunnel port %s:%s, agent %s from %s%s"
               % (session["id"], session["started"], session["host"], session["port"],
-                 crypto.fingerprint(session["key"]), session["remote"]))
+                 crypto.fingerprint(session["key"]), session["remote"],
+                 ", gateway %s" % session["gateway"] if session.get("gateway") else ""))
         if "bytes_in" in session:
             print("  traffic: %s bytes in, %s bytes out, %s streams open, %s opened"
                   % (session["bytes_in"], session["bytes_out"], session.get("streams_open"),
