@@ -31,9 +31,11 @@ HANG_LIMIT = 120  # seconds a "hang" receiver holds a request before giving up
 
 # ----- Traefik ------------------------------------------------------------------------------
 class Traefik:
-    """The real Traefik with a web entrypoint and its API (REST provider on) on loopback."""
+    """The real Traefik with a web entrypoint and its API on loopback; its provider is REST,
+    or etcd when ``etcd`` (a client URL) is given."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, etcd=None):
+        self.etcd = etcd
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.web_port = harness.free_port()
@@ -50,9 +52,14 @@ class Traefik:
         argv = [str(TRAEFIK),
                 "--entrypoints.web.address=127.0.0.1:%d" % self.web_port,
                 "--entrypoints.traefik.address=127.0.0.1:%d" % self.api_port,
-                "--api.insecure=true", "--providers.rest.insecure=true",
+                "--api.insecure=true",
                 "--providers.providersThrottleDuration=%s" % TRAEFIK_THROTTLE,
                 "--log.level=INFO"]
+        if self.etcd is None:
+            argv.append("--providers.rest.insecure=true")
+        else:
+            argv += ["--providers.etcd.endpoints=%s" % self.etcd.split("://", 1)[-1],
+                     "--providers.etcd.rootKey=traefik"]
         self.proc = harness.Proc(argv, self.workdir, "traefik-%d" % self.starts)
         harness.wait_until(self._api_answers, timeout, interval=0.1, what="Traefik's API")
         return self
