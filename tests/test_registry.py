@@ -19,6 +19,7 @@ from playhouse.schema_diff import diff_models
 from diglett import crypto, registry
 from diglett.names import InvalidName
 from diglett.registry import Registry, RegistryError, SessionRow
+from tests import harness
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -351,3 +352,117 @@ def test_read_only_database_gives_a_clear_error():
     message = str(info.value)
     assert path in message
     assert "read-only" in message or "cannot open" in message, message
+
+
+# --- several gateways on one registry ----------------------------------------------------------
+
+
+def test_end_stale_sessions_touches_only_this_gateways_previous_run(reg):
+    old = session("0000000000000001", instance="run-1", gateway="gw1")
+    other = session("0000000000000002", subdomain="bar", instance="run-9", gateway="gw2")
+    reg.record_session_start(old)
+    reg.record_session_start(other)
+    ended = reg.end_stale_sessions("run-2", gateway="gw1")
+    assert [(r.id, r.reason, r.gateway) for r in ended] == [(old.id, "stale", "gw1")]
+    assert reg.active_sessions() == [other]
+    assert reg.active_sessions(gateway="gw1") == []
+
+
+def test_sessions_of_gateways_not_seen_are_ended_and_queued_for_the_sweeper(reg):
+    assert reg.gateway_seen("gw1", "run-1", "127.0.0.1:20000") is None
+    assert reg.gateway_seen("gw2", "run-2", "127.0.0.1:20001") is None
+    assert reg.gateway_seen("gw2", "run-2", "127.0.0.1:20001") == "run-2"
+    dead = session("0000000000000001", instance="run-1", gateway="gw1")
+    alive = session("0000000000000002", subdomain="bar", instance="run-2", gateway="gw2")
+    legacy = session("0000000000000003", subdomain="baz", instance="run-0")
+    for row in (dead, alive, legacy):
+        reg.record_session_start(row)
+    ended = reg.end_sessions_of_dead_gateways("gw2", 30)  # rows from before gateways
+    assert [(r.id, r.reason) for r in ended] == [(legacy.id, "stale")]
+    assert [r.id for r in reg.active_sessions()] == [dead.id, alive.id]
+    time.sleep(0.3)
+    reg.gateway_seen("gw2", "run-2", "127.0.0.1:20001")
+    event = {"event_id": "e1", "kind": "disconnect"}
+    ended = reg.end_sessions_of_dead_gateways("gw2", 0.25, lambda row: [("webhook", event)])
+    assert [(r.id, r.reason) for r in ended] == [(dead.id, "stale")]
+    assert reg.active_sessions() == [alive]
+    assert reg.pending_deliveries("webhook", gateway="gw1") == []  # gw1 is gone: gw2 delivers
+    assert [d.session for d in reg.pending_deliveries("webhook", gateway="gw2")] == [dead.id]
+    late = session("0000000000000004", subdomain="qux", instance="run-1", gateway="gw1")
+    reg.record_session_start(late)
+    reg.gateway_seen("gw2", "run-2", "127.0.0.1:20001")
+    assert reg.end_sessions_of_dead_gateways("gw1", 0.25) == []  # never the caller's own
+    counts = {g.gateway_id: (g.instance, g.sessions) for g in reg.gateways()}
+    assert counts == {"gw1": ("run-1", 1), "gw2": ("run-2", 1)}
+    assert reg.gateway_seen("gw2", "run-3", "127.0.0.1:20001") == "run-2"  # a restart
+
+
+def test_outbox_last_ports_and_kicks_are_per_gateway(reg):
+    event = {"event_id": "e1", "kind": "connect"}
+    mine = session("0000000000000001", port=30001, started=100.0, gateway="gw1")
+    theirs = session("0000000000000002", port=30002, started=200.0, gateway="gw2")
+    reg.record_session_start(mine, [("script", event)])
+    reg.record_session_start(theirs, [("script", dict(event, event_id="e2"))])
+    assert [d.session for d in reg.pending_deliveries("script", gateway="gw1")] == [mine.id]
+    assert len(reg.pending_deliveries("script")) == 2
+    assert reg.last_ports() == {"foo": 30002}
+    assert reg.last_ports(gateway="gw1") == {"foo": 30001}
+    kick = reg.request_kick("foo", 5)  # addressed to the newest active session's gateway
+    assert reg.pending_kicks(gateway="gw1") == []
+    assert [k[0] for k in reg.pending_kicks(gateway="gw2")] == [kick]
+    reg.kick_handled(kick, "kicked session x")
+    reg.kick_handled(kick, "not connected")  # a late second answer does not overwrite
+    assert reg.kick_result(kick) == "kicked session x"
+    anyone = reg.request_kick("nobody", 5)
+    assert [k[0] for k in reg.pending_kicks(gateway="gw1")] == [anyone]
+    assert [r.id for r in reg.active_sessions_of(["foo", "bar"])] == [mine.id, theirs.id]
+
+
+def test_timestamps_keep_their_precision(reg):
+    """peewee's FloatField is REAL (4 bytes) in PostgreSQL unless told otherwise."""
+    row = session(started=1795699113.7659283)
+    reg.record_session_start(row)
+    assert reg.active_sessions()[0].started == row.started
+
+
+def test_postgresql_errors_say_where_and_what_to_do(postgres):
+    port = harness.free_port()
+    with pytest.raises(RegistryError, match=r"cannot connect to PostgreSQL at 127\.0\.0\.1:%d.*"
+                       r"connection refused; start PostgreSQL there" % port):
+        Registry("postgresql://postgres@127.0.0.1:%d/diglett" % port)
+    with pytest.raises(RegistryError, match="has no database nosuchdb: create it.*createdb"):
+        Registry(postgres.url("nosuchdb"))
+    with pytest.raises(RegistryError, match="has no user nosuchuser: create it.*createuser"):
+        Registry(postgres.url("postgres").replace("postgres@", "nosuchuser@"))
+
+
+def test_postgresql_reconnects_after_its_connection_is_killed(postgres, pg_url):
+    reg = Registry(pg_url)
+    reg.grant("foo", K1)
+    connection = postgres.connect()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = %s AND pid <> pg_backend_pid()", (pg_url.rsplit("/")[-1],))
+    connection.close()
+    assert [g.subdomain for g in reg.grants()] == ["foo"]  # one silent reconnect
+    reg.close()
+
+
+def test_postgresql_gateways_migrating_at_once_take_turns(pg_url):
+    errors, done = [], []
+
+    def start():
+        try:
+            registry_ = Registry(pg_url)
+            done.append(registry_.schema_version())
+            registry_.close()
+        except Exception as exc:  # collected: the assertion below shows it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert errors == []
+    assert done == [registry.migration_names()[-1][0]] * 4
