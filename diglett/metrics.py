@@ -127,8 +127,13 @@ class Collector:
         durations.add_metric([], counters.durations.cumulative(), counters.durations.sum)
         yield durations
         yield from self._limits(sessions)
-        yield GaugeMetricFamily("diglett_greenlets", "greenlet objects alive in the process",
-                                value=greenlet_count())
+        live, dead = greenlet_counts()
+        greenlets = GaugeMetricFamily(
+            "diglett_greenlets", "greenlets in the process: live = not finished, dead = "
+            "finished, not yet freed by the cyclic garbage collector", labels=["state"])
+        greenlets.add_metric(["live"], live)
+        greenlets.add_metric(["dead"], dead)
+        yield greenlets
 
     def _traffic(self):
         family = CounterMetricFamily(
@@ -187,12 +192,20 @@ class Collector:
                                 value=admission.pending)
 
 
-def greenlet_count():
-    """Greenlets alive (an O(heap) walk of gc's objects, as /debug/stats does); a count that
-    grows under a steady load is a leak."""
+def greenlet_counts():
+    """(live, dead) greenlets among gc's objects (an O(heap) walk, as /debug/stats does). Dead
+    ones are mostly garbage in reference cycles that the next full collection frees, so they
+    rise and fall; a live count that keeps growing under a steady load is a leak."""
     from greenlet import greenlet
 
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet))
+    live = dead = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, greenlet):
+            if obj.dead:
+                dead += 1
+            else:
+                live += 1
+    return live, dead
 
 
 def _by_label(name, documentation, label, counts):
