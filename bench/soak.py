@@ -19,8 +19,8 @@ this process), bench/backend.py as the echo backend, and keeps until the deadlin
     server resets them at stream_idle_timeout).
 
 Every SAMPLE_EVERY seconds it reads the server process: RSS and PSS (/proc/PID/smaps_rollup),
-open descriptors (/proc/PID/fd), threads, CPU time, and from /metrics: greenlets, agents,
-open streams and streams opened. At the deadline every loop stops by itself, and once the
+open descriptors (/proc/PID/fd), threads, CPU time, and from /metrics: greenlets (live, and
+dead ones the cyclic GC has not freed yet), agents, open streams and streams opened. At the deadline every loop stops by itself, and once the
 server is idle again (only the steady agents, no stream) its counts are compared with those
 of the idle start. Results: bench/soak-results.json and docs/soak.png; the verdict rule is
 in verdict() below and in docs/operations.md ("Soak").
@@ -85,7 +85,8 @@ SETTLE = 5.0  # seconds of idleness before an idle reading
 RELATIVE = 0.10
 ABSOLUTE = {"rss": 5 * MiB, "pss": 5 * MiB, "fds": 4, "greenlets": 10, "threads": 2}
 IDLE_SLACK = {"fds": 2, "greenlets": 5}
-SERIES = ("rss", "pss", "fds", "greenlets", "threads")
+SERIES = ("rss", "pss", "fds", "greenlets", "threads")  # judged ("greenlets": the live ones)
+SHOWN = ("greenlets_dead", "agents", "streams_open")  # reported: they follow the load and the GC
 
 
 def log(message, *args):
@@ -198,13 +199,14 @@ def echo_worker(index, ports, rate, deadline, tally):
         moment = max(moment + step, time.monotonic() - 1.0)  # no catch-up burst after a stall
 
 
-def churn_worker(index, agent_argv, folder, deadline, tally):
-    """An agent that comes and goes: SIGKILL and SIGTERM in turn."""
+def churn_worker(index, agent_argv, folder, deadline, tally, running):
+    """An agent that comes and goes: SIGKILL and SIGTERM in turn. ``running`` holds the agent
+    of the moment, for run() to end if the soak is interrupted."""
     rng = random.Random(1000 + index)
     cycle = 0
     while time.monotonic() < deadline:
         cycle += 1
-        agent = Proc(agent_argv, folder, "churn%d" % index)
+        agent = running[index] = Proc(agent_argv, folder, "churn%d" % index)
         held = None
         try:
             try:
@@ -319,6 +321,8 @@ def scrape(http_port):
         name_part, _, number = line.rpartition(" ")
         name = name_part.split("{", 1)[0]
         values[name] = values.get(name, 0) + float(number)  # labelled families: summed
+        if name != name_part:
+            values[name_part] = float(number)  # and each labelled sample as it is
     return values
 
 
@@ -342,7 +346,8 @@ class Sampler:
         metrics = scrape(self.http_port)
         reading.update({
             "t": round(time.monotonic() - self.started, 2), "phase": phase,
-            "greenlets": int(metrics.get("diglett_greenlets", -1)),
+            "greenlets": int(metrics.get('diglett_greenlets{state="live"}', -1)),
+            "greenlets_dead": int(metrics.get('diglett_greenlets{state="dead"}', -1)),
             "agents": int(metrics.get("diglett_agents_connected", 0)),
             "streams_open": int(metrics.get("diglett_streams_open", 0)),
             "streams_opened": int(metrics.get("diglett_streams_opened_total", 0)),
@@ -375,7 +380,8 @@ def wait_idle(sampler, steady, timeout):
 # ----- the summary ----------------------------------------------------------------------------
 def window_medians(load, start, length):
     chosen = [s for s in load if start <= s["t"] < start + length]
-    return {key: statistics.median(s[key] for s in chosen) for key in SERIES}, len(chosen)
+    return {key: statistics.median(s[key] for s in chosen) for key in SERIES + SHOWN}, len(
+        chosen)
 
 
 def slope_per_hour(points):
@@ -403,10 +409,12 @@ def verdict(samples, load_start, load_end, warmup, window):
                        "allowed": allowed, "flat": last[key] <= first[key] + allowed,
                        "slope_per_hour": slope_per_hour([(s["t"], s[key]) for s in after]),
                        "min": min(s[key] for s in load), "max": max(s[key] for s in load)}
+    shown = {key: {"first": first[key], "last": last[key], "min": min(s[key] for s in load),
+                   "max": max(s[key] for s in load)} for key in SHOWN}
     idle_start = next(s for s in samples if s["phase"] == "idle-start")
     idle_end = [s for s in samples if s["phase"] == "idle"][-1]
     idle = {}
-    for key in SERIES:
+    for key in SERIES + SHOWN:
         entry = {"start": idle_start[key], "end": idle_end[key]}
         if key in IDLE_SLACK:
             entry["back"] = idle_end[key] <= idle_start[key] + IDLE_SLACK[key]
@@ -415,7 +423,7 @@ def verdict(samples, load_start, load_end, warmup, window):
         v.get("back", True) for v in idle.values())
     return {"windows": {"first": [load_start + warmup, load_start + warmup + window, first_n],
                         "last": [load_end - window, load_end, last_n]},
-            "series": series, "idle": idle, "flat": flat}
+            "series": series, "shown": shown, "idle": idle, "flat": flat}
 
 
 def chart(results, path):
@@ -433,7 +441,8 @@ def chart(results, path):
                                   ("PSS", [s["pss"] / MiB for s in samples])]),
         ("server open file descriptors", "fds", [("fds", [s["fds"] for s in samples])]),
         ("greenlets (diglett_greenlets)", "greenlets",
-         [("greenlets", [s["greenlets"] for s in samples])]),
+         [("live", [s["greenlets"] for s in samples]),
+          ("dead, not yet collected", [s["greenlets_dead"] for s in samples])]),
         ("server threads", "threads", [("threads", [s["threads"] for s in samples])]),
         ("agents and open streams (/metrics)", "count",
          [("agents", [s["agents"] for s in samples]),
@@ -528,6 +537,7 @@ def run(args, folder):
     receiver = Receiver()
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     threads = []
+    churning = [None] * CHURN  # the churn agent of each churn loop, if any
     try:
         backend = Proc([sys.executable, str(BENCH / "backend.py")], folder, "backend")
         procs.append(backend)
@@ -561,7 +571,7 @@ def run(args, folder):
             "%d stallers, %d idlers", args.duration, STEADY, args.rate, CHURN, STALLERS, IDLERS)
         jobs = ([(echo_worker, (i, ports, args.rate, deadline, tally))
                  for i in range(ECHO_WORKERS)]
-                + [(churn_worker, (i, argv["churn%d" % i], folder, deadline, tally))
+                + [(churn_worker, (i, argv["churn%d" % i], folder, deadline, tally, churning))
                    for i in range(CHURN)]
                 + [(staller, (i, ports, deadline, tally)) for i in range(STALLERS)]
                 + [(idler, (i, ports, deadline, tally)) for i in range(IDLERS)])
@@ -579,10 +589,11 @@ def run(args, folder):
             reading = sampler.sample("load")
             if time.monotonic() >= next_log:
                 next_log += 60
-                log("t=%4.0f s  rss %.1f MiB  pss %.1f MiB  fds %d  greenlets %d  threads %d  "
-                    "agents %d  streams %d  load %s", reading["t"] - load_start,
+                log("t=%4.0f s  rss %.1f MiB  pss %.1f MiB  fds %d  greenlets %d (+%d dead)  "
+                    "threads %d  agents %d  streams %d  load %s", reading["t"] - load_start,
                     reading["rss"] / MiB, reading["pss"] / MiB, reading["fds"],
-                    reading["greenlets"], reading["threads"], reading["agents"],
+                    reading["greenlets"], reading["greenlets_dead"], reading["threads"],
+                    reading["agents"],
                     reading["streams_open"], reading["load"])
             next_sample += args.interval
             sleep_until(next_sample, deadline)
@@ -598,7 +609,7 @@ def run(args, folder):
         final_metrics = scrape(http_port)
         cpu_total = idle["cpu_s"] - sampler.samples[0]["cpu_s"]
     finally:
-        for proc in reversed(procs):
+        for proc in [p for p in churning if p is not None] + procs[::-1]:
             proc.stop()
         receiver.shutdown()
     load = tally.snapshot()
