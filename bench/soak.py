@@ -329,7 +329,11 @@ def scrape(http_port):
 def proc_reading(pid):
     status = Path("/proc/%d/status" % pid).read_text()
     threads = int(status.split("Threads:", 1)[1].split()[0])
-    memory = setups.memory([pid])  # the server alone: the hook's children live for a moment
+    memory = {"rss": 0, "pss": 0}  # the server alone, not a hook child caught as it forks
+    with open("/proc/%d/smaps_rollup" % pid) as handle:
+        for line in handle:
+            if line.startswith(("Rss:", "Pss:")):
+                memory[line[:3].lower()] = int(line.split()[1]) * 1024
     fields = setups._stat_fields(pid)
     return {"rss": memory["rss"], "pss": memory["pss"], "fds": len(os.listdir("/proc/%d/fd" % pid)),
             "threads": threads,
@@ -474,6 +478,31 @@ def chart(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def markdown(results):
+    """The table of docs/operations.md's "Soak" section."""
+    rows = ["| series | first window (median) | last window (median) | change | allowed | "
+            "slope per hour | range under load | idle start -> end | |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    verdict_ = results["verdict"]
+    for key in SERIES:
+        entry, idle = verdict_["series"][key], verdict_["idle"][key]
+        if key in ("rss", "pss"):
+            show = lambda v, sign="": ("%" + sign + ".1f MiB") % (v / MiB)  # noqa: E731
+        else:
+            show = lambda v, sign="": ("%" + sign + ".1f") % v  # noqa: E731
+        back = {True: ", back", False: ", NOT back", None: ""}[idle.get("back")]
+        rows.append("| %s | %s | %s | %s | %s | %s | %s - %s | %s -> %s%s | %s |" % (
+            "greenlets (live)" if key == "greenlets" else key, show(entry["first"]),
+            show(entry["last"]), show(entry["change"], "+"), show(entry["allowed"]),
+            show(entry["slope_per_hour"], "+"), show(entry["min"]), show(entry["max"]),
+            show(idle["start"]), show(idle["end"]), back, "flat" if entry["flat"] else "GREW"))
+    dead = verdict_["shown"]["greenlets_dead"]
+    rows.append("| greenlets (dead) | %.1f | %.1f | | | | %d - %d | %d -> %d | not judged |" % (
+        dead["first"], dead["last"], dead["min"], dead["max"],
+        verdict_["idle"]["greenlets_dead"]["start"], verdict_["idle"]["greenlets_dead"]["end"]))
+    return "\n".join(rows) + "\n"
 
 
 # ----- the run --------------------------------------------------------------------------------
@@ -664,7 +693,15 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--chart", type=Path, default=CHART)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--report", action="store_true",
+                        help="print the table of docs/operations.md from --out and redraw "
+                             "--chart; run nothing")
     args = parser.parse_args(argv)
+    if args.report:
+        results = json.loads(args.out.read_text())
+        chart(results, args.chart)
+        print(markdown(results), end="")
+        return 0
     if args.quick:
         args.duration = 60.0
     if args.interval is None:
