@@ -20,10 +20,11 @@ this process), bench/backend.py as the echo backend, and keeps until the deadlin
 
 Every SAMPLE_EVERY seconds it reads the server process: RSS and PSS (/proc/PID/smaps_rollup),
 open descriptors (/proc/PID/fd), threads, CPU time, and from /metrics: greenlets (live, and
-dead ones the cyclic GC has not freed yet), agents, open streams and streams opened. At the deadline every loop stops by itself, and once the
-server is idle again (only the steady agents, no stream) its counts are compared with those
-of the idle start. Results: bench/soak-results.json and docs/soak.png; the verdict rule is
-in verdict() below and in docs/operations.md ("Soak").
+dead ones the cyclic GC has not freed yet), agents, open streams and streams opened. At the
+deadline every loop stops by itself, and once the server is idle again (only the steady
+agents, no stream) its counts are compared with those of the idle start. Results:
+bench/soak-results.json and docs/soak.png; the verdict rule is in verdict() below and in
+docs/operations.md ("Soak").
 
 Every process is started here and ended by its PID (setups.Proc).
 """
