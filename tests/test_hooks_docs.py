@@ -70,7 +70,7 @@ def shown_options(section):
 
 
 def test_the_builtin_hooks_are_all_found():
-    assert set(builtin_hooks()) == {"script", "traefik", "webhook"}
+    assert set(builtin_hooks()) == {"script", "traefik", "traefik-etcd", "webhook"}
 
 
 @pytest.mark.parametrize("name", sorted(hookloader.BUILTIN))
@@ -120,16 +120,17 @@ def test_the_reference_hook_sections_load_once_uncommented(tmp_path):
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o755)
     parts = ["[server]"]
-    for section in ("hooks", "hook:script", "hook:traefik", "hook:webhook"):
+    for section in ("hooks", "hook:script", "hook:traefik", "hook:traefik-etcd", "hook:webhook"):
         parts += ["[%s]" % section] + reference_block(section)[1:]
-    text = "\n".join(parts).replace("enabled =\n", "enabled = script, traefik, webhook\n")
+    text = "\n".join(parts).replace("enabled =\n",
+                                     "enabled = script, traefik, traefik-etcd, webhook\n")
     text = text.replace("/usr/local/lib/diglett/hook", str(script))
     path = tmp_path / "diglett.conf"
     path.write_text(text + "\n")
     cfg = config.load_server(path)
-    assert cfg.sections["hooks"]["enabled"] == ("script", "traefik", "webhook")
+    assert cfg.sections["hooks"]["enabled"] == ("script", "traefik", "traefik-etcd", "webhook")
     built = hookloader.build(cfg, hookloader.HookContext(cfg.domain))
-    assert [name for name, _ in built] == ["script", "traefik", "webhook"]
+    assert [name for name, _ in built] == ["script", "traefik", "traefik-etcd", "webhook"]
 
 
 def example_configs():
