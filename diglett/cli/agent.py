@@ -4,19 +4,19 @@ Also ``diglett keygen`` and ``diglett pubkey``. A backend such as 127.0.0.1:80 i
 taken for a subcommand: only the exact words in SUBCOMMANDS are.
 """
 
-from gevent import monkey
+# No gevent monkey-patching here: the agent does all its I/O on gevent's own sockets
+# (diglett.agent imports gevent.socket), and the one blocking call it makes, the --info-url
+# fetch, runs before any greenlet. Patching would import ~90 more modules, about 4.5 MiB per
+# agent process (measured as PSS).
+import argparse
+import signal
+import sys
+from pathlib import Path
 
-monkey.patch_all()  # before anything else imports socket, threading or ssl
+import gevent
 
-import argparse  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import gevent  # noqa: E402
-
-from diglett import __version__, agent, config, crypto, known_servers, names  # noqa: E402
-from diglett.cli import logs  # noqa: E402
+from diglett import __version__, agent, config, crypto, known_servers, names
+from diglett.cli import logs
 
 DEFAULT_KEY_FILE = Path("~/.config/diglett/agent.key")
 KNOWN_SERVERS_NAME = "known_servers"  # default file, next to the key file
