@@ -104,7 +104,7 @@ def test_revoke_ends_the_session_on_the_gateway_holding_it(tmp_path, pg_url, ech
 def test_a_killed_gateways_sessions_are_ended_as_stale_by_another(tmp_path, pg_url,
                                                                    echo_backend):
     gw1, gw2 = start_fleet(tmp_path, pg_url, gateway_stale_after=STALE_AFTER)
-    gw1.agent("foo", echo_backend.address)
+    foo = gw1.agent("foo", echo_backend.address)
     bar = gw2.agent("bar", echo_backend.address)
     harness.wait_until(lambda: set(active(gw2)) == {"foo", "bar"}, 5, what="both sessions")
 
@@ -123,8 +123,10 @@ def test_a_killed_gateways_sessions_are_ended_as_stale_by_another(tmp_path, pg_u
     # gw1 comes back: it ends only what its own previous run left, never gw2's live session
     gw1.restart()
     harness.wait_until(lambda: json.loads(gw2.admin("gateways", "--json").stdout)[0]["up"], 5)
+    foo.wait_up(15, count=2)  # foo's agent kept retrying gw1 and is back
     time.sleep(1.5)  # a takeover poll and a sweep of each gateway
-    assert set(active(gw1)) == {"bar"} and active(gw1)["bar"]["gateway"] == "gw2"
+    sessions = active(gw1)
+    assert (sessions["bar"]["gateway"], sessions["foo"]["gateway"]) == ("gw2", "gw1")
     with harness.connect(bar.port) as sock:
         assert harness.round_trips(sock, 3)
     assert bar.popen.poll() is None
