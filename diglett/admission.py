@@ -17,6 +17,7 @@ REFUSAL_KINDS = {  # admit()'s answer -> the kind counted in Admission.refused (
     "penalised": "penalised",
     "too many handshakes": "max_startups",
     "random early drop": "early_drop",
+    "offended recently": "recent_offender",
     "too many handshakes from this source": "per_source",
 }
 
@@ -56,8 +57,15 @@ class Admission:
             return "penalised"
         if self.pending >= self.full:
             return "too many handshakes"
-        if self.pending >= self.start and self._early_drop():
-            return "random early drop"
+        if self.pending >= self.start:
+            # Under pressure a source that offended lately (its record outlives the penalty
+            # by twice its length) gets no slot beyond `start`: a flood's sources all earn a
+            # record within seconds, a legitimate agent has none, so it finds the slots from
+            # `start` to `full` free instead of losing a lottery against the flood.
+            if source in self._penalties:
+                return "offended recently"
+            if self._early_drop():
+                return "random early drop"
         if self._pending_by_source.get(source, 0) >= self.per_source:
             return "too many handshakes from this source"
         self.pending += 1

@@ -44,6 +44,7 @@ LIMIT_LOG_INTERVAL = 10.0  # seconds between log lines about the same limit bein
 BUDGET_REFUSE = 0.75  # share of memory_budget buffered at which new streams are refused
 BUDGET_RESUME = 0.50  # ... and below which they are taken again
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a proxy_trusted source has to send its PROXY header
+PRESSURE_HANDSHAKE_MIN = 1.0  # seconds: the shortest handshake deadline under pressure
 RESTART_KEYS = ("listen", "http", "key", "database", "domain", "bind", "token")  # not live
 
 
@@ -329,8 +330,13 @@ class Server:
 
     def _handle_agent(self, sock, address, source):
         peer = "%s:%d" % address[:2]
+        timeout = self.config.handshake_timeout
+        if self.admission.pending > self.admission.start:
+            # Under pressure slow handshakes lose their slot sooner: an honest agent needs
+            # two round trips, a flood's silent connections would hold the slot to the end.
+            timeout = min(timeout, max(PRESSURE_HANDSHAKE_MIN, timeout / 4))
         try:
-            with gevent.Timeout(self.config.handshake_timeout, HandshakeTimeout):
+            with gevent.Timeout(timeout, HandshakeTimeout):
                 handshake, session, config = self._handshake(sock, peer)
         except HandshakeTimeout:
             self._handshake_failed(sock, source, peer, "timeout", "timeout",
