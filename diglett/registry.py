@@ -13,6 +13,7 @@ deliveries and kicks carry the gateway that owns them, and the ``gateways`` tabl
 gateways are alive (each refreshes its row every few seconds).
 """
 
+import contextlib
 import datetime
 import importlib
 import json
@@ -652,9 +653,24 @@ class Registry:
 
     # -- implementation: each runs inside _call, which retries and translates errors
 
+    @contextlib.contextmanager
     def _write(self):
-        """A write transaction; SQLite takes the write lock up front (no upgrade deadlock)."""
-        return self.db.atomic("IMMEDIATE") if self._is_sqlite else self.db.atomic()
+        """A write transaction; SQLite takes the write lock up front (no upgrade deadlock).
+
+        On a full disk (and some I/O errors) SQLite rolls the transaction back by itself, so
+        the rollback that follows fails with "no transaction is active"; that second error
+        must not hide the first, which is the one that says what is wrong.
+        """
+        transaction = self.db.atomic("IMMEDIATE") if self._is_sqlite else self.db.atomic()
+        transaction.__enter__()
+        try:
+            yield
+        except BaseException as exc:
+            with _first_error_wins():
+                transaction.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        with _first_error_wins():  # a failed COMMIT is rolled back too
+            transaction.__exit__(None, None, None)
 
     def _migrate(self, applied):
         if self._is_sqlite:  # SQLite's IMMEDIATE transactions already take turns
@@ -929,6 +945,21 @@ class Registry:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _first_error_wins():
+    """A rollback that fails because SQLite already rolled back gives way to the error that
+    made it roll back (its context): "database or disk is full", not "no transaction"."""
+    try:
+        yield
+    except (peewee.PeeweeException, sqlite3.Error) as exc:
+        cause = exc
+        while cause is not None and "no transaction is active" in str(cause):
+            cause = cause.__context__  # peewee wraps sqlite3's error: look past both
+        if cause is None or cause is exc:
+            raise
+        raise cause from None
 
 
 def _open(database):

@@ -119,9 +119,7 @@ def make_read_only(folder):
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("fault", ["read-only", pytest.param("full", marks=pytest.mark.xfail(
-    strict=True, reason="bug: on a full disk the registry reports 'cannot rollback - no "
-    "transaction is active' (the failed rollback masks SQLite's 'database or disk is full')"))])
+@pytest.mark.parametrize("fault", ["read-only", "full"])
 def test_registry_read_only_or_full_keeps_tunnels_up_and_says_so(tmp_path, request,
                                                                   echo_backend, fault):
     if fault == "full":
