@@ -1,8 +1,8 @@
 """Drives one protocol.Session over a gevent socket; shared by the server and the agent.
 
-A Tunnel owns the greenlets of one agent connection: a reader that decrypts and dispatches
-(it never blocks on anything but the agent socket), the only writer that seals and sends,
-a keepalive, and one Pump per stream moving bytes between a local socket and the session.
+A Tunnel owns one agent connection: a reader (a watcher the hub calls) that decrypts and
+dispatches without ever waiting, the only writer greenlet that seals and sends, a keepalive
+greenlet, and one Pump per stream moving bytes between a local socket and the session.
 It must not know about grants, the registry or signals: server.py and agent.py do.
 """
 
@@ -152,6 +152,7 @@ class Tunnel:
         self.closed = Event()
         self._wake = Event()
         self._greenlets = []
+        self._read_watcher = self._write_watcher = None  # made by start()
         self._goaway = None  # (code, reason) to flush before closing
         self._write_started = None  # monotonic time the pending sendall began
         self._writing = False  # the writer greenlet is inside a write
@@ -159,10 +160,20 @@ class Tunnel:
 
     # ----- lifecycle ------------------------------------------------------------------
     def start(self, pending_events=()):
-        """Run the tunnel; ``pending_events`` arrived with the record that completed setup."""
+        """Run the tunnel; ``pending_events`` arrived with the record that completed setup.
+
+        Reading is a watcher the hub calls (no greenlet switch per record, which is most of a
+        small round trip's cost); writing and the keepalive are greenlets. The socket's
+        timeout is 0, so nothing waits on it but the writer, on its own watcher.
+        """
+        self.sock.settimeout(0.0)
+        loop = gevent.get_hub().loop
+        self._read_watcher = loop.io(self.sock.fileno(), 1)
+        self._write_watcher = loop.io(self.sock.fileno(), 2)
         self._dispatch(pending_events)
         self._greenlets = [gevent.spawn(self._guard, loop)
-                           for loop in (self._read_loop, self._write_loop, self._keepalive_loop)]
+                           for loop in (self._write_loop, self._keepalive_loop)]
+        self._read_watcher.start(self._readable)
         self.wake()
 
     def wait(self):
@@ -211,23 +222,30 @@ class Tunnel:
     def _guard(self, loop):
         try:
             loop()
-        except ProtocolError as exc:
+        except (ProtocolError, TunnelClosed, WriteStalled, OSError) as exc:
+            self._failed(exc)
+
+    def _failed(self, exc):
+        """End the tunnel for an error of the reader or of a loop, with the right GOAWAY."""
+        if isinstance(exc, ProtocolError):
             if exc.code == ErrorCode.ENHANCE_YOUR_CALM:
                 self.flooded = True
             log.warning("%s protocol error: %s", self.label, exc)
             self.close("protocol error: %s" % exc, exc.code, "protocol error")
-        except (TunnelClosed, WriteStalled) as exc:
+        elif isinstance(exc, (TunnelClosed, WriteStalled)):
             self.close(str(exc) or "write stalled")
-        except OSError as exc:
+        else:
             self.close("connection lost: %s" % (exc.strerror or exc))
 
     def _teardown(self):
         current = gevent.getcurrent()
+        self._read_watcher.stop()
         gevent.killall([g for g in self._greenlets if g is not current])
         if self._goaway is not None:
             self._flush_goaway(*self._goaway)
         for pump in list(self.pumps.values()):
             pump.kill()  # session loss resets every stream: no truncated reply looks complete
+        self._write_watcher.stop()  # before the close: a watcher must not outlive its fd
         if self._goaway is None:
             close_with_rst(self.sock)
         else:
@@ -239,21 +257,35 @@ class Tunnel:
         self.session.goaway(code, message)
         try:
             with gevent.Timeout(GOAWAY_FLUSH_TIMEOUT):
-                sendall_buffers(self.sock, (self._pending or []) + self.session.buffers_to_send())
+                sendall_buffers(self.sock, (self._pending or []) + self.session.buffers_to_send(),
+                                self._wait_writable)
         except (OSError, gevent.Timeout):
             pass
 
-    # ----- the three loops ------------------------------------------------------------
-    def _read_loop(self):
-        recv, session = self.sock.recv, self.session
-        while True:
-            data = recv(RECV_SIZE)
+    # ----- reading, writing, keepalive ------------------------------------------------
+    def _readable(self):
+        """Called by the hub when the agent connection has bytes: one read, never a wait."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
             if not data:
                 raise TunnelClosed("peer closed the connection")
             self.last_recv = time.monotonic()
+            session = self.session
             self._dispatch(session.receive_data(data))
             if session.has_output:
                 self.send_soon()
+        except BlockingIOError:
+            return
+        except (ProtocolError, TunnelClosed, OSError) as exc:
+            self._read_watcher.stop()
+            self._failed(exc)
+        except Exception:  # a bug here must end this tunnel, never the hub
+            log.exception("%s reading failed", self.label)
+            self._read_watcher.stop()
+            self.close("internal error", ErrorCode.INTERNAL_ERROR)
+
+    def _wait_writable(self):
+        gevent.get_hub().wait(self._write_watcher)
 
     def _write_loop(self):
         session, sock, wake = self.session, self.sock, self._wake
@@ -265,7 +297,7 @@ class Tunnel:
                 buffers, self._pending = self._pending or session.buffers_to_send(), None
                 if buffers:
                     self._write_started = time.monotonic()  # the keepalive watches for stalls
-                    sendall_buffers(sock, buffers)
+                    sendall_buffers(sock, buffers, self._wait_writable)
                     self._write_started = None
             self._writing = False
 
@@ -425,8 +457,9 @@ class Pump:
                 if stream_id not in session.streams:
                     self._up_finished()
                 return
+            want = min(credit, STREAM_RECV_MAX, budget)
             try:
-                data = recv(min(credit, STREAM_RECV_MAX, budget))
+                data = recv(want)
             except BlockingIOError:
                 return
             if not data:
@@ -440,6 +473,8 @@ class Pump:
             self.last_active = time.monotonic()
             tunnel.bytes_up += len(data)
             tunnel.send_soon()
+            if len(data) < want:
+                return  # drained: a second recv would only say EAGAIN (the watcher calls again)
             budget -= len(data)
 
     def credit_arrived(self):
