@@ -22,13 +22,15 @@ import time
 
 import pytest
 
+from diglett import config
 from tests.harness import (Backend, Proc, by_first_byte, connect, digest_then_seeded, echo,
                            flood, free_port, greeter, recv_exact, recv_sha256, round_trips,
                            seeded_chunks, seeded_sha256, send_seeded, stall, vm_rss, wait_until)
 
 KiB = 1 << 10
 MiB = 1 << 20
-W0 = 256 * KiB  # the default stream window
+_WINDOW = config.SERVER.keys["stream_window"]
+W0 = _WINDOW.parse(_WINDOW.default)  # the stream window the gateway fixture's server uses
 EDGE_SIZES = (0, 1, 65527, 65528, W0, W0 + 1)  # empty, one byte, around a full frame and W0
 STREAMS = 200
 TOTAL_LIMIT = 300 * MiB  # both directions of all concurrent streams together
