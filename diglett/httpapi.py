@@ -12,12 +12,36 @@ import hmac
 import ipaddress
 import json
 import logging
+import resource
+
+import gevent.pool
+from gevent.pywsgi import WSGIServer
 
 from diglett import __version__, metrics, statuspage, wire
 
 log = logging.getLogger(__name__)
 
 PUBLIC = frozenset({"/info", "/healthz"})  # served on every bind, without a token
+HTTP_CONNECTIONS = 512  # served at once at most; more wait in the kernel's backlog
+HTTP_FD_SHARE = 4  # ... and at most a quarter of the process's file descriptor limit
+HTTP_TIMEOUT = 10  # seconds a client may stay silent while sending or reading (slowloris)
+
+
+class _BoundedServer(WSGIServer):
+    def handle(self, sock, address):
+        sock.settimeout(HTTP_TIMEOUT)
+        super().handle(sock, address)
+
+
+def make_server(address, app):
+    """The HTTP listener: a bounded pool and a timeout per connection, so slow clients hold
+    a bounded share of the descriptors, each for HTTP_TIMEOUT seconds of silence at most,
+    never the descriptors agents and tunnel clients need."""
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    size = HTTP_CONNECTIONS
+    if soft_limit != resource.RLIM_INFINITY:
+        size = max(8, min(size, soft_limit // HTTP_FD_SHARE))
+    return _BoundedServer(address, app, log=None, error_log=log, spawn=gevent.pool.Pool(size))
 
 
 def is_loopback(host):

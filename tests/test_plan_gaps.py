@@ -189,10 +189,6 @@ def test_http_api_answers_while_100_clients_send_headers_byte_by_byte(tmp_path):
     wait_until(lambda: fd_count(gw.proc.pid) <= baseline + 2, 10, what="fds back to baseline")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the HTTP API (gevent WSGIServer, no pool, no "
-                   "header or read timeout) accepts any number of connections and keeps a "
-                   "silent half-sent request forever; slow HTTP clients can take every fd of "
-                   "the process, and then agents cannot log in")
 @pytest.mark.timeout(60)
 def test_http_slowloris_cannot_take_the_fds_agents_need(tmp_path, echo_backend):
     gw = start_limited_server(Gateway(tmp_path / "gw"), ["--nofile=200"])

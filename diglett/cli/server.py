@@ -12,11 +12,10 @@ import sys  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
-from gevent.pywsgi import WSGIServer  # noqa: E402
 
 from diglett import __version__, config, crypto, hookloader  # noqa: E402
 from diglett.cli import logs  # noqa: E402
-from diglett.httpapi import make_app  # noqa: E402
+from diglett.httpapi import make_app, make_server  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
 from diglett.server import Server  # noqa: E402
 
@@ -63,7 +62,7 @@ class Gateway:
         self.hooks = self._start_hooks(cfg, context, hook_objects)
         self.agent_address = self.server.start()
         app = make_app(self.server, lambda: self.hooks)  # a reload replaces self.hooks
-        self.http = WSGIServer(cfg.http, app, log=None, error_log=log)
+        self.http = make_server(cfg.http, app)
         self.http.start()
 
     def _start_hooks(self, cfg, context, hook_objects):
