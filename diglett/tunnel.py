@@ -224,6 +224,9 @@ class Tunnel:
             loop()
         except (ProtocolError, TunnelClosed, WriteStalled, OSError) as exc:
             self._failed(exc)
+        except Exception:  # a bug or MemoryError ends this tunnel at once, logged, no more
+            log.exception("%s %s failed", self.label, loop.__name__)
+            self.close("internal error", ErrorCode.INTERNAL_ERROR)
 
     def _failed(self, exc):
         """End the tunnel for an error of the reader or of a loop, with the right GOAWAY."""
