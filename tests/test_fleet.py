@@ -41,12 +41,15 @@ class Fleet:
             self.gateways.append(gateway.start())
         self.backends = {}
 
-    def agent(self, name, first):
-        """An agent for ``name`` that knows every gateway and tries gateway ``first`` first."""
+    def agent(self, name, first, only=False):
+        """An agent for ``name`` that knows every gateway and tries gateway ``first`` first
+        (with ``only``, it knows that one gateway alone)."""
         backend = self.backends[name] = HttpBackend(name)
         key_file, public = self.gateways[0].new_key(name)
         self.gateways[0].grant(name, public)
         order = self.gateways[first:] + self.gateways[:first]
+        if only:
+            order = order[:1]
         argv = harness.command("diglett") + [
             "-g", ",".join(g.gateway for g in order), "-n", name, "--key-file", str(key_file),
             "--server-key", self.gateways[0].key, "%s:%d" % backend.address]
@@ -74,6 +77,9 @@ class Fleet:
 
     def served_everywhere(self, name):
         return all(self.served(name, traefik) for traefik in self.traefiks)
+
+    def gone_everywhere(self, name):
+        return all(traefik.status("%s.%s" % (name, DOMAIN)) == 404 for traefik in self.traefiks)
 
     def route_ports(self):
         """name -> tunnel port of every route in etcd."""
@@ -106,10 +112,12 @@ def wait_served(fleet, names, timeout, what):
 def test_agents_spread_over_gateways_survive_a_gateway_killed(fleet):
     names = ["alpha", "bravo", "charlie"]
     agents = [fleet.agent(name, first=i) for i, name in enumerate(names)]
-    wait_served(fleet, names, 15, "every name through both Traefiks")
+    stranded = fleet.agent("stranded", first=0, only=True)  # knows the victim alone
+    wait_served(fleet, names + ["stranded"], 15, "every name through both Traefiks")
     assert sorted(fleet.holder(n)[0] for n in names) == [0, 1, 2]  # one agent per gateway
 
     victim, dead_port = fleet.holder("alpha")
+    assert victim == 0 and fleet.holder("stranded")[0] == 0
     killed = time.monotonic()
     fleet.gateways[victim].proc.kill()
     # Its agent moves to the next gateway, which takes the name over at once.
@@ -118,16 +126,22 @@ def test_agents_spread_over_gateways_survive_a_gateway_killed(fleet):
     wait_served(fleet, ["alpha"], LEASE_TTL + 10, "alpha through both Traefiks again")
     moved = time.monotonic() - killed
     assert fleet.owner("alpha")["gateway"] != "gw%d" % victim
+    # A name whose agent cannot move disappears from both Traefiks with the dead lease.
+    harness.wait_until(lambda: fleet.gone_everywhere("stranded"), LEASE_TTL + 2 - (
+        time.monotonic() - killed), interval=0.1, what="stranded to be gone from both Traefiks")
+    gone = time.monotonic() - killed
     # After the dead gateway's lease is gone, no route points at it.
     time.sleep(LEASE_TTL + 2 - min(moved, LEASE_TTL + 2))
     ports = fleet.route_ports()
     assert dead_port not in ports.values()
-    assert set(ports) == set(names)
+    assert set(ports) == set(names)  # stranded's route went with the dead lease
     for name in names:
         assert ports[name] == fleet.holder(name)[1]
     wait_served(fleet, names, 5, "every name through both Traefiks")
-    print("alpha served again %.2f s after its gateway was killed" % moved)
+    print("alpha served again %.2f s after its gateway was killed; stranded gone after %.2f s"
+          % (moved, gone))
     assert agents[1].popen.poll() is None and agents[2].popen.poll() is None
+    assert stranded.popen.poll() is None  # still retrying its one gateway
 
 
 @pytest.mark.timeout(120)
