@@ -173,7 +173,8 @@ class Agent:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except socket.gaierror:
                 infos = []
-            found = [(info[4][0], port) for info in infos] or [(host, port)]
+            # sorted: a DNS server that rotates its answers must not undo our own rotation
+            found = sorted({(info[4][0], port) for info in infos}) or [(host, port)]
             addresses.extend(a for a in found if a not in addresses)
         return addresses
 

@@ -4,10 +4,12 @@ Only what the route publisher needs, on plain HTTP/1.1 through the standard libr
 cooperative under gevent's monkey-patching and adds no dependency. Keys and values are bytes
 or str on the way in and bytes on the way out; the gateway wants them base64-encoded. Every
 failure leaves as EtcdError naming the endpoint; with several endpoints, a call that cannot
-reach one tries the next (etcd forwards writes to its leader itself).
+reach one, or that one answers with a 5xx (a member without a leader), tries the next (etcd
+forwards writes to its leader itself, and claims are compare-and-swap, so a retry is safe).
 """
 
 import base64
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -156,6 +158,8 @@ class Client:
                 text = answer.read(RESPONSE_LIMIT)
         except urllib.error.HTTPError as exc:
             detail = exc.read(4096).decode("utf-8", "replace")
+            if exc.code >= 500:  # e.g. "etcdserver: no leader": a member cut off from quorum
+                raise _Unreachable("answered %d: %s" % (exc.code, detail[:200])) from None
             try:
                 detail = json.loads(detail).get("error") or json.loads(detail).get("message")
             except (ValueError, AttributeError):
@@ -164,7 +168,7 @@ class Client:
                 raise EtcdError("%s%s: lease not found" % (endpoint, path)) from None
             raise EtcdError("%s%s answered %d: %s" % (endpoint, path, exc.code,
                                                       str(detail)[:300])) from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise _Unreachable(getattr(exc, "reason", exc)) from None
         try:
             answer = json.loads(text)

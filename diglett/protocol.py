@@ -19,9 +19,11 @@ OUTPUT_CHUNK = 256 * 1024  # bytes data_to_send returns at most per call (writer
 MAX_PENDING_PONGS = 4  # PINGs beyond this many unanswered are dropped (ping flood)
 PING_LIMIT = 1000  # PINGs a peer may send per minute (one every 10 s is normal)
 # Frames that move nothing forward, per second: FIN, RESET or WINDOW for closed streams,
-# PONGs. (Empty records are refused outright.) A legitimate burst is about one per stream closed at once, so the
-# ceiling sits above the default max_streams.
+# PONGs. (Empty records are refused outright.) Frames already in flight when a stream closes
+# arrive late by nature: each stream this side closes adds LATE_FRAMES to the allowance, so a
+# mass reset of any number of streams never looks like a flood.
 FLOOD_LIMIT = 20000
+LATE_FRAMES = 3  # a WINDOW, a FIN and a RESET may cross a close
 
 SERVER = "server"
 AGENT = "agent"
@@ -126,7 +128,9 @@ class FloodGuard:
 
     def __init__(self, clock, ping_limit=PING_LIMIT, flood_limit=FLOOD_LIMIT):
         self.clock = clock
-        self._counts = {"ping": [ping_limit, 60.0, 0.0, 0], "idle": [flood_limit, 1.0, 0.0, 0]}
+        # kind -> [limit, window, window start, count, allowance now, allowance of the last]
+        self._counts = {"ping": [ping_limit, 60.0, 0.0, 0, 0, 0],
+                        "idle": [flood_limit, 1.0, 0.0, 0, 0, 0]}
 
     def ping(self):
         self._count("ping", "PINGs", "minute")
@@ -134,16 +138,29 @@ class FloodGuard:
     def idle(self):
         self._count("idle", "frames that move no stream forward", "second")
 
+    def closed(self):
+        """A stream closed here: the frames the peer had in flight for it are not a flood.
+        The allowance lasts this window and the next: late frames are a round trip behind."""
+        entry = self._counts["idle"]
+        if entry[0]:
+            self._roll(entry, self.clock())
+            entry[4] += LATE_FRAMES
+
+    @staticmethod
+    def _roll(entry, now):
+        window, start = entry[1], entry[2]
+        if now - start >= window:
+            entry[5] = entry[4] if now - start < 2 * window else 0
+            entry[2], entry[3], entry[4] = now, 0, 0
+
     def _count(self, kind, what, unit):
         entry = self._counts[kind]
-        limit, window, start, count = entry
+        limit = entry[0]
         if not limit:
             return  # 0: this guard is off
-        now = self.clock()
-        if now - start >= window:
-            entry[2], count = now, 0
-        entry[3] = count = count + 1
-        if count > limit:
+        self._roll(entry, self.clock())
+        entry[3] += 1
+        if entry[3] > limit + entry[4] + entry[5]:
             raise ProtocolError("flood: more than %d %s in a %s" % (limit, what, unit),
                                 ErrorCode.ENHANCE_YOUR_CALM)
 
@@ -241,6 +258,7 @@ class Session:
             self._mark_ready(stream)
             return
         del self.streams[stream_id]
+        self._guard.closed()
         self._control.append(wire.encode_frame(FrameType.RESET, stream_id, wire.encode_u16(code)))
 
     def acknowledge(self, stream_id, nbytes):
@@ -330,6 +348,7 @@ class Session:
                 self._fin_sent(stream)
             elif type(item) is _Reset:
                 self.streams.pop(stream.stream_id, None)
+                self._guard.closed()
             if stream.queue:
                 ready.append(stream)
             else:
@@ -353,6 +372,7 @@ class Session:
         stream.fin_sent = True
         if stream.fin_received:
             self.streams.pop(stream.stream_id, None)
+            self._guard.closed()
 
     # ----- input ----------------------------------------------------------------------
     def receive_data(self, data):
@@ -490,6 +510,7 @@ class Session:
         stream.fin_received = True
         if stream.fin_sent:
             del self.streams[frame.stream_id]
+            self._guard.closed()
         events.append(StreamEnded(frame.stream_id))
 
     def _on_reset(self, frame, events):

@@ -233,8 +233,11 @@ class Tunnel:
         if isinstance(exc, ProtocolError):
             if exc.code == ErrorCode.ENHANCE_YOUR_CALM:
                 self.flooded = True
-            log.warning("%s protocol error: %s", self.label, exc)
             self.close("protocol error: %s" % exc, exc.code, "protocol error")
+            try:  # after the close: from the hub, a contended log lock cannot be waited for
+                log.warning("%s protocol error: %s", self.label, exc)
+            except Exception:
+                pass
         elif isinstance(exc, (TunnelClosed, WriteStalled)):
             self.close(str(exc) or "write stalled")
         else:
@@ -419,6 +422,11 @@ class Pump:
             if not self._done:
                 self._abort(ErrorCode.CONNECT_FAILED, "connect: %s" % exc)
             return
+        except Exception as exc:  # a bug (e.g. in the PROXY header) costs this stream only
+            log.exception("%s stream=%d connect failed", self.tunnel.label, self.stream_id)
+            if not self._done:
+                self._abort(ErrorCode.INTERNAL_ERROR, "connect: %s" % exc)
+            return
         if self._done:  # reset while connecting: the backend sees a reset, not an empty stream
             close_with_rst(sock)
             return
@@ -498,8 +506,14 @@ class Pump:
         if not self.buffer and not self._sending and self._connected:
             try:
                 sent = self.sock.send(data)  # timeout 0: never waits
-            except OSError:  # full, or broken: the down greenlet finds out which
+            except BlockingIOError:
                 sent = 0
+            except OSError as exc:
+                # Reset by the local peer. The failed send has consumed the socket's error, so
+                # the next recv would read a clean EOF: abort now, or the remote peer would
+                # see FIN, and a truncated stream would look complete.
+                self._abort(ErrorCode.STREAM_CLOSED, "download side: %s" % exc)
+                return
             if sent:
                 self.tunnel.bytes_down += sent
                 self.last_active = time.monotonic()
@@ -580,11 +594,15 @@ class Pump:
         self._abort(ErrorCode.IDLE_TIMEOUT, "idle for %s s" % self.tunnel.stream_idle_timeout)
 
     def _abort(self, code, why, after_queued=False):
-        log.debug("%s stream=%d reset code=%s: %s", self.tunnel.label, self.stream_id,
-                  wire.code_name(code), why)
         self.tunnel.session.reset_stream(self.stream_id, code, after_queued)
         self.tunnel.wake()
         self.kill()
+        # Logged last, and never fatally: from the hub a contended log lock cannot be waited for.
+        try:
+            log.debug("%s stream=%d reset code=%s: %s", self.tunnel.label, self.stream_id,
+                      wire.code_name(code), why)
+        except Exception:
+            pass
 
     def kill(self):
         """Abort locally (peer reset, or the tunnel ended): the local peer sees a reset."""

@@ -231,7 +231,7 @@ class TraefikEtcdHook:
             except etcd.LeaseLost:
                 self._lost("the lease expired (this gateway was paused or cut off)")
                 continue
-            except etcd.EtcdError as exc:
+            except Exception as exc:  # etcd down, the registry busy, a bug: keep refreshing
                 if not failing:
                     log.warning("hook=traefik-etcd %s", exc)
                 failing = True

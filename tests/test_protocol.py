@@ -791,6 +791,22 @@ def test_frames_that_move_streams_are_not_counted():
     server.receive_data(peer.record(Frame(FrameType.PING, 0, b"12345678")))
 
 
+def test_frames_late_for_streams_closed_here_are_allowed_in_any_number():
+    clock = FakeClock()
+    server, peer = raw_server(guard=protocol.FloodGuard(clock, flood_limit=10))
+    sids = [server.open_stream() for _ in range(100)]
+    peer.read(server)
+    for sid in sids:  # this side resets 100 streams at once (a backend died)
+        server.reset_stream(sid, ErrorCode.CONNECT_FAILED)
+    peer.read(server)
+    clock.now += 1.5  # the late frames land in the next window
+    server.receive_data(peer.record(*[WINDOW_(sid, 100) for sid in sids]))
+    server.receive_data(peer.record(*[FIN(sid) for sid in sids]))
+    clock.now += 1.0  # the allowance does not carry further: a flood is still a flood
+    with pytest.raises(ProtocolError):
+        server.receive_data(peer.record(*[FIN(sids[0])] * 11))
+
+
 def test_guard_limits_of_zero_turn_it_off():
     server, peer = raw_server(guard=protocol.FloodGuard(FakeClock(), 0, 0))
     server.open_stream()
