@@ -13,7 +13,7 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
-from diglett import __version__, config, crypto, hookloader  # noqa: E402
+from diglett import __version__, config, crypto, hookloader, memory  # noqa: E402
 from diglett.cli import logs  # noqa: E402
 from diglett.httpapi import make_app, make_server  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
@@ -128,11 +128,13 @@ def main(argv=None):
     log.info("diglett-server %s ready: agents=%s:%d http=%s:%d domain=%s key=%s cipher=%s "
              "gateway=%s", __version__, *gateway.agent_address, *gateway.http.address[:2],
              cfg.domain, gateway.server.public_key, aead, cfg.gateway_id)
+    tidy = memory.keep_tidy()
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(gateway.reload))
     stop.wait()
+    tidy.kill()
     gateway.stop()
     return 0
 
