@@ -31,6 +31,9 @@ EXIT_SERVER_KEY_MISMATCH = 5  # the server is not the one whose key is pinned
 EXIT_REVOKED = 6  # the grant was revoked while connected
 EXIT_REPLACED = 7  # another agent with the same key took the name over
 EXIT_VERSION = 8  # the server does not speak this agent's wire version
+# Answers about one gateway rather than about the agent: with several gateways the agent
+# exits only when every one of them gave one.
+PER_GATEWAY_EXITS = (EXIT_SERVER_KEY_MISMATCH, EXIT_VERSION)
 
 CONNECT_TIMEOUT = 10  # seconds to reach the server
 HANDSHAKE_TIMEOUT = 15  # seconds from connect to the server's OK
@@ -112,14 +115,20 @@ class Agent:
 
     def run(self):
         attempt = 0
+        refused_by = set()  # gateways that gave a per-gateway fatal answer, since the last success
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
                 self.connect_once()
                 why, min_delay = "connection closed", 0.0
+                refused_by.clear()
             except Fatal as exc:
-                log.error("%s", exc)
-                return exc.exit_code
+                refused_by.add(self.gateway)
+                if exc.exit_code not in PER_GATEWAY_EXITS or refused_by >= set(self._addresses()):
+                    log.error("%s", exc)
+                    return exc.exit_code
+                # In a fleet one gateway may be misconfigured or mid-upgrade: try the others.
+                why, min_delay = str(exc), 0.0
             except Retry as exc:
                 why, min_delay = str(exc), exc.min_delay
             except (OSError, ProtocolError, noise.HandshakeError) as exc:
