@@ -787,5 +787,6 @@ def _greenlet_count():
 
     from greenlet import greenlet
 
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet))
+    # live ones only: finished greenlets are garbage waiting for the cyclic collector
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
 

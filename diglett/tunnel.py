@@ -366,7 +366,15 @@ class Tunnel:
 
     # ----- streams --------------------------------------------------------------------
     def add_stream(self, stream_id, sock=None, connect=None):
-        """Pump a stream through ``sock``, or through the socket ``connect()`` returns."""
+        """Pump a stream through ``sock``, or through the socket ``connect()`` returns.
+
+        A tunnel that is closing takes no stream: the teardown has already reset the ones it
+        had, and a pump added after that would hang its client for ever.
+        """
+        if self.close_reason is not None:
+            if sock is not None:
+                close_with_rst(sock)
+            return None
         pump = Pump(self, stream_id, sock, connect)
         self.pumps[stream_id] = pump
         self.streams_opened += 1
