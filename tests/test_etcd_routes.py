@@ -1,7 +1,7 @@
 """The etcd route publisher (hook traefik-etcd) against a real etcd: claims, fencing, leases.
 
 The hook objects run in the test process, one per simulated gateway, each with its own lease;
-the fleet tests (test_fleet.py) run the same hook inside real servers.
+the fleet tests (test_e2e_fleet_routes.py) run the same hook inside real servers.
 """
 
 import json
