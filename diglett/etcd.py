@@ -11,6 +11,7 @@ forwards writes to its leader itself, and claims are compare-and-swap, so a retr
 import base64
 import http.client
 import json
+import ssl
 import urllib.error
 import urllib.request
 
@@ -74,7 +75,10 @@ def compare_mod_revision(key, revision):
 
 
 class Client:
-    def __init__(self, endpoints, timeout=5.0):
+    def __init__(self, endpoints, timeout=5.0, ca_file=None, cert_file=None, key_file=None):
+        """``ca_file`` checks https endpoints against that CA (default: the system's);
+        ``cert_file`` and ``key_file`` are a client certificate, for etcd's
+        --client-cert-auth."""
         self.endpoints = [e.rstrip("/") for e in endpoints]
         if not self.endpoints:
             raise ValueError("no etcd endpoint given")
@@ -82,7 +86,17 @@ class Client:
             if not endpoint.startswith(("http://", "https://")):
                 raise ValueError("etcd endpoint must be an http:// or https:// URL, got %r"
                                  % endpoint)
+        if bool(cert_file) != bool(key_file):
+            raise ValueError("a client certificate needs both cert_file and key_file")
         self.timeout = timeout
+        self._tls = None
+        if ca_file or cert_file:
+            try:
+                self._tls = ssl.create_default_context(cafile=ca_file or None)
+                if cert_file:
+                    self._tls.load_cert_chain(cert_file, key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError("cannot load the etcd TLS files: %s" % exc) from None
         self._current = 0  # the endpoint that answered last: tried first
 
     # ----- leases -------------------------------------------------------------------------
@@ -154,7 +168,8 @@ class Client:
                                          method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=self._tls) as answer:
                 text = answer.read(RESPONSE_LIMIT)
         except urllib.error.HTTPError as exc:
             detail = exc.read(4096).decode("utf-8", "replace")

@@ -17,6 +17,7 @@ Key layout and the reasons for it (anchor, one transaction per route): docs/hook
 
 import json
 import logging
+import os
 import socket
 import time
 
@@ -52,10 +53,16 @@ class TraefikEtcdHook:
         "middlewares": ("list", "", "middlewares added to every router"),
         "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough)"),
         "timeout": ("seconds", "5", "seconds for one call to etcd"),
+        "ca_file": ("string", "", "CA that signed etcd's certificates (https endpoints; "
+                                  "default: the system's CAs)"),
+        "cert_file": ("string", "", "client certificate for etcd's --client-cert-auth"),
+        "key_file": ("string", "", "its private key"),
     }
 
     def __init__(self, options, context):
-        self.client = etcd.Client(options["endpoints"], options["timeout"])
+        files = [_resolve(options[name], context) for name in ("ca_file", "cert_file",
+                                                                "key_file")]
+        self.client = etcd.Client(options["endpoints"], options["timeout"], *files)
         self.timeout = options["timeout"]
         self.root = options["root_key"].strip("/")
         self.namespace = options["namespace"].strip("/")
@@ -277,6 +284,14 @@ class TraefikEtcdHook:
     def _active(self):
         active = self.context.active_sessions
         return list(active()) if active is not None else []
+
+
+def _resolve(text, context):
+    """A file option: None when empty; relative to the config file's folder."""
+    if not text:
+        return None
+    folder = getattr(context, "config_dir", None)
+    return os.path.join(folder, os.path.expanduser(text)) if folder else os.path.expanduser(text)
 
 
 def _parse_owner(value):

@@ -5,6 +5,7 @@ the fleet tests (test_e2e_fleet_routes.py) run the same hook inside real servers
 """
 
 import json
+import shutil
 import threading
 import time
 
@@ -14,11 +15,12 @@ from diglett import etcd
 from diglett.hooks import traefik_etcd
 from diglett.signals import SessionEvent
 from tests import harness
-from tests.etcdfixture import etcd_server  # noqa: F401  (fixture)
+from tests.etcdfixture import Etcd, etcd_server  # noqa: F401  (fixture)
 
 OPTIONS = {"root_key": "traefik", "namespace": "diglett", "lease_ttl": 10, "keepalive": 3,
            "check_interval": 5, "upstream_host": "", "entrypoints": ["web"],
-           "cert_resolver": "", "middlewares": [], "mode": "http", "timeout": 5}
+           "cert_resolver": "", "middlewares": [], "mode": "http", "timeout": 5,
+           "ca_file": "", "cert_file": "", "key_file": ""}
 
 
 class Context:
@@ -174,3 +176,26 @@ def test_bad_options_are_refused_with_the_fix(options, message):
     settings.update(options)
     with pytest.raises(ValueError, match=message):
         traefik_etcd.TraefikEtcdHook(settings, Context("gw"))
+
+
+@pytest.mark.timeout(60)
+def test_etcd_over_tls_with_a_client_certificate(tmp_path):
+    if shutil.which("etcd") is None:
+        pytest.skip("no etcd binary")
+    server = Etcd(tmp_path / "etcd", tls=True).start()
+    ca, cert, key = server.client_files()
+    hook = gateway(server, "gw-a", ca_file=str(ca), cert_file=str(cert), key_file=str(key))
+    assert hook.claim(event("foo", 4001, 100.0)) is True
+    found = etcd.Client([server.url], ca_file=str(ca), cert_file=str(cert),
+                        key_file=str(key)).range("diglett/owner/foo")
+    assert json.loads(found[0][1])["gateway"] == "gw-a"
+    # Without the client certificate etcd refuses the TLS handshake: an error naming it.
+    stranger = traefik_etcd.TraefikEtcdHook(
+        dict(OPTIONS, endpoints=[server.url], ca_file=str(ca), timeout=2), Context("gw-b"))
+    with pytest.raises(etcd.EtcdError, match="127.0.0.1:%d" % server.client_port):
+        stranger._new_lease()
+
+
+def test_a_client_certificate_needs_its_key():
+    with pytest.raises(ValueError, match="both cert_file and key_file"):
+        etcd.Client(["https://127.0.0.1:2379"], cert_file="/etc/hostname")
