@@ -37,9 +37,11 @@ class Admission:
         self.per_source = per_source
         self.penalty_max = penalty_max
         self.pending = 0
+        self.clean_pending = 0  # of those, from sources with no recent offence
         self.refused = {}  # kind (REFUSAL_KINDS) -> connections refused
         self.penalties = 0  # penalties given (repeat offences included)
         self._pending_by_source = {}
+        self._clean_by_source = {}
         self._penalties = {}  # source -> (until, current penalty seconds)
         self._clock = clock
         self._rng = rng
@@ -57,38 +59,43 @@ class Admission:
             return "penalised"
         if self.pending >= self.full:
             return "too many handshakes"
+        offender = source in self._penalties  # its record outlives the penalty twice over
         if self.pending >= self.start:
-            # Under pressure a source that offended lately (its record outlives the penalty
-            # by twice its length) gets no slot beyond `start`: a flood's sources all earn a
-            # record within seconds, a legitimate agent has none, so it finds the slots from
-            # `start` to `full` free instead of losing a lottery against the flood.
-            if source in self._penalties:
+            # Under pressure a source that offended lately gets no slot beyond `start`, and
+            # the random early drop is played among clean sources only, on their own count:
+            # a flood's sources all earn a record within seconds, a legitimate agent has
+            # none, so it finds the slots from `start` to `full` open instead of losing a
+            # lottery against the flood. A flood of fresh sources meets the early drop.
+            if offender:
                 return "offended recently"
-            if self._early_drop():
+            if self.clean_pending >= self.start and self._early_drop(self.clean_pending):
                 return "random early drop"
         if self._pending_by_source.get(source, 0) >= self.per_source:
             return "too many handshakes from this source"
         self.pending += 1
         self._pending_by_source[source] = self._pending_by_source.get(source, 0) + 1
+        if not offender:
+            self.clean_pending += 1
+            self._clean_by_source[source] = self._clean_by_source.get(source, 0) + 1
         return None
 
     def release(self, source):
         self.pending -= 1
-        left = self._pending_by_source[source] - 1
-        if left:
-            self._pending_by_source[source] = left
-        else:
-            del self._pending_by_source[source]
+        _decrement(self._pending_by_source, source)
+        if self._clean_by_source.get(source):
+            self.clean_pending -= 1
+            _decrement(self._clean_by_source, source)
 
-    def _early_drop(self):
+    def _early_drop(self, pending):
         """Drop with a probability rising from rate% at start to 100% at full."""
         span = max(1, self.full - self.start)
-        chance = self.rate + (100 - self.rate) * (self.pending - self.start) / span
+        chance = self.rate + (100 - self.rate) * (pending - self.start) / span
         return self._rng() * 100 < chance
 
     def penalise(self, source, seconds):
-        """Repeat offences double the penalty, never beyond penalty_max."""
-        if self.penalty_max <= 0:
+        """Repeat offences double the penalty, never beyond penalty_max. ``seconds`` 0 is no
+        offence: it neither penalises nor doubles a penalty already running."""
+        if self.penalty_max <= 0 or seconds <= 0:
             return
         now = self._clock()
         until, last = self._penalties.get(source, (0.0, 0.0))
@@ -116,3 +123,11 @@ class Admission:
     @property
     def penalty_table_size(self):
         return len(self._penalties)
+
+
+def _decrement(counts, source):
+    left = counts[source] - 1
+    if left:
+        counts[source] = left
+    else:
+        del counts[source]

@@ -335,12 +335,16 @@ class Server:
             # Under pressure slow handshakes lose their slot sooner: an honest agent needs
             # two round trips, a flood's silent connections would hold the slot to the end.
             timeout = min(timeout, max(PRESSURE_HANDSHAKE_MIN, timeout / 4))
+        progress = []  # what arrived: an agent that sent act one is no flood, only slow
         try:
             with gevent.Timeout(timeout, HandshakeTimeout):
-                handshake, session, config = self._handshake(sock, peer)
+                handshake, session, config = self._handshake(sock, peer, progress)
         except HandshakeTimeout:
-            self._handshake_failed(sock, source, peer, "timeout", "timeout",
-                                   admission.PENALTY_TIMEOUT)
+            # An honest agent sends act one at once; if it came, the wait was ours or the
+            # network's, and a penalty would lock its address out of the slots above START.
+            penalty = 0 if progress else admission.PENALTY_TIMEOUT
+            self._handshake_failed(sock, source, peer, "timeout",
+                                   "timeout after act one" if progress else "timeout", penalty)
             return
         except noise.HandshakeError as exc:
             self._handshake_failed(sock, source, peer, exc.reason, exc, admission.PENALTY_JUNK)
@@ -371,7 +375,7 @@ class Server:
         self.admission.clear(source)
         agent_session.run()
 
-    def _handshake(self, sock, peer):
+    def _handshake(self, sock, peer, progress):
         preamble_bytes = recv_exact(sock, wire.PREAMBLE_SIZE)
         preamble = wire.parse_preamble(preamble_bytes)
         if preamble.version != wire.WIRE_VERSION:
@@ -385,6 +389,7 @@ class Server:
             if exc.reason == "act1 bad tag":  # made for another server key
                 sock.sendall(wire.encode_reject(RejectCode.SERVER_KEY_MISMATCH))
             raise
+        progress.append("act one")
         sock.sendall(act_two)
         handshake.read_act_three(recv_exact(sock, noise.ACT_THREE_SIZE))
         session = protocol.Session(protocol.SERVER, handshake.send_cipher, handshake.recv_cipher,

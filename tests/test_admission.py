@@ -106,3 +106,30 @@ def test_per_source_cap():
 ])
 def test_the_penalised_unit_is_the_address_or_its_64(address, unit):
     assert admission.source_of(address) == unit
+
+
+def test_a_zero_penalty_is_no_offence_and_doubles_nothing():
+    gate, clock = make(penalty_max=30.0)
+    gate.penalise("src", 2.0)
+    gate.penalise("src", 0)  # e.g. a network error, or a handshake we were too slow for
+    clock.now += 2.01
+    assert not gate.penalised("src")
+    fresh, _ = make()
+    fresh.penalise("clean", 0)
+    assert fresh.admit("clean") is None and fresh.penalties == 0
+
+
+def test_the_early_drop_counts_clean_handshakes_only():
+    gate, clock = make(rng=lambda: 0.0)  # the die always says drop
+    for source in ("f1", "f2"):  # two flooding sources with a record, below START
+        gate.penalise(source, 1.0)
+    clock.now += 1.5  # penalties over, records kept
+    assert gate.admit("f1") is None and gate.admit("f2") is None
+    assert (gate.pending, gate.clean_pending) == (2, 0)
+    assert gate.admit("f1") == "offended recently"  # at START: no more for offenders
+    assert gate.admit("agent-1") is None  # clean handshakes are below START on their own count
+    assert gate.admit("agent-2") is None
+    assert gate.admit("agent-3") == "too many handshakes"  # FULL still holds
+    gate.release("agent-1")
+    gate.release("f1")
+    assert (gate.pending, gate.clean_pending) == (2, 1)
