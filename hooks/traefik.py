@@ -27,17 +27,57 @@ class TraefikFailed(Exception):
     pass
 
 
+# The options that shape a route, shared by both Traefik hooks (REST here, etcd in traefik_etcd).
+ROUTE_OPTIONS = {
+    "upstream_host": ("string", "", "host Traefik uses to reach tunnel ports "
+                                    "(default: the server's bind address)"),
+    "entrypoints": ("list", "", "Traefik entrypoints of the routers (default: all)"),
+    "cert_resolver": ("string", "", "certificate resolver: routers get TLS with it"),
+    "middlewares": ("list", "", "middlewares added to every router"),
+    "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough)"),
+}
+
+
+class Routes:
+    """What a session becomes in Traefik, from the ROUTE_OPTIONS: one router and one service,
+    both named diglett-NAME, in Traefik's dynamic-configuration form."""
+
+    def __init__(self, options):
+        self.mode = options["mode"]
+        if self.mode not in ("http", "tcp"):
+            raise ValueError("mode must be http or tcp, got %r" % self.mode)
+        self.upstream_host = options["upstream_host"]
+        self.entrypoints = list(options["entrypoints"])
+        self.cert_resolver = options["cert_resolver"]
+        self.middlewares = list(options["middlewares"])
+
+    def render(self, event):
+        """(name, router, service) for one session's connect event."""
+        name = ROUTER_PREFIX + event.subdomain
+        host = _bracketed(self.upstream_host or event.listen_host)
+        router = {"service": name}
+        if self.entrypoints:
+            router["entryPoints"] = self.entrypoints
+        if self.mode == "tcp":
+            router["rule"] = "HostSNI(`%s`)" % event.host
+            router["tls"] = {"passthrough": True}
+            server = {"address": "%s:%d" % (host, event.listen_port)}
+        else:
+            router["rule"] = "Host(`%s`)" % event.host
+            if self.middlewares:
+                router["middlewares"] = self.middlewares
+            if self.cert_resolver:
+                router["tls"] = {"certResolver": self.cert_resolver}
+            server = {"url": "http://%s:%d" % (host, event.listen_port)}
+        return name, router, {"loadBalancer": {"servers": [server]}}
+
+
 class TraefikHook:
     # Traefik mirrors the active sessions: a connect whose disconnect is queued changes nothing.
     skip_ended_connects = True
     OPTIONS = {
         "api": ("string", None, "Traefik API base URL, e.g. http://127.0.0.1:8080"),
-        "upstream_host": ("string", "", "host Traefik uses to reach tunnel ports "
-                                        "(default: the server's bind address)"),
-        "entrypoints": ("list", "", "Traefik entrypoints of the routers (default: all)"),
-        "cert_resolver": ("string", "", "certificate resolver: routers get TLS with it"),
-        "middlewares": ("list", "", "middlewares added to every router"),
-        "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough)"),
+        **ROUTE_OPTIONS,
         "check_interval": ("seconds", "5", "seconds between checks that Traefik has the routes"),
         "settle": ("seconds", "5", "seconds Traefik may take to apply a change (its "
                                    "providersThrottleDuration is 2 s by default)"),
@@ -48,13 +88,8 @@ class TraefikHook:
         self.api = options["api"].rstrip("/")
         if not self.api.startswith(("http://", "https://")):
             raise ValueError("api must be an http:// or https:// URL, got %r" % self.api)
-        self.mode = options["mode"]
-        if self.mode not in ("http", "tcp"):
-            raise ValueError("mode must be http or tcp, got %r" % self.mode)
-        self.upstream_host = options["upstream_host"]
-        self.entrypoints = list(options["entrypoints"])
-        self.cert_resolver = options["cert_resolver"]
-        self.middlewares = list(options["middlewares"])
+        self.routes = Routes(options)
+        self.mode = self.routes.mode
         self.check_interval = options["check_interval"]
         self.timeout = options["timeout"]
         self.settle = options["settle"]
@@ -84,25 +119,7 @@ class TraefikHook:
         """
         routers, services = {}, {}
         for event in sessions:
-            name = ROUTER_PREFIX + event.subdomain
-            host = self.upstream_host or event.listen_host
-            router = {"service": name}
-            if self.entrypoints:
-                router["entryPoints"] = self.entrypoints
-            if self.mode == "tcp":
-                router["rule"] = "HostSNI(`%s`)" % event.host
-                router["tls"] = {"passthrough": True}
-                services[name] = {"loadBalancer": {"servers": [
-                    {"address": "%s:%d" % (_bracketed(host), event.listen_port)}]}}
-            else:
-                router["rule"] = "Host(`%s`)" % event.host
-                if self.middlewares:
-                    router["middlewares"] = self.middlewares
-                if self.cert_resolver:
-                    router["tls"] = {"certResolver": self.cert_resolver}
-                services[name] = {"loadBalancer": {"servers": [
-                    {"url": "http://%s:%d" % (_bracketed(host), event.listen_port)}]}}
-            routers[name] = router
+            name, routers[name], services[name] = self.routes.render(event)
         return {self.mode: {"routers": routers, "services": services}}
 
     # ----- talking to Traefik -----------------------------------------------------------

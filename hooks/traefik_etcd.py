@@ -25,10 +25,10 @@ import gevent
 import gevent.event
 
 from diglett import etcd
+from diglett.hooks.traefik import ROUTE_OPTIONS, ROUTER_PREFIX, Routes
 
 log = logging.getLogger(__name__)
 
-PREFIX = "diglett-"  # routers and services are named diglett-NAME, as with the REST hook
 ANCHOR = "http/middlewares/diglett-anchor/headers/customResponseHeaders/X-Diglett"
 CLAIM_ATTEMPTS = 5  # compare-and-swap rounds before a claim gives up (and the outbox retries)
 
@@ -46,12 +46,7 @@ class TraefikEtcdHook:
         "keepalive": ("seconds", "3", "seconds between lease refreshes (at most lease_ttl/2)"),
         "check_interval": ("seconds", "5", "seconds between checks that etcd still has every "
                                            "owned route (etcd restored or wiped)"),
-        "upstream_host": ("string", "", "host Traefik uses to reach tunnel ports (default: "
-                                        "the server's bind address)"),
-        "entrypoints": ("list", "", "Traefik entrypoints of the routers (default: all)"),
-        "cert_resolver": ("string", "", "certificate resolver: routers get TLS with it"),
-        "middlewares": ("list", "", "middlewares added to every router"),
-        "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough)"),
+        **ROUTE_OPTIONS,
         "timeout": ("seconds", "5", "seconds for one call to etcd"),
         "ca_file": ("string", "", "CA that signed etcd's certificates (https endpoints; "
                                   "default: the system's CAs)"),
@@ -78,13 +73,7 @@ class TraefikEtcdHook:
                              "one lost refresh does not lose the lease"
                              % (self.keepalive, self.ttl))
         self.check_interval = options["check_interval"]
-        self.mode = options["mode"]
-        if self.mode not in ("http", "tcp"):
-            raise ValueError("mode must be http or tcp, got %r" % self.mode)
-        self.upstream_host = options["upstream_host"]
-        self.entrypoints = list(options["entrypoints"])
-        self.cert_resolver = options["cert_resolver"]
-        self.middlewares = list(options["middlewares"])
+        self.routes = Routes(options)
         self.context = context
         self.gateway_id = getattr(context, "gateway_id", None) or socket.gethostname()
         self.lease = None
@@ -135,30 +124,18 @@ class TraefikEtcdHook:
         return "%s/owner/%s" % (self.namespace, subdomain)
 
     def route_prefixes(self, subdomain):
-        base = "%s/%s/" % (self.root, self.mode)
-        return [base + "routers/%s%s/" % (PREFIX, subdomain),
-                base + "services/%s%s/" % (PREFIX, subdomain)]
+        base = "%s/%s/" % (self.root, self.routes.mode)
+        return [base + "routers/%s%s/" % (ROUTER_PREFIX, subdomain),
+                base + "services/%s%s/" % (ROUTER_PREFIX, subdomain)]
 
     def route_keys(self, event):
-        """{key: value} of one route, as Traefik's KV provider reads them."""
-        router, service = self.route_prefixes(event.subdomain)
-        host = self.upstream_host or event.listen_host
-        host = "[%s]" % host if ":" in host else host
-        keys = {router + "service": PREFIX + event.subdomain}
-        if self.mode == "tcp":
-            keys[router + "rule"] = "HostSNI(`%s`)" % event.host
-            keys[router + "tls/passthrough"] = "true"
-            keys[service + "loadbalancer/servers/0/address"] = "%s:%d" % (host, event.listen_port)
-        else:
-            keys[router + "rule"] = "Host(`%s`)" % event.host
-            for index, name in enumerate(self.middlewares):
-                keys[router + "middlewares/%d" % index] = name
-            if self.cert_resolver:
-                keys[router + "tls/certresolver"] = self.cert_resolver
-            keys[service + "loadbalancer/servers/0/url"] = "http://%s:%d" % (host,
-                                                                             event.listen_port)
-        for index, name in enumerate(self.entrypoints):
-            keys[router + "entrypoints/%d" % index] = name
+        """{key: value} of one route: the REST hook's router and service, flattened the way
+        Traefik's KV providers read them (keys are case-insensitive, lists are indexed)."""
+        router_prefix, service_prefix = self.route_prefixes(event.subdomain)
+        _, router, service = self.routes.render(event)
+        keys = {}
+        _flatten(router_prefix.rstrip("/"), router, keys)
+        _flatten(service_prefix.rstrip("/"), service, keys)
         return keys
 
     def owner_value(self, event):
@@ -284,6 +261,17 @@ class TraefikEtcdHook:
     def _active(self):
         active = self.context.active_sessions
         return list(active()) if active is not None else []
+
+
+def _flatten(prefix, value, keys):
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _flatten("%s/%s" % (prefix, name.lower()), item, keys)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _flatten("%s/%d" % (prefix, index), item, keys)
+    else:
+        keys[prefix] = "true" if value is True else str(value)
 
 
 def _resolve(text, context):
