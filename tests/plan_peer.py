@@ -64,7 +64,34 @@ class Impostor(noise.Initiator):
         return b"\x00" + encrypted_static + tag
 
 
-class TestAgent:
+class _Peer:
+    """What both hand-made peers share: ``events`` read by ``poll()``, and waiting on them."""
+
+    def wait_for(self, predicate, timeout):
+        """The first event (old or new) matching ``predicate``; AssertionError on timeout or
+        close."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if predicate(event):
+                    return event
+            seen = len(self.events)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("no matching event within %s s: %r" % (timeout,
+                                                                             self.events[-5:]))
+            state = self.poll(min(left, 0.5))
+            if state != STILL_OPEN:
+                for event in self.events[seen:]:
+                    if predicate(event):
+                        return event
+                raise AssertionError("connection %s before a matching event: %r" % (
+                    state, self.events[-5:]))
+
+
+
+class TestAgent(_Peer):
     """An agent in the test process. ``preamble`` is what goes on the wire; the prologue is
     built from ``prologue_preamble`` (default: the same bytes), so a relay-style rewrite can be
     imitated. ``handshake_class`` may be Impostor (with ``claimed_pub``)."""
@@ -151,28 +178,6 @@ class TestAgent:
             pass
         return STILL_OPEN
 
-    def wait_for(self, predicate, timeout):
-        """The first event (old or new) matching ``predicate``; AssertionError on timeout or
-        close."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            for event in self.events[seen:]:
-                if predicate(event):
-                    return event
-            seen = len(self.events)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no matching event within %s s: %r" % (timeout,
-                                                                             self.events[-5:]))
-            state = self.poll(min(left, 0.5))
-            if state != STILL_OPEN:
-                for event in self.events[seen:]:
-                    if predicate(event):
-                        return event
-                raise AssertionError("connection %s before a matching event: %r" % (
-                    state, self.events[-5:]))
-
     def until_closed(self, timeout):
         """Read until the server closes; returns (how it closed, seconds it took). Bytes that
         do not decrypt or parse end the reading too (reported as 'garbage')."""
@@ -205,7 +210,7 @@ def login(gateway, key_file, name, **kwargs):
     return agent, agent.login(name)
 
 
-class TestServer:
+class TestServer(_Peer):
     """A one-connection diglett server in the test process, for the real agent to dial.
 
     ``accept()`` waits for the agent, runs the responder side of the handshake, reads CONFIG
@@ -269,22 +274,6 @@ class TestServer:
         self.events += self.session.receive_data(data)
         self.flush()
         return STILL_OPEN
-
-    def wait_for(self, predicate, timeout):
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            for event in self.events[seen:]:
-                if predicate(event):
-                    return event
-            seen = len(self.events)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no matching event within %s s: %r" % (timeout,
-                                                                             self.events[-5:]))
-            state = self.poll(min(left, 0.5))
-            if state != STILL_OPEN:
-                raise AssertionError("agent connection %s: %r" % (state, self.events[-5:]))
 
     def close(self):
         for sock in (self.sock, self.listener):
