@@ -340,13 +340,15 @@ class Relay:
 
     It records the first ``record`` bytes of each direction of the first connection
     (``upstream``: client -> target, ``downstream``: target -> client), and with ``flip_at``
-    flips the lowest bit of that byte offset of the first connection's client -> target bytes.
+    flips the lowest bit of that byte offset of the first connection's client -> target bytes
+    (target -> client with ``flip_downstream``).
     """
 
-    def __init__(self, target, record=4096, flip_at=None):
+    def __init__(self, target, record=4096, flip_at=None, flip_downstream=False):
         self.target = tuple(target)
         self.record = record
         self.flip_at = flip_at
+        self.flip_downstream = flip_downstream
         self.flipped = threading.Event()
         self.upstream = bytearray()
         self.downstream = bytearray()
@@ -376,12 +378,13 @@ class Relay:
                 continue
             server.settimeout(None)
             self._sockets += [client, server]
+            flip_at = self.flip_at if first else None
             threading.Thread(target=self._pump, daemon=True,
                              args=(client, server, self.upstream if first else None,
-                                   self.flip_at if first else None)).start()
+                                   None if self.flip_downstream else flip_at)).start()
             threading.Thread(target=self._pump, daemon=True,
                              args=(server, client, self.downstream if first else None,
-                                   None)).start()
+                                   flip_at if self.flip_downstream else None)).start()
 
     def _pump(self, source, sink, recording, flip_at):
         offset = 0

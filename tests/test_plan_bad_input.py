@@ -10,7 +10,6 @@ docs/testplan.md for the map from plan items to tests.
 import json
 import socket
 import sqlite3
-import threading
 import time
 
 import coincurve
@@ -288,26 +287,6 @@ def test_fifty_sessions_stalled_mid_record_cost_little_memory(tmp_path, echo_bac
 
 
 # ----- A5: a bit flipped in server -> agent traffic ---------------------------------------------
-class DownstreamFlipRelay(Relay):
-    """harness.Relay, but the bit is flipped in the target -> client direction."""
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            first = self.connections == 1
-            server = socket.create_connection(self.target, timeout=5)
-            server.settimeout(None)
-            self._sockets += [client, server]
-            threading.Thread(target=self._pump, daemon=True,
-                             args=(client, server, None, None)).start()
-            threading.Thread(target=self._pump, daemon=True,
-                             args=(server, client, None, self.flip_at if first else None)).start()
-
-
 @pytest.mark.timeout(60)
 def test_bit_flipped_toward_the_agent_resets_both_ends_and_nothing_wrong_is_delivered(gw):
     size = 1 << 20
@@ -326,7 +305,7 @@ def test_bit_flipped_toward_the_agent_resets_both_ends_and_nothing_wrong_is_deli
         got["data"] = bytes(data)
 
     backend = Backend(backend_handler)
-    relay = DownstreamFlipRelay(gw.agent_address, flip_at=256 * 1024 + 33)
+    relay = Relay(gw.agent_address, flip_at=256 * 1024 + 33, flip_downstream=True)
     key_file, public = gw.new_key("foo")
     gw.grant("foo", public)
     try:
