@@ -538,6 +538,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def port_closed(port):
+    """True when nothing listens on ``port`` any more (connection refused)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def round_trips(sock, count, size=64):
     """Latencies (seconds) of ``count`` echo round trips of ``size`` bytes each."""
     times = []

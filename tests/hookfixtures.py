@@ -118,6 +118,31 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def serve_http(handler, port=0):
+    """A threaded HTTP server for ``handler`` on 127.0.0.1, serving in a daemon thread. A
+    client that resets (a tunnel ending, a request given up) is expected here, not news."""
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+        def handle_error(self, request, client_address):
+            pass
+
+    server = Server(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def routed(tf, name, domain="example.test"):
+    """True when Traefik ``tf`` serves ``name``'s HttpBackend body (checked by hash)."""
+    try:
+        status, body = tf.get("%s.%s" % (name, domain))
+    except OSError:
+        return False
+    return status == 200 and sha256(body) == sha256(body_for(name))
+
+
 class HttpBackend:
     """Answers every GET with ``body_for(name)``."""
 
@@ -136,15 +161,8 @@ class HttpBackend:
             def log_message(self, *args):
                 pass
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass  # a tunnel that ends resets its streams: expected here, not news
-
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = serve_http(Handler)
         self.address = self.server.server_address
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
@@ -210,16 +228,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-            def handle_error(self, request, client_address):
-                pass  # diglett gave up on a held request: expected in hang mode
-
-        server = Server(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
+        return serve_http(Handler, self.port)
 
     def accepted(self):
         """Bodies (parsed) of the requests answered 2xx."""

@@ -18,7 +18,7 @@ import pytest
 
 from tests import harness
 from tests.fault_relay import FaultRelay
-from tests.harness import Backend, Gateway, connect, echo, wait_until
+from tests.harness import Backend, Gateway, connect, echo, port_closed, wait_until
 
 DEAD_AFTER = float(harness.TEST_SERVER_OPTIONS["dead_after"])
 HANDSHAKE_TIMEOUT = float(harness.TEST_SERVER_OPTIONS["handshake_timeout"])
@@ -111,15 +111,6 @@ def reconnects(agent):
         if match:
             found.append((moment, float(match.group(1))))
     return found
-
-
-def port_closed(port):
-    """True when nothing listens on ``port`` any more (connection refused)."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def raw_connection(source, port, timeout=5):

@@ -21,8 +21,8 @@ import pytest
 
 from tests import harness, hookfixtures
 from tests.harness import Gateway, connect, wait_until
-from tests.hookfixtures import (HttpBackend, Receiver, body_for, read_log, recorder, sha256,
-                                succeeded, wait_gone, write_script)
+from tests.hookfixtures import (HttpBackend, Receiver, read_log, recorder, routed, succeeded,
+                                wait_gone, write_script)
 from tests.hookfixtures import traefik  # noqa: F401 (a fixture)
 
 SHUTDOWN_TIMEOUT = float(harness.TEST_SERVER_OPTIONS["shutdown_timeout"])
@@ -47,14 +47,6 @@ def traefik_sections(tf, *extra_hooks, check_interval="1", **hooks):
 def script_section(command, timeout="5"):
     return {"command": str(command), "timeout": timeout}
 
-
-def routed(tf, name):
-    """True when Traefik serves ``name``'s backend body (checked by hash)."""
-    try:
-        status, body = tf.get("%s.example.test" % name)
-    except OSError:
-        return False
-    return status == 200 and sha256(body) == sha256(body_for(name))
 
 
 def wait_routed(tf, name, timeout=ROUTE_SLACK):

@@ -21,8 +21,8 @@ import pytest
 from diglett import protocol
 from tests import harness, plan_peer
 from tests.fault_relay import FaultRelay
-from tests.harness import Backend, Gateway, Proc, connect, echo, wait_until
-from tests.hookfixtures import HttpBackend, Traefik, body_for, recorder, sha256, succeeded
+from tests.harness import Backend, Gateway, Proc, connect, echo, port_closed, wait_until
+from tests.hookfixtures import HttpBackend, Traefik, recorder, routed, serve_http, succeeded
 from tests.hookfixtures import traefik  # noqa: F401 (a fixture)
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -60,14 +60,6 @@ def echo_ok(port, payload=b"still here"):
     with connect(port, timeout=5) as sock:
         sock.sendall(payload)
         assert harness.recv_exact(sock, len(payload)) == payload
-
-
-def port_closed(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def timed_get(gw, path):
@@ -379,14 +371,6 @@ def test_failed_allocation_ends_the_session_that_hit_it_at_once_with_a_log_line(
 
 
 # ----- D5 (a): Traefik down when the agent connects -----------------------------------------
-def routed(tf, name):
-    try:
-        status, body = tf.get("%s.example.test" % name)
-    except OSError:
-        return False
-    return status == 200 and sha256(body) == sha256(body_for(name))
-
-
 @pytest.mark.timeout(60)
 def test_route_appears_when_traefik_comes_up_after_the_agent(tmp_path):
     tf = Traefik(tmp_path / "traefik")  # ports chosen, not started
@@ -502,15 +486,8 @@ class BigBody:
             def log_message(self, *args):
                 pass
 
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass
-
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = serve_http(Handler)
         self.address = self.server.server_address
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
         self.server.shutdown()
