@@ -117,6 +117,26 @@ class StreamState:
         self.fin_received = False
 
 
+class _Window:
+    """Events counted in fixed windows against a limit, with an allowance that lasts the
+    window it was given in and the next."""
+
+    __slots__ = ("limit", "length", "start", "count", "allowance", "carried")
+
+    def __init__(self, limit, length):
+        self.limit, self.length = limit, length
+        self.start, self.count, self.allowance, self.carried = 0.0, 0, 0, 0
+
+    def roll(self, now):
+        elapsed = now - self.start
+        if elapsed >= self.length:
+            self.carried = self.allowance if elapsed < 2 * self.length else 0
+            self.start, self.count, self.allowance = now, 0, 0
+
+    def over(self):
+        return self.count > self.limit + self.allowance + self.carried
+
+
 class FloodGuard:
     """Counts what a peer sends that costs work but moves no stream forward, and ends the
     session (ENHANCE_YOUR_CALM) when a count passes its limit within its window.
@@ -124,44 +144,34 @@ class FloodGuard:
     Counted in fixed windows: cheap (the clock is read only for counted frames), and a burst
     across a window edge gets at most twice the limit. ``clock`` returns seconds (the driver
     passes time.monotonic), so this module stays free of I/O and tests can drive time.
+    A limit of 0 turns that count off.
     """
 
     def __init__(self, clock, ping_limit=PING_LIMIT, flood_limit=FLOOD_LIMIT):
         self.clock = clock
-        # kind -> [limit, window, window start, count, allowance now, allowance of the last]
-        self._counts = {"ping": [ping_limit, 60.0, 0.0, 0, 0, 0],
-                        "idle": [flood_limit, 1.0, 0.0, 0, 0, 0]}
+        self._pings = _Window(ping_limit, 60.0)
+        self._idle = _Window(flood_limit, 1.0)
 
     def ping(self):
-        self._count("ping", "PINGs", "minute")
+        self._count(self._pings, "PINGs", "minute")
 
     def idle(self):
-        self._count("idle", "frames that move no stream forward", "second")
+        self._count(self._idle, "frames that move no stream forward", "second")
 
     def closed(self):
         """A stream closed here: the frames the peer had in flight for it are not a flood.
         The allowance lasts this window and the next: late frames are a round trip behind."""
-        entry = self._counts["idle"]
-        if entry[0]:
-            self._roll(entry, self.clock())
-            entry[4] += LATE_FRAMES
+        if self._idle.limit:
+            self._idle.roll(self.clock())
+            self._idle.allowance += LATE_FRAMES
 
-    @staticmethod
-    def _roll(entry, now):
-        window, start = entry[1], entry[2]
-        if now - start >= window:
-            entry[5] = entry[4] if now - start < 2 * window else 0
-            entry[2], entry[3], entry[4] = now, 0, 0
-
-    def _count(self, kind, what, unit):
-        entry = self._counts[kind]
-        limit = entry[0]
-        if not limit:
-            return  # 0: this guard is off
-        self._roll(entry, self.clock())
-        entry[3] += 1
-        if entry[3] > limit + entry[4] + entry[5]:
-            raise ProtocolError("flood: more than %d %s in a %s" % (limit, what, unit),
+    def _count(self, window, what, unit):
+        if not window.limit:
+            return
+        window.roll(self.clock())
+        window.count += 1
+        if window.over():
+            raise ProtocolError("flood: more than %d %s in a %s" % (window.limit, what, unit),
                                 ErrorCode.ENHANCE_YOUR_CALM)
 
 
