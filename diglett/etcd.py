@@ -96,7 +96,11 @@ class Client:
                 if cert_file:
                     self._tls.load_cert_chain(cert_file, key_file)
             except (OSError, ssl.SSLError) as exc:
-                raise ValueError("cannot load the etcd TLS files: %s" % exc) from None
+                files = ", ".join("%s=%s" % pair for pair in (
+                    ("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file))
+                    if pair[1])
+                raise ValueError("cannot load the etcd TLS files (%s): %s; check the paths and "
+                                 "that the key matches the certificate" % (files, exc)) from None
         self._current = 0  # the endpoint that answered last: tried first
 
     # ----- leases -------------------------------------------------------------------------
@@ -161,7 +165,8 @@ class Client:
                 continue
             self._current = index
             return answer
-        raise EtcdError("etcd unreachable (%s)" % "; ".join(errors))
+        raise EtcdError("etcd unreachable (%s); check that etcd is up and the endpoints "
+                        "are right" % "; ".join(errors))
 
     def _post(self, endpoint, path, body):
         request = urllib.request.Request(endpoint + path, data=json.dumps(body).encode(),
