@@ -570,7 +570,7 @@ class Server:
             "pending_handshakes": self.admission.pending,
             "penalty_table": self.admission.penalty_table_size,
             "handshake_failures": dict(self.handshake_failures),
-            "greenlets": _greenlet_count(),
+            "greenlets": metrics.greenlet_counts()[0],  # live ones: the dead are garbage
         }
 
 
@@ -785,13 +785,3 @@ def _reject_and_close(sock, code):
     except OSError:
         pass
     sock.close()
-
-
-def _greenlet_count():
-    import gc
-
-    from greenlet import greenlet
-
-    # live ones only: finished greenlets are garbage waiting for the cyclic collector
-    return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
-
