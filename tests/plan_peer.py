@@ -65,7 +65,24 @@ class Impostor(noise.Initiator):
 
 
 class _Peer:
-    """What both hand-made peers share: ``events`` read by ``poll()``, and waiting on them."""
+    """What both hand-made peers share: reading events, and waiting for one."""
+
+    def poll(self, timeout):
+        """Read what arrives within ``timeout`` s into events; returns CLOSED_EOF, CLOSED_RESET
+        or STILL_OPEN. ``_answer`` then replies (PONGs, credit) as the peer's role wants."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(262144)
+        except socket.timeout:
+            return STILL_OPEN
+        except ConnectionResetError:
+            return CLOSED_RESET
+        if not data:
+            return CLOSED_EOF
+        new = self.session.receive_data(data)
+        self.events += new
+        self._answer(new)
+        return STILL_OPEN
 
     def wait_for(self, predicate, timeout):
         """The first event (old or new) matching ``predicate``; AssertionError on timeout or
@@ -155,20 +172,8 @@ class TestAgent(_Peer):
     def send_frames(self, *frames):
         self.send_plaintext(b"".join(frames))
 
-    def poll(self, timeout):
-        """Read what arrives within ``timeout`` s into events; returns CLOSED_EOF, CLOSED_RESET
-        or STILL_OPEN. Answers PINGs (the session queues PONGs) and returns credit."""
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(262144)
-        except socket.timeout:
-            return STILL_OPEN
-        except ConnectionResetError:
-            return CLOSED_RESET
-        if not data:
-            return CLOSED_EOF
-        new = self.session.receive_data(data)
-        self.events += new
+    def _answer(self, new):
+        """Return credit for what arrived, and send the PONGs the session queued."""
         for event in new:
             if isinstance(event, protocol.DataReceived):
                 self.session.acknowledge(event.stream_id, len(event.data))
@@ -176,7 +181,6 @@ class TestAgent(_Peer):
             self.flush()
         except OSError:
             pass
-        return STILL_OPEN
 
     def until_closed(self, timeout):
         """Read until the server closes; returns (how it closed, seconds it took). Bytes that
@@ -261,19 +265,8 @@ class TestServer(_Peer):
     def send_frames(self, *frames):
         self.sock.sendall(self.session._send_cipher.seal(b"".join(frames)))
 
-    def poll(self, timeout):
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(262144)
-        except socket.timeout:
-            return STILL_OPEN
-        except ConnectionResetError:
-            return CLOSED_RESET
-        if not data:
-            return CLOSED_EOF
-        self.events += self.session.receive_data(data)
+    def _answer(self, new):
         self.flush()
-        return STILL_OPEN
 
     def close(self):
         for sock in (self.sock, self.listener):
