@@ -1,7 +1,7 @@
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "diglett/__init__.py").read_text()).group(1)
@@ -13,9 +13,11 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # hooks/ and migrations/ live at the top level of the repository (design card) but are
-    # installed under the diglett package, so site-packages gains no top-level "hooks".
-    packages=["diglett", "diglett.cli", "diglett.hooks", "diglett.migrations"],
+    # Every package under diglett/ (gateway/, config/, registry/, cli/); hooks/ and migrations/
+    # live at the top level of the repository (design card) but are installed under the diglett
+    # package, so site-packages gains no top-level "hooks".
+    packages=["diglett", *("diglett." + name for name in find_packages("diglett")),
+              "diglett.hooks", "diglett.migrations"],
     package_dir={"diglett.hooks": "hooks", "diglett.migrations": "migrations"},
     install_requires=[
         "gevent>=24.2",

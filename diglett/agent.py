@@ -18,6 +18,7 @@ import gevent.event
 from gevent import socket
 
 from diglett import __version__, crypto, noise, protocol, proxyproto, wire
+from diglett.reasons import CloseReason
 from diglett.tunnel import Tunnel, enable_keepalive, recv_exact, set_nodelay
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
 
@@ -69,13 +70,16 @@ _REFUSALS = {  # server ERROR code -> exit code; anything else is retried
 }
 _GOAWAY_FATAL = {ErrorCode.REVOKED: EXIT_REVOKED, ErrorCode.REPLACED: EXIT_REPLACED}
 KICK_MIN_DELAY = 5.0  # a kicked agent waits at least this long (the server may say more)
-_RETRY_AFTER = re.compile(r"retry-after=(\d+)")
+_RETRY_AFTER = re.compile(r"retry-after=(\d+)")  # servers before the "retry-after" feature
 
 
-def kick_delay(reason):
-    """A kick's GOAWAY reason carries ``retry-after=N`` seconds; never less than the minimum."""
-    match = _RETRY_AFTER.search(reason)
-    return max(KICK_MIN_DELAY, float(match.group(1)) if match else 0.0)
+def kick_delay(retry_after, reason=""):
+    """How long a kicked agent waits: GOAWAY's retry_after field, or from a server without
+    that feature ``retry-after=N`` in the reason; never less than the minimum."""
+    if not retry_after:
+        match = _RETRY_AFTER.search(reason)
+        retry_after = float(match.group(1)) if match else 0.0
+    return max(KICK_MIN_DELAY, float(retry_after))
 
 
 def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.uniform):
@@ -109,7 +113,8 @@ class Agent:
         """Ctrl-C / SIGTERM: tell the server, close the tunnel, exit 0."""
         self._stopping.set()
         if self.tunnel is not None:
-            self.tunnel.close("stopped by signal", ErrorCode.NO_ERROR, "agent stopping")
+            self.tunnel.close(CloseReason.SHUTDOWN, "stopped by signal", ErrorCode.NO_ERROR,
+                              "agent stopping")
         elif self._handshaking is not None:  # do not wait for a mute server's timeout
             self._handshaking.close()
 
@@ -199,13 +204,13 @@ class Agent:
         try:
             act_three = handshake.read_act_two(first + recv_exact(sock, noise.ACT_TWO_SIZE - 1))
         except noise.HandshakeError as exc:
-            if exc.reason == "act2 bad tag":
+            if exc.reason is noise.HandshakeFault.ACT2_BAD_TAG:
                 raise Fatal(EXIT_SERVER_KEY_MISMATCH, self.on_mismatch()) from None
             raise
         session = protocol.Session(protocol.AGENT, handshake.send_cipher, handshake.recv_cipher,
                                    window=None, guard=protocol.FloodGuard(time.monotonic))
         session.send_config({"subdomain": self.name, "agent": "diglett/%s" % __version__,
-                             "features": []})
+                             "features": sorted(protocol.FEATURES)})
         sock.sendall(act_three + session.data_to_send())
         events = []
         while not events:
@@ -249,15 +254,16 @@ class Agent:
                  info.get("port"), session.cipher_name)
         self.tunnel.start(pending)
         if self._stopping.is_set():
-            self.tunnel.close("stopped by signal", ErrorCode.NO_ERROR, "agent stopping")
+            self.tunnel.close(CloseReason.SHUTDOWN, "stopped by signal", ErrorCode.NO_ERROR,
+                              "agent stopping")
         detail = self.tunnel.wait()
         self.tunnel = None
         if self._goaway is not None:
-            code, reason = self._goaway
+            code, reason, retry_after = self._goaway
             if code in _GOAWAY_FATAL:
                 raise Fatal(_GOAWAY_FATAL[code], "server ended the tunnel: %s (%s)"
                             % (reason, wire.code_name(code)))
-            min_delay = kick_delay(reason) if code == ErrorCode.KICKED else 0.0
+            min_delay = kick_delay(retry_after, reason) if code == ErrorCode.KICKED else 0.0
             raise Retry("server said goaway: %s (%s)" % (reason, wire.code_name(code)), min_delay)
         if not self._stopping.is_set():
             raise Retry(detail)
@@ -268,12 +274,12 @@ class Agent:
             self.tunnel.add_stream(event.stream_id,
                                    connect=functools.partial(self._connect_backend, event.info))
         elif kind is protocol.GoAwayReceived:
-            self._goaway = (event.code, event.reason)
+            self._goaway = (event.code, event.reason, event.retry_after)
             if event.code == ErrorCode.SHUTTING_DOWN:  # draining: open streams carry on
                 log.warning("subdomain=%s server is draining (%s); open streams continue, "
                             "then reconnecting", self.name, event.reason)
             else:
-                self.tunnel.close("server said goaway")
+                self.tunnel.close(CloseReason.AGENT_LEFT, "server said goaway")
 
     def _connect_backend(self, info=None):
         """Dial the backend for one stream (``info``: its OPEN's JSON); with --proxy-protocol

@@ -56,15 +56,7 @@ def is_loopback(host):
 
 def tunnels(server):
     """The active sessions as `diglett-admin sessions --json` shows them, with traffic."""
-    result = []
-    for name, session in sorted(server.sessions.items()):
-        data = session.row().to_json()
-        tunnel = session.tunnel
-        data.update(public_host=server.host_of(name), bytes_in=tunnel.bytes_up,
-                    bytes_out=tunnel.bytes_down, streams_open=len(tunnel.pumps),
-                    streams_opened=tunnel.streams_opened)
-        result.append(data)
-    return result
+    return [snapshot.to_json() for _, snapshot in sorted(server.snapshots().items())]
 
 
 def make_app(server, hooks=None):

@@ -66,27 +66,29 @@ class Counters:
         name = wire.code_name(code)
         self.refusals[name] = self.refusals.get(name, 0) + 1
 
-    def session_closed(self, agent_session):
-        """Fold an ended session in; call in the same step that drops it from server.sessions."""
-        tunnel = agent_session.tunnel
-        totals = self.traffic.setdefault(agent_session.subdomain, [0, 0])
-        totals[0] += tunnel.bytes_up  # server side: up = read from public clients
-        totals[1] += tunnel.bytes_down
-        self.streams_opened += tunnel.streams_opened
-        self.stream_refusals += agent_session.refused_streams
-        self.budget_refusals += agent_session.budget_refusals
-        self.idle_resets += tunnel.idle_resets
-        self.flood_closes += tunnel.flooded
-        self.durations.observe(max(0.0, time.time() - agent_session.started))
+    def session_closed(self, snapshot):
+        """Fold an ended session's last SessionSnapshot in; call in the same step that drops
+        it from server.sessions."""
+        totals = self.traffic.setdefault(snapshot.row.subdomain, [0, 0])
+        totals[0] += snapshot.bytes_in
+        totals[1] += snapshot.bytes_out
+        self.streams_opened += snapshot.streams_opened
+        self.stream_refusals += snapshot.refused_streams
+        self.budget_refusals += snapshot.budget_refusals
+        self.idle_resets += snapshot.idle_resets
+        self.flood_closes += snapshot.flooded
+        self.durations.observe(max(0.0, time.time() - snapshot.row.started))
 
 
-def traffic(server):
+def traffic(server, snapshots=None):
     """subdomain -> [bytes in, bytes out], ended sessions plus the live ones."""
     totals = {name: list(pair) for name, pair in server.counters.traffic.items()}
-    for name, session in list(server.sessions.items()):
+    if snapshots is None:
+        snapshots = server.snapshots()
+    for name, snapshot in snapshots.items():
         pair = totals.setdefault(name, [0, 0])
-        pair[0] += session.tunnel.bytes_up
-        pair[1] += session.tunnel.bytes_down
+        pair[0] += snapshot.bytes_in
+        pair[1] += snapshot.bytes_out
     return totals
 
 
@@ -105,18 +107,19 @@ class Collector:
     def collect(self):
         server = self.server
         counters = server.counters
-        sessions = list(server.sessions.values())
+        snapshots = server.snapshots()
+        sessions = list(snapshots.values())
         info = GaugeMetricFamily("diglett_build_info", "diglett version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
         yield GaugeMetricFamily("diglett_agents_connected", "agents with a live session",
                                 value=len(sessions))
         yield GaugeMetricFamily("diglett_streams_open", "streams open through all tunnels",
-                                value=sum(len(s.tunnel.pumps) for s in sessions))
+                                value=sum(s.streams_open for s in sessions))
         yield CounterMetricFamily(
             "diglett_streams_opened", "streams opened since start",
-            value=counters.streams_opened + sum(s.tunnel.streams_opened for s in sessions))
-        yield self._traffic()
+            value=counters.streams_opened + sum(s.streams_opened for s in sessions))
+        yield self._traffic(snapshots)
         yield _by_label("diglett_handshake_failures", "agent handshakes that failed, by reason",
                         "reason", server.handshake_failures)
         yield _by_label("diglett_agent_refusals", "authenticated agents refused, by ERROR code",
@@ -135,11 +138,11 @@ class Collector:
         greenlets.add_metric(["dead"], dead)
         yield greenlets
 
-    def _traffic(self):
+    def _traffic(self, snapshots):
         family = CounterMetricFamily(
             "diglett_tunnel_bytes", "bytes through a tunnel: in = public clients to the agent, "
             "out = agent to public clients", labels=["subdomain", "direction"])
-        for name, (bytes_in, bytes_out) in sorted(traffic(self.server).items()):
+        for name, (bytes_in, bytes_out) in sorted(traffic(self.server, snapshots).items()):
             family.add_metric([name, "in"], bytes_in)
             family.add_metric([name, "out"], bytes_out)
         return family
@@ -177,13 +180,13 @@ class Collector:
             value=counters.budget_refusals + sum(s.budget_refusals for s in sessions))
         yield CounterMetricFamily(
             "diglett_idle_stream_resets", "streams reset after stream_idle_timeout",
-            value=counters.idle_resets + sum(s.tunnel.idle_resets for s in sessions))
+            value=counters.idle_resets + sum(s.idle_resets for s in sessions))
         yield CounterMetricFamily(
             "diglett_flood_closes", "agent sessions ended by the flood guard (ENHANCE_YOUR_CALM)",
             value=counters.flood_closes)
         yield GaugeMetricFamily("diglett_buffered_bytes",
                                 "tunnel bytes received and not yet delivered",
-                                value=sum(s.tunnel.buffered for s in sessions))
+                                value=sum(s.buffered for s in sessions))
         yield _by_label("diglett_admission_refusals", "connections refused before the handshake",
                         "kind", admission.refused)
         yield CounterMetricFamily("diglett_penalties", "penalties given to a source address",

@@ -6,8 +6,10 @@ exactly ACT_*_SIZE bytes under its own deadline and passes them in. After the la
 side holds two TransportCipher objects from diglett.crypto.
 
 Steps run once each, in order; calling one out of order is our bug and raises RuntimeError.
-A peer's bad bytes raise HandshakeError with a fixed ``reason``; the object is then dead.
+A peer's bad bytes raise HandshakeError with a HandshakeFault ``reason``; the object is then dead.
 """
+
+import enum
 
 import coincurve
 
@@ -35,18 +37,28 @@ ACT_THREE_SIZE = 1 + PUBLIC_KEY_SIZE + TAG_SIZE + TAG_SIZE  # version | ENC(s.pu
 _START, _MIDDLE, _DONE, _FAILED = range(4)
 
 
-class HandshakeError(Exception):
-    """The peer's handshake bytes were wrong; ``reason`` is a short fixed string.
+class HandshakeFault(enum.StrEnum):
+    """What was wrong with the peer's handshake bytes; the values are metric labels."""
 
-    Reasons: short read; act1/act2 bad version, bad key, bad tag; act3 bad version,
-    bad key (the encrypted static key fails its tag), bad rs (it decrypts to a point that
-    does not parse), bad tag (the final tag: the agent does not hold the key it claims).
-    An "act2 bad tag" on the agent means the server does not hold the pinned key.
-    """
+    SHORT_READ = "short read"
+    ACT1_BAD_VERSION = "act1 bad version"
+    ACT1_BAD_KEY = "act1 bad key"  # the ephemeral key is not a point
+    ACT1_BAD_TAG = "act1 bad tag"  # made for another server key
+    ACT2_BAD_VERSION = "act2 bad version"
+    ACT2_BAD_KEY = "act2 bad key"
+    ACT2_BAD_TAG = "act2 bad tag"  # on the agent: the server does not hold the pinned key
+    ACT3_BAD_VERSION = "act3 bad version"
+    ACT3_BAD_KEY = "act3 bad key"  # the encrypted static key fails its tag
+    ACT3_BAD_RS = "act3 bad rs"  # it decrypts to a point that does not parse
+    ACT3_BAD_TAG = "act3 bad tag"  # the final tag: the agent does not hold the key it claims
+
+
+class HandshakeError(Exception):
+    """The peer's handshake bytes were wrong; ``reason`` is the HandshakeFault."""
 
     def __init__(self, reason):
         super().__init__(reason)
-        self.reason = reason
+        self.reason = HandshakeFault(reason)
 
 
 def _initial_hash(prologue):

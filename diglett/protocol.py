@@ -27,6 +27,8 @@ LATE_FRAMES = 3  # a WINDOW, a FIN and a RESET may cross a close
 
 SERVER = "server"
 AGENT = "agent"
+FEATURE_RETRY_AFTER = "retry-after"  # GOAWAY carries a u32 reconnect delay (docs/protocol.md §13)
+FEATURES = frozenset({FEATURE_RETRY_AFTER})  # the optional features this implementation knows
 
 
 # Events. Frozen and slotted: cheap to create on the data path, safe to pass around.
@@ -83,6 +85,7 @@ class PongReceived:
 class GoAwayReceived:
     code: int
     reason: str
+    retry_after: int = 0  # seconds the sender asks us to wait before reconnecting
 
 
 _FIN = None  # marker in a stream's send queue: the FIN goes out after the queued DATA
@@ -186,6 +189,8 @@ class Session:
         self.streams = {}
         self.last_stream_id = 0  # highest id opened; lower ids not in streams are closed
         self.configured = False  # CONFIG seen (server) or OK/ERROR seen (agent)
+        self.features = frozenset()  # optional features both sides use, settled by OK
+        self._offered = frozenset()  # by the agent's CONFIG, among those we know
         self.records_in = 0
         self.records_out = 0
         self._send_cipher = send_cipher
@@ -199,11 +204,19 @@ class Session:
 
     # ----- commands -------------------------------------------------------------------
     def send_config(self, config):
+        self._offered = frozenset(config.get("features", ())) & FEATURES
         self._control.append(wire.encode_frame(
             FrameType.CONFIG, 0, wire.encode_json(config, wire.MAX_CONFIG_SIZE)))
 
+    @property
+    def offered(self):
+        """Server: the optional features the agent's CONFIG offered that we know."""
+        return self._offered
+
     def accept(self, info):
+        """OK; its ``features`` (a subset of ``offered``) are the ones in use from now on."""
         self.window = info["window"]
+        self.features = frozenset(info.get("features", ())) & self._offered
         self._control.append(wire.encode_frame(
             FrameType.OK, 0, wire.encode_json(info, wire.MAX_CONFIG_SIZE)))
 
@@ -291,9 +304,16 @@ class Session:
     def ping(self, payload):
         self._control.append(wire.encode_frame(FrameType.PING, 0, payload))
 
-    def goaway(self, code, reason=""):
-        self._control.append(wire.encode_frame(
-            FrameType.GOAWAY, 0, wire.encode_code_reason(code, reason)))
+    def goaway(self, code, reason="", retry_after=0):
+        """The session ends; ``retry_after`` asks the peer to wait that many seconds first.
+        A peer without the feature gets it in the reason (``retry-after=N``), as before."""
+        if FEATURE_RETRY_AFTER in self.features:
+            payload = wire.encode_goaway(code, retry_after, reason)
+        else:
+            if retry_after:
+                reason = "%s; retry-after=%d" % (reason, retry_after)
+            payload = wire.encode_code_reason(code, reason)
+        self._control.append(wire.encode_frame(FrameType.GOAWAY, 0, payload))
 
     # ----- output ---------------------------------------------------------------------
     @property
@@ -447,7 +467,10 @@ class Session:
             self._guard.idle()
             events.append(PongReceived(frame.payload))
         elif ftype == FrameType.GOAWAY:
-            events.append(GoAwayReceived(*wire.decode_code_reason(frame.payload)))
+            if FEATURE_RETRY_AFTER in self.features:
+                events.append(GoAwayReceived(*wire.decode_goaway(frame.payload)))
+            else:
+                events.append(GoAwayReceived(*wire.decode_code_reason(frame.payload)))
         else:
             raise ProtocolError("unexpected %s from the %s" % (FrameType(ftype).name, self._peer))
 
@@ -458,13 +481,20 @@ class Session:
     def _on_first_frame(self, frame, events):
         ftype = frame.type
         if self.role == SERVER and ftype == FrameType.CONFIG:
-            events.append(ConfigReceived(wire.decode_json(frame.payload, "CONFIG")))
+            config = wire.decode_json(frame.payload, "CONFIG")
+            offered = config.get("features")
+            if isinstance(offered, list):
+                self._offered = frozenset(f for f in offered if isinstance(f, str)) & FEATURES
+            events.append(ConfigReceived(config))
         elif self.role == AGENT and ftype == FrameType.OK:
             info = wire.decode_json(frame.payload, "OK")
             window = info.get("window")
             if not isinstance(window, int) or not 1 <= window <= wire.MAX_WINDOW:
                 raise ProtocolError("OK announces window %r" % (window,))
             self.window = window
+            used = info.get("features")
+            if isinstance(used, list):  # only what we offered: a server cannot impose one
+                self.features = frozenset(f for f in used if isinstance(f, str)) & self._offered
             events.append(Accepted(info))
         elif self.role == AGENT and ftype == FrameType.ERROR:
             events.append(Refused(*wire.decode_code_reason(frame.payload)))

@@ -17,6 +17,7 @@ import gevent
 from gevent.event import Event
 
 from diglett import protocol, wire
+from diglett.reasons import CloseReason
 from diglett.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ MSG_DONTWAIT = socket.MSG_DONTWAIT  # a write that must not wait: gevent raises 
 
 class TunnelClosed(Exception):
     """The agent connection ended; the message says why, for the log."""
+
+    reason = CloseReason.AGENT_LEFT
+
+
+class PeerSilent(TunnelClosed):
+    reason = CloseReason.DEAD
 
 
 class WriteStalled(Exception):
@@ -148,12 +155,13 @@ class Tunnel:
         self.idle_resets = 0
         self.flooded = False  # closed by the flood guard (a limit, counted in /metrics)
         self.last_recv = time.monotonic()
-        self.close_reason = None
+        self.close_reason = None  # a CloseReason once closing
+        self.close_detail = ""  # what happened, in words, for the log
         self.closed = Event()
         self._wake = Event()
         self._greenlets = []
         self._read_watcher = self._write_watcher = None  # made by start()
-        self._goaway = None  # (code, reason) to flush before closing
+        self._goaway = None  # (code, reason, retry_after) to flush before closing
         self._write_started = None  # monotonic time the pending sendall began
         self._writing = False  # the writer greenlet is inside a write
         self._pending = None  # the rest of a write send_soon could only start
@@ -177,17 +185,20 @@ class Tunnel:
         self.wake()
 
     def wait(self):
-        """Block until the tunnel ends, then tear everything down; returns the reason."""
+        """Block until the tunnel ends, then tear everything down; returns the detail
+        (``close_reason`` holds the CloseReason)."""
         self.closed.wait()
         self._teardown()
-        return self.close_reason
+        return self.close_detail
 
-    def close(self, reason, code=None, message=""):
-        """End the tunnel (idempotent); with ``code`` a GOAWAY tells the peer why first."""
+    def close(self, reason, detail="", code=None, message="", retry_after=0):
+        """End the tunnel (idempotent: the first reason stays); with ``code`` a GOAWAY tells
+        the peer why first, and how long to wait before it comes back."""
         if self.close_reason is None:
-            self.close_reason = reason
+            self.close_reason = CloseReason(reason)
+            self.close_detail = detail or str(reason)
             if code is not None:
-                self._goaway = (code, message or reason)
+                self._goaway = (code, message or self.close_detail, retry_after)
             self.closed.set()
 
     def wake(self):
@@ -213,7 +224,7 @@ class Tunnel:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self.close("connection lost: %s" % (exc.strerror or exc))
+            self.close(CloseReason.AGENT_LEFT, "connection lost: %s" % (exc.strerror or exc))
             return
         if sent < sum(map(len, buffers)):
             self._pending = _rest(buffers, sent)
@@ -226,22 +237,24 @@ class Tunnel:
             self._failed(exc)
         except Exception:  # a bug or MemoryError ends this tunnel at once, logged, no more
             log.exception("%s %s failed", self.label, loop.__name__)
-            self.close("internal error", ErrorCode.INTERNAL_ERROR)
+            self.close(CloseReason.ERROR, "internal error", ErrorCode.INTERNAL_ERROR)
 
     def _failed(self, exc):
         """End the tunnel for an error of the reader or of a loop, with the right GOAWAY."""
         if isinstance(exc, ProtocolError):
             if exc.code == ErrorCode.ENHANCE_YOUR_CALM:
                 self.flooded = True
-            self.close("protocol error: %s" % exc, exc.code, "protocol error")
+            self.close(CloseReason.ERROR, "protocol error: %s" % exc, exc.code, "protocol error")
             try:  # after the close: from the hub, a contended log lock cannot be waited for
                 log.warning("%s protocol error: %s", self.label, exc)
             except Exception:
                 pass
-        elif isinstance(exc, (TunnelClosed, WriteStalled)):
-            self.close(str(exc) or "write stalled")
+        elif isinstance(exc, TunnelClosed):
+            self.close(exc.reason, str(exc))
+        elif isinstance(exc, WriteStalled):
+            self.close(CloseReason.AGENT_LEFT, str(exc) or "write stalled")
         else:
-            self.close("connection lost: %s" % (exc.strerror or exc))
+            self.close(CloseReason.AGENT_LEFT, "connection lost: %s" % (exc.strerror or exc))
 
     def _teardown(self):
         current = gevent.getcurrent()
@@ -257,10 +270,10 @@ class Tunnel:
         else:
             self.sock.close()
 
-    def _flush_goaway(self, code, message):
+    def _flush_goaway(self, code, message, retry_after):
         if self._write_started is not None:
             return  # the writer was stopped inside a record: anything more would be garbage
-        self.session.goaway(code, message)
+        self.session.goaway(code, message, retry_after)
         try:
             with gevent.Timeout(GOAWAY_FLUSH_TIMEOUT):
                 sendall_buffers(self.sock, (self._pending or []) + self.session.buffers_to_send(),
@@ -288,7 +301,7 @@ class Tunnel:
         except Exception:  # a bug here must end this tunnel, never the hub
             log.exception("%s reading failed", self.label)
             self._read_watcher.stop()
-            self.close("internal error", ErrorCode.INTERNAL_ERROR)
+            self.close(CloseReason.ERROR, "internal error", ErrorCode.INTERNAL_ERROR)
 
     def _wait_writable(self):
         gevent.get_hub().wait(self._write_watcher)
@@ -316,7 +329,7 @@ class Tunnel:
             gevent.sleep(step)
             now = time.monotonic()
             if now - self.last_recv > self.dead_after:
-                raise TunnelClosed("peer silent for %.0f s" % (now - self.last_recv))
+                raise PeerSilent("peer silent for %.0f s" % (now - self.last_recv))
             started = self._write_started
             if started is not None and now - started > self.write_stall_timeout:
                 raise WriteStalled("peer stopped reading: no send progress for %.0f s"

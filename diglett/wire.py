@@ -155,7 +155,7 @@ _RULES = {
     FrameType.WINDOW: (True, 4, 4),
     FrameType.PING: (False, PING_SIZE, PING_SIZE),
     FrameType.PONG: (False, PING_SIZE, PING_SIZE),
-    FrameType.GOAWAY: (False, 2, 2 + MAX_REASON_SIZE),
+    FrameType.GOAWAY: (False, 2, 2 + 4 + MAX_REASON_SIZE),  # u32 retry_after if negotiated
 }
 _RULES_BY_INT = {int(k): v for k, v in _RULES.items()}
 
@@ -222,6 +222,20 @@ def encode_code_reason(code, reason=""):
 def decode_code_reason(payload):
     code = _U16.unpack_from(payload)[0]
     return code, bytes(payload[2:]).decode("utf-8", "replace")
+
+
+def encode_goaway(code, retry_after, reason=""):
+    """GOAWAY payload once the "retry-after" feature is in use: u16 code, u32 seconds the
+    peer should wait before it reconnects (0: no wait asked), UTF-8 reason."""
+    return _U16.pack(code) + _U32.pack(retry_after) + reason.encode("utf-8")[:MAX_REASON_SIZE]
+
+
+def decode_goaway(payload):
+    """(code, reason, retry_after) of a GOAWAY with the "retry-after" layout."""
+    if len(payload) < 6:
+        raise ProtocolError("GOAWAY of %d bytes has no retry_after field" % len(payload))
+    code, retry_after = _U16.unpack_from(payload)[0], _U32.unpack_from(payload, 2)[0]
+    return code, bytes(payload[6:]).decode("utf-8", "replace"), retry_after
 
 
 def encode_u16(value):

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from diglett import proxyproto
-from diglett.server import read_proxy_header
+from diglett.gateway.agent_session import read_proxy_header
 from tests.harness import Backend, Gateway, echo, recv_exact, wait_until
 
 FORGED_SOURCE = ("203.0.113.7", 4242)  # TEST-NET-3: what the trusted proxy says the client is

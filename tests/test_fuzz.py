@@ -342,7 +342,7 @@ def test_session_mutated_valid_stream(data):
 
 # ----- PROXY protocol headers ------------------------------------------------------------------------
 class ChunkedSocket:
-    """A socket stand-in for server.read_proxy_header: hands out ``data`` in chunks."""
+    """A socket stand-in for agent_session.read_proxy_header: hands out ``data`` in chunks."""
 
     def __init__(self, data, sizes):
         self.data, self.sizes, self.taken = data, list(sizes), 0
@@ -367,7 +367,7 @@ V1_HEADER = b"PROXY TCP4 192.0.2.7 198.51.100.1 50000 80\r\n"
 def test_proxy_header_reader(header, tail, sizes):
     """The server's reader ends with a Header, HeaderError or ConnectionError (EOF), reads at
     most MAX_HEADER_SIZE bytes, and never takes a byte past the header it returns."""
-    from diglett.server import read_proxy_header  # gevent is only imported, not patched
+    from diglett.gateway.agent_session import read_proxy_header  # gevent is only imported, not patched
 
     sock = ChunkedSocket(header + tail, sizes)
     try:

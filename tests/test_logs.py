@@ -29,6 +29,7 @@ def test_json_log_format_gives_one_object_per_line_with_fields(tmp_path, echo_ba
 @pytest.mark.timeout(40)
 def test_text_log_lines_carry_key_value_pairs(gateway, echo_backend):
     gateway.agent("textlog", echo_backend.address)
-    line = gateway.proc.wait_for(r".* INFO diglett\.server: subdomain=textlog agent=[0-9a-f]{16} "
+    line = gateway.proc.wait_for(r".* INFO diglett\.gateway\.agent_session: subdomain=textlog "
+                                 r"agent=[0-9a-f]{16} "
                                  r"session=[0-9a-f]{16} connected from .*", 10)
     assert line

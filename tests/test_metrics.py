@@ -233,7 +233,7 @@ def test_histogram_buckets_are_cumulative():
 def test_hook_counters_survive_a_reload():
     """A reload replaces the dispatchers; their final counts stay in the totals."""
     server = types.SimpleNamespace(
-        sessions={}, counters=metrics.Counters(), handshake_failures={},
+        sessions={}, snapshots=dict, counters=metrics.Counters(), handshake_failures={},
         admission=types.SimpleNamespace(refused={}, penalties=0, pending=0))
     old = types.SimpleNamespace(name="webhook", delivered=3, failed=2, dead=1)
     hooks = types.SimpleNamespace(dispatchers=[old])

@@ -824,6 +824,50 @@ def test_goaway_both_ways():
     assert link.to_server() == [GoAwayReceived(ErrorCode.NO_ERROR, "")]
 
 
+def negotiated(agent_features, server_knows=True):
+    link = Link(configure=False)
+    link.agent.send_config({"subdomain": "foo", "features": agent_features})
+    link.to_server()
+    if not server_knows:  # a server from before the feature: it knows none
+        link.server._offered = frozenset()
+    link.server.accept({"window": WINDOW, "features": sorted(link.server.offered)})
+    assert len(link.to_agent()) == 1
+    return link
+
+
+def test_retry_after_is_a_field_when_both_sides_know_the_feature():
+    link = negotiated(["retry-after", "teleport"])  # an unknown feature is ignored
+    assert link.server.features == link.agent.features == {"retry-after"}
+    link.server.goaway(ErrorCode.KICKED, "kicked by ops", retry_after=30)
+    assert link.to_agent() == [GoAwayReceived(ErrorCode.KICKED, "kicked by ops", 30)]
+    assert link.frames(SERVER)[-1].payload == wire.encode_goaway(ErrorCode.KICKED, 30,
+                                                                 "kicked by ops")
+
+
+def test_without_the_feature_retry_after_travels_in_the_reason():
+    for link in (negotiated([]), negotiated(["retry-after"], server_knows=False)):
+        assert link.agent.features == frozenset()
+        link.server.goaway(ErrorCode.KICKED, "kicked by ops", retry_after=30)
+        assert link.to_agent() == [GoAwayReceived(ErrorCode.KICKED,
+                                                  "kicked by ops; retry-after=30", 0)]
+
+
+def test_a_server_cannot_impose_a_feature_the_agent_did_not_offer():
+    agent = Session(AGENT, cipher(KEY_A2S), cipher(KEY_S2A))
+    agent.send_config({"subdomain": "foo"})
+    ok = {"window": WINDOW, "features": ["retry-after"]}
+    agent.receive_data(RawPeer(AGENT).record(Frame(FrameType.OK, 0, wire.encode_json(ok, 4096))))
+    assert agent.features == frozenset()
+
+
+def test_a_goaway_too_short_for_its_retry_after_field_is_a_protocol_error():
+    link = negotiated(["retry-after"])
+    link.server._control.append(wire.encode_frame(  # as a server that got the layout wrong
+        FrameType.GOAWAY, 0, wire.encode_code_reason(ErrorCode.KICKED)))
+    with pytest.raises(ProtocolError, match="no retry_after field"):
+        link.to_agent()
+
+
 # ----- max_streams -----------------------------------------------------------------------
 def test_agent_max_streams_refuses_with_reset():
     link = Link(max_streams=2)

@@ -289,7 +289,7 @@ def test_agent_header_from_open_info():
 def test_server_reads_exactly_the_header_from_a_socket():
     import socket
 
-    from diglett.server import read_proxy_header
+    from diglett.gateway.agent_session import read_proxy_header
 
     left, right = socket.socketpair()
     with left, right:
@@ -305,7 +305,7 @@ def test_server_reads_exactly_the_header_from_a_socket():
 
 def test_trusted_sources():
     from diglett.config import networks
-    from diglett.server import _trusted
+    from diglett.gateway.agent_session import trusted as _trusted
 
     trusted = networks("127.0.0.1, 10.0.0.0/8, 2001:db8::/32")
     assert _trusted(("127.0.0.1", 1), trusted)

@@ -24,7 +24,7 @@ SPEC = {
     FrameType.WINDOW: (True, 4, 4),
     FrameType.PING: (False, 8, 8),
     FrameType.PONG: (False, 8, 8),
-    FrameType.GOAWAY: (False, 2, 258),
+    FrameType.GOAWAY: (False, 2, 262),  # + u32 retry_after when the feature is in use
 }
 STREAM_TYPES = [t for t, (needs, _, _) in SPEC.items() if needs]
 SESSION_TYPES = [t for t, (needs, _, _) in SPEC.items() if not needs]
@@ -409,6 +409,10 @@ def test_code_reason_fits_error_and_goaway_frames():
     payload = wire.encode_code_reason(1, "é" * 300)
     for ftype in (FrameType.ERROR, FrameType.GOAWAY):
         assert wire.decode_frames(wire.encode_frame(ftype, 0, payload))
+    longest = wire.encode_goaway(17, 2**32 - 1, "é" * 300)
+    frame, = wire.decode_frames(wire.encode_frame(FrameType.GOAWAY, 0, longest))
+    code, reason, retry_after = wire.decode_goaway(frame.payload)
+    assert (code, retry_after, len(reason.encode())) == (17, 2**32 - 1, wire.MAX_REASON_SIZE)
 
 
 @given(st.integers(0, 0xFFFF))

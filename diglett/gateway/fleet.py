@@ -1,0 +1,181 @@
+"""What reaches this gateway through the shared registry, and what it tells the others.
+
+``GrantCache`` holds the grants in memory (the handshake path never waits on the database
+for a known grant). ``RegistryPoller`` is how diglett-admin and other gateways reach a
+running server: every second it reloads the grants (a revoke bites within ~2 s), handles
+kicks addressed to this gateway, ends sessions that a newer session of the same name
+elsewhere replaced, and now and then prunes the audit trail. ``Heartbeat`` refreshes this
+gateway's row so the others see it alive, and ends the sessions of gateways gone silent.
+Every registry failure is logged and waited out: the tunnels stay up.
+"""
+
+import logging
+import time
+
+import gevent
+
+from diglett.reasons import CloseReason
+from diglett.registry import RegistryError
+from diglett.wire import ErrorCode
+
+log = logging.getLogger(__name__)
+
+GRANT_POLL_INTERVAL = 1.0  # seconds between grant reloads: a revoke bites within ~2 s
+GATEWAY_REFRESH = 5.0  # seconds between refreshes of this gateway's row (less if stale_after/3)
+AUDIT_PRUNE_INTERVAL = 3600  # seconds between prunes of audit entries past audit_retention
+
+
+class GrantCache:
+    def __init__(self, db, registry):
+        self.db = db
+        self.registry = registry
+        self.grants = None  # (subdomain, key) -> Grant; None until first loaded (fail closed)
+
+    def reload(self):
+        """Read every grant; False (the last ones kept) when the registry cannot answer."""
+        try:
+            self.grants = self.db.call(self.registry.grant_snapshot)
+        except RegistryError as exc:
+            log.warning("cannot read grants (keeping the last ones): %s", exc)
+            return False
+        return True
+
+    def with_fresh(self, name, key):
+        """The grants, plus one made since the last poll: an agent started right after
+        `grant` gets in."""
+        if self.grants is None or (name, key) in self.grants:
+            return self.grants
+        try:
+            grant = self.db.call(self.registry.find_grant, name, key)
+        except RegistryError as exc:
+            log.warning("cannot read grants: %s", exc)
+            return self.grants
+        if grant is not None:
+            self.grants[(name, key)] = grant
+        return self.grants
+
+
+class RegistryPoller:
+    def __init__(self, server):
+        self.server = server  # reads its sessions, config, db and registry; ends sessions
+
+    def run(self):
+        pruned = 0.0
+        while True:
+            gevent.sleep(GRANT_POLL_INTERVAL)
+            self.revoke_ungranted()
+            self.handle_kicks()
+            self.check_takeovers()
+            if time.monotonic() - pruned > AUDIT_PRUNE_INTERVAL:
+                pruned = time.monotonic()
+                self.prune_audit()
+
+    def revoke_ungranted(self):
+        cache = self.server.grants
+        if not cache.reload():
+            return
+        for session in list(self.server.sessions.values()):
+            if (session.subdomain, session.key) not in cache.grants:
+                session.terminate(CloseReason.REVOKED, ErrorCode.REVOKED, "grant revoked")
+
+    def handle_kicks(self):
+        server = self.server
+        try:
+            kicks = server.db.call(server.registry.pending_kicks, server.gateway_id)
+        except RegistryError as exc:
+            log.warning("cannot read kick requests: %s", exc)
+            return
+        for kick_id, name, delay, actor in kicks:
+            session = server.sessions.get(name)
+            if session is None:
+                result = "not connected"
+            else:
+                session.terminate(CloseReason.KICKED, ErrorCode.KICKED, "kicked by %s" % actor,
+                                  retry_after=delay)
+                result = "kicked session %s" % session.session_id
+            log.info("subdomain=%s kick by %s: %s", name, actor, result)
+            try:
+                server.db.call(server.registry.kick_handled, kick_id, result)
+            except RegistryError as exc:
+                log.warning("cannot record a kick: %s", exc)
+
+    def check_takeovers(self):
+        """End our session of a name that has a newer session on another gateway (the same
+        agent key reconnected there), or whose row another gateway ended as stale."""
+        server = self.server
+        mine = {name: s for name, s in server.sessions.items() if s.recorded}
+        if not mine:
+            return
+        try:
+            rows = server.db.call(server.registry.active_sessions_of, list(mine))
+        except RegistryError as exc:
+            log.warning("cannot check for takeovers: %s", exc)
+            return
+        active = {row.id for row in rows}
+        for name, session in mine.items():
+            if server.sessions.get(name) is not session:
+                continue  # ended meanwhile
+            newer = [row for row in rows if row.subdomain == name
+                     and (row.started, row.id) > (session.started, session.session_id)]
+            if newer:
+                log.info("%s replaced by session %s on gateway %s", session.label,
+                         newer[-1].id, newer[-1].gateway)
+                session.terminate(CloseReason.REPLACED, ErrorCode.REPLACED,
+                                  "replaced by a new connection on gateway %s" % newer[-1].gateway)
+            elif session.session_id not in active:
+                log.warning("%s was ended in the registry by another gateway (this one was "
+                            "silent too long); closing it so the agent reconnects", session.label)
+                session.terminate(CloseReason.STALE, ErrorCode.SHUTTING_DOWN,
+                                  "session ended by the registry; reconnect")
+
+    def prune_audit(self):
+        server = self.server
+        retention = server.config.audit_retention
+        try:
+            removed = server.db.call(server.registry.prune_audit, time.time() - retention)
+        except RegistryError as exc:
+            log.warning("cannot prune the audit trail: %s", exc)
+            return
+        if removed:
+            log.info("pruned %d audit entries older than %s s", removed, retention)
+
+
+class Heartbeat:
+    """Refresh our row so other gateways see us alive; end the sessions of those gone."""
+
+    def __init__(self, server):
+        self.server = server  # reads its config, db, registry, identity and events
+        self._announcing = False  # a refresh of our gateways row is queued
+
+    def run(self):
+        stale_after = self.server.config.gateway_stale_after
+        period = max(1.0, min(GATEWAY_REFRESH, stale_after / 3.0))
+        while True:
+            gevent.sleep(period)
+            self.announce()
+            self.server.events.end_dead_gateways(stale_after)
+
+    def announce(self):
+        """Queued like the session writes, so the refresh never overtakes them; one at a time."""
+        if self._announcing:
+            return  # the last one still waits behind slow writes
+        self._announcing = True
+        server = self.server
+        result = {}
+
+        def refresh_gateway():
+            result["previous"] = server.registry.gateway_seen(server.gateway_id, server.instance,
+                                                              server.address)
+
+        def done():
+            self._announcing = False
+            self._check_gateway_id(result.get("previous"))
+
+        server.db.submit(refresh_gateway, (), after=done)
+
+    def _check_gateway_id(self, previous):
+        server = self.server
+        if previous is None or previous == server.instance:
+            return
+        log.error("gateway_id %s is also used by another server (instance %s); give every "
+                  "server its own [server] gateway_id", server.gateway_id, previous)

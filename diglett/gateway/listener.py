@@ -1,0 +1,58 @@
+"""The agent port: accept, admit or reject before any handshake, hand off to a greenlet.
+
+The accept loop never does work that waits on a peer: admission is a counter check, a
+rejection is written by its own greenlet, and every admitted connection runs ``handle`` in
+a greenlet of its own, whose failures are its own (style habit 4).
+"""
+
+import logging
+
+import gevent
+
+from diglett import admission, wire
+from diglett.gateway.ports import listen
+from diglett.wire import RejectCode
+
+log = logging.getLogger(__name__)
+
+
+class AgentListener:
+    def __init__(self, address, admission_control, handle):
+        self.admission = admission_control
+        self.handle = handle  # (sock, address, source) -> None, in its own greenlet
+        self.sock = listen(*address)
+        self.address = self.sock.getsockname()[:2]
+        self._loop = None
+
+    def start(self):
+        self._loop = gevent.spawn(self._accept_loop)
+
+    def close(self):
+        if self._loop is not None:
+            self._loop.kill()
+        self.sock.close()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                sock, address = self.sock.accept()
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                gevent.sleep(0.1)  # EMFILE and friends: do not spin
+                continue
+            source = admission.source_of(address)
+            refusal = self.admission.admit(source)
+            if refusal is not None:
+                log.info("agent=%s:%d refused before handshake: %s", address[0], address[1],
+                         refusal)
+                gevent.spawn(reject_and_close, sock, RejectCode.BUSY)
+                continue
+            gevent.spawn(self.handle, sock, address, source)
+
+
+def reject_and_close(sock, code):
+    try:
+        sock.sendall(wire.encode_reject(code))
+    except OSError:
+        pass
+    sock.close()
