@@ -1,0 +1,138 @@
+"""Grants: which agent key may serve which subdomain (and on which pinned port).
+
+This module owns the grant API (grant, revoke, list, look up, the snapshot the server polls)
+and the checks on what an operator may store. It must not decide admission: the gateway
+decides from the snapshot.
+"""
+
+import time
+
+from diglett import crypto, names
+from diglett.registry.records import Grant, RegistryError, default_actor
+
+MAX_COMMENT_LEN = 200  # characters in a grant comment; one line in `diglett-admin grants`
+PORT_RANGE = (1, 65535)
+
+
+class GrantTable:
+    """Mixed into ``Registry``: uses ``self._grants``, ``_call``, ``_write``, ``_log`` and, for
+    the snapshot cache, ``db``, ``_is_sqlite``, ``_writes`` (bumped after each own commit) and
+    the thread-local ``_local``.
+
+    The underscore methods run inside ``_call``, which retries and translates errors.
+    """
+
+    def grant(self, subdomain, key, port=None, comment="", actor=None):
+        """Create or update the grant (subdomain, key); returns it."""
+        subdomain = names.validate_subdomain(subdomain)
+        key = crypto.normalize_public_key(key)
+        _check_port(port)
+        _check_comment(comment)
+        actor = actor or default_actor()
+        return self._call(self._grant, subdomain, key, port, comment or "", actor)
+
+    def _grant(self, subdomain, key, port, comment, actor):
+        model = self._grants
+        this = (model.subdomain == subdomain) & (model.key == key)
+        with self._write():
+            if port is not None:
+                holder = model.get_or_none((model.port == port) & ~this)
+                if holder is not None:
+                    raise RegistryError(
+                        "port %d is already pinned to %s (key %s); choose another port "
+                        "or revoke that grant first"
+                        % (port, holder.subdomain, crypto.fingerprint(holder.key))
+                    )
+            row = model.get_or_none(this)
+            if row is None:
+                action = "grant"
+                row = model.create(
+                    subdomain=subdomain, key=key, port=port, comment=comment, created=time.time()
+                )
+            else:
+                action = "regrant"
+                row.port, row.comment = port, comment
+                row.save()
+            self._log(actor, action, subdomain, key, "port=%s comment=%r" % (port, comment))
+        self._writes += 1
+        return _grant_of(row)
+
+    def revoke(self, subdomain, key=None, actor=None):
+        """Remove the grant of ``subdomain`` to ``key`` (or to every key); returns how many."""
+        subdomain = names.validate_subdomain(subdomain)
+        if key is not None:
+            key = crypto.normalize_public_key(key)
+        return self._call(self._revoke, subdomain, key, actor or default_actor())
+
+    def _revoke(self, subdomain, key, actor):
+        model = self._grants
+        where = model.subdomain == subdomain
+        if key is not None:
+            where &= model.key == key
+        with self._write():
+            count = model.delete().where(where).execute()
+            if count:
+                self._log(actor, "revoke", subdomain, key, "removed=%d" % count)
+        self._writes += 1
+        return count
+
+    def grants(self):
+        model = self._grants
+        query = model.select().order_by(model.subdomain, model.key)
+        return self._call(lambda: [_grant_of(row) for row in query])
+
+    def find_grant(self, subdomain, key):
+        subdomain = names.validate_subdomain(subdomain)
+        key = crypto.normalize_public_key(key)
+        model = self._grants
+        where = (model.subdomain == subdomain) & (model.key == key)
+        row = self._call(lambda: model.get_or_none(where))
+        return None if row is None else _grant_of(row)
+
+    def grant_snapshot(self):
+        """{(subdomain, key): Grant} of every grant; cheap enough to call every second.
+
+        With SQLite, ``PRAGMA data_version`` tells whether another connection committed since
+        the last call; if not (and we wrote nothing), the cached snapshot is returned.
+        """
+        return dict(self._call(self._snapshot))
+
+    def _snapshot(self):
+        cache = getattr(self._local, "snapshot", None)
+        stamp = self._stamp()
+        if cache is not None and stamp is not None and cache[0] == stamp:
+            return cache[1]
+        grants = {(g.subdomain, g.key): g for g in map(_grant_of, self._grants.select())}
+        self._local.snapshot = (stamp, grants)
+        return grants
+
+    def _stamp(self):
+        """What changes whenever the grants may have changed; None when unknown."""
+        if not self._is_sqlite:
+            return None
+        # data_version is per connection: a new connection (after close()) may restart its
+        # count, so the connection itself is part of the stamp.
+        connection = self.db.connection()
+        data_version = connection.execute("PRAGMA data_version").fetchone()[0]
+        return (connection, data_version, self._writes)
+
+
+def _check_port(port):
+    if port is None:
+        return
+    low, high = PORT_RANGE
+    if isinstance(port, bool) or not isinstance(port, int) or not low <= port <= high:
+        raise RegistryError("port must be a number from %d to %d, got %r" % (*PORT_RANGE, port))
+
+
+def _check_comment(comment):
+    if comment is None:
+        return
+    if len(comment) > MAX_COMMENT_LEN or not comment.isprintable():
+        raise RegistryError(
+            "comment must be one line of at most %d printable characters" % MAX_COMMENT_LEN
+        )
+
+
+def _grant_of(row):
+    return Grant(row.subdomain, row.key, row.port, row.comment, row.created)

@@ -1,0 +1,92 @@
+"""The hook outbox: the events each hook still has to handle, and what became of them.
+
+This module owns queueing deliveries (``_queue``, called by sessions.py inside the write that
+caused them, so a crash loses no hook's work), listing them, settling each attempt (with the
+audit entries of the first failure, the death and the success) and pruning. It must not run a
+hook: the server's hook runner reads the pending rows and reports back here.
+"""
+
+import json
+import time
+
+from diglett.registry.records import (
+    DELIVERY_DEAD, DELIVERY_DONE, DELIVERY_PENDING, LEGACY_GATEWAY, Delivery,
+)
+
+
+class OutboxTable:
+    """Mixed into ``Registry``: uses ``self._outbox``, ``_call``, ``_write``, ``_write_query``
+    and ``_log``.
+
+    The underscore methods run inside ``_call``, which retries and translates errors.
+    """
+
+    def pending_deliveries(self, hook, limit=500, gateway=None):
+        """The oldest pending deliveries of ``hook``, in the order they were queued.
+
+        With ``gateway``, only that gateway's (and rows from before gateways existed): each
+        server's hooks deliver what its own sessions caused.
+        """
+        model = self._outbox
+        where = (model.hook == hook) & (model.state == DELIVERY_PENDING)
+        if gateway is not None:
+            where &= model.gateway.in_((gateway, LEGACY_GATEWAY))
+        query = model.select().where(where).order_by(model.id).limit(limit)
+        return self._call(lambda: [_delivery_of(row) for row in query])
+
+    def deliveries(self, state=None, limit=1000):
+        """Newest first, for operators."""
+        model = self._outbox
+        query = model.select().order_by(model.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(model.state == state)
+        return self._call(lambda: [_delivery_of(row) for row in query])
+
+    def delivery_done(self, delivery_id):
+        """The hook handled it; the audit trail says so."""
+        self._call(self._settle, delivery_id, {"state": DELIVERY_DONE}, "hook-done")
+
+    def delivery_failed(self, delivery_id, attempts, next_attempt, error, dead=False):
+        """Record a failed attempt: retry at ``next_attempt``, or give up when ``dead``.
+
+        The audit trail gets the first failure and the death, not every retry.
+        """
+        changes = {"attempts": attempts, "next_attempt": next_attempt,
+                   "last_error": error[:2000], "state": DELIVERY_DEAD if dead else DELIVERY_PENDING}
+        action = "hook-dead" if dead else "hook-failed" if attempts == 1 else None
+        self._call(self._settle, delivery_id, changes, action, error)
+
+    def _settle(self, delivery_id, changes, action, error=""):
+        model = self._outbox
+        with self._write():
+            model.update(**changes).where(model.id == delivery_id).execute()
+            row = model.get_or_none(model.id == delivery_id)
+            if action is not None and row is not None:
+                detail = "hook=%s event=%s event_id=%s attempts=%d" % (
+                    row.hook, row.kind, row.event_id, row.attempts)
+                self._log("server", action, row.subdomain, None,
+                          detail + (" error=%s" % error[:300] if error else ""))
+
+    def prune_deliveries(self, before):
+        """Forget finished deliveries created before ``before`` (UNIX seconds)."""
+        model = self._outbox
+        query = model.delete().where((model.state != DELIVERY_PENDING) & (model.created < before))
+        return self._call(self._write_query, query)
+
+    def _queue(self, row, deliveries, gateway=None):
+        """Outbox rows for the hooks of ``gateway`` (default: the session's own gateway)."""
+        now = time.time()
+        for hook, event in deliveries:
+            self._outbox.insert(
+                hook=hook, event_id=event["event_id"], subdomain=row.subdomain, session=row.id,
+                kind=event["kind"], payload=json.dumps(event), state=DELIVERY_PENDING,
+                next_attempt=now, created=now, gateway=row.gateway if gateway is None else gateway,
+            ).execute()
+
+
+def _delivery_of(row):
+    return Delivery(
+        row.id, row.hook, row.event_id, row.subdomain, row.session, row.kind,
+        json.loads(row.payload), row.state, row.attempts, row.next_attempt, row.last_error,
+        row.created,
+    )
