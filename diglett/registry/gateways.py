@@ -1,8 +1,8 @@
 """Gateways: the servers sharing one registry, each refreshing its row every few seconds.
 
 This module owns the heartbeat write and the listing with each gateway's active session
-count. It must not judge liveness for anyone: callers pass how old a row may be
-(``end_sessions_of_dead_gateways`` in sessions.py, the fleet poller in the gateway).
+count. It must not judge liveness for anyone: the caller says how old a row may be
+(``end_sessions_of_dead_gateways`` in sessions.py, called from diglett/gateway/events.py).
 """
 
 import time
