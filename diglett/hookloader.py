@@ -71,18 +71,18 @@ def available():
     return found
 
 
-def register_config_sections():
-    """Teach the config loader [hooks] and every [hook:NAME] section; call before loading."""
-    if "hooks" in config.SECTIONS:
-        return
-    config.register_section("hooks", HOOKS_SECTION.keys)
+def config_sections():
+    """{name: config.Section} of [hooks] and every installed hook's [hook:NAME], built from
+    each hook class's OPTIONS: what config.load_server takes as ``extra_sections``."""
+    sections = {"hooks": HOOKS_SECTION}
     for name, load in available().items():
         try:
             hook_class = load()
         except Exception as exc:  # a broken third-party package must not stop the server
             log.warning("hook %s cannot be imported: %s", name, exc)
             continue
-        config.register_section("hook:" + name, _keys_of(name, hook_class.OPTIONS))
+        sections["hook:" + name] = config.Section(_keys_of(name, hook_class.OPTIONS))
+    return sections
 
 
 def _keys_of(name, options):

@@ -5,7 +5,6 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from diglett import config
 from tests import harness
 
 # Hypothesis budgets of tests/test_fuzz.py (docs/operations.md, "Fuzzing"). "fuzz-ci" is the
@@ -30,16 +29,6 @@ def _reap_processes():
     for proc in harness.Proc.registry[start:]:
         proc.close()
     del harness.Proc.registry[start:]
-
-
-@pytest.fixture(autouse=True)
-def _config_sections():
-    """Sections a test registers (hook sections, a third-party hook's) go with it, so no test
-    depends on which ran before it."""
-    saved = dict(config.SECTIONS)
-    yield
-    config.SECTIONS.clear()
-    config.SECTIONS.update(saved)
 
 
 @pytest.fixture

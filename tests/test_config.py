@@ -2,6 +2,8 @@
 
 import dataclasses
 import re
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from diglett.config import ConfigError, Key, load_agent, load_server
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "etc" / "diglett.conf"
 DOCS = ROOT / "docs" / "configuration.md"
+OPERATIONS = ROOT / "docs" / "operations.md"
 
 
 def write(tmp_path, text, name="diglett.conf"):
@@ -24,14 +27,6 @@ def error_of(path, load=load_server):
     with pytest.raises(ConfigError) as caught:
         load(path)
     return str(caught.value)
-
-
-@pytest.fixture
-def sections(monkeypatch):
-    """A private copy of the section table, so registrations do not leak between tests."""
-    table = dict(config.SECTIONS)
-    monkeypatch.setattr(config, "SECTIONS", table)
-    return table
 
 
 # --- the reference file and the defaults ------------------------------------------------------
@@ -241,7 +236,7 @@ def test_secret_value_is_masked_in_messages(tmp_path):
     table = {"token": Key(reject, "", "a secret", secret=True)}
     path = write(tmp_path, "[vault]\ntoken = hunter2\n")
     with pytest.raises(ConfigError) as caught:
-        config._load(path, {"vault": config.Section(table)})
+        load_server(path, {"vault": config.Section(table)})
     assert str(caught.value) == "%s:2: [vault] token = ***: never good enough" % path
 
 
@@ -343,58 +338,66 @@ def test_config_error_carries_path_and_line(tmp_path):
     assert (caught.value.path, caught.value.line) == (path, 2)
 
 
-# --- sections registered by other modules (hooks) -------------------------------------------
+# --- extra sections, passed by the modules that own them (hooks) -----------------------------
 
 
-def test_registered_prefix_section_is_parsed_with_defaults(tmp_path, sections):
-    config.register_section("hook:", {
+def test_extra_prefix_section_is_parsed_with_defaults(tmp_path):
+    extra = {"hook:": config.Section({
         "url": Key(config.string, None, "where to post"),
         "timeout": Key(config.seconds(), "5", "seconds per call"),
         "events": Key(config.string_list, "", "signals to send"),
         "secret": Key(config.string, "", "HMAC key", secret=True),
-    })
+    })}
     path = write(tmp_path, "[server]\n[hook:webhook]\nurl = https://x/%41\nevents = a, b,\n"
                            "secret = hunter2\n")
-    cfg = load_server(path)
+    cfg = load_server(path, extra)
     assert dict(cfg.sections["hook:webhook"]) == {
         "url": "https://x/%41", "timeout": 5, "events": ("a", "b"), "secret": "hunter2"}
     assert "hunter2" not in repr(cfg)
     assert "hook:webhook" in repr(cfg)
 
 
-def test_registered_section_errors_name_the_line(tmp_path, sections):
-    config.register_section("hook:script", {"timeout": Key(config.seconds(), "5", "seconds")})
+def test_extra_section_errors_name_the_line(tmp_path):
+    extra = {"hook:script": config.Section({"timeout": Key(config.seconds(), "5", "seconds")})}
+
+    def load(path):
+        return load_server(path, extra)
+
     path = write(tmp_path, "[hook:script]\ntimeout = soon\n[hook:script2]\n")
-    assert error_of(path).startswith("%s:2: [hook:script] timeout = soon: " % path)
+    assert error_of(path, load).startswith("%s:2: [hook:script] timeout = soon: " % path)
     write(tmp_path, "[hook:script]\ntimout = 1\n")
-    assert "did you mean timeout?" in error_of(path)
+    assert "did you mean timeout?" in error_of(path, load)
     write(tmp_path, "[hook:scrip]\n")
-    assert "did you mean [hook:script]?" in error_of(path)
+    assert "did you mean [hook:script]?" in error_of(path, load)
 
 
-def test_registered_exact_section_gets_defaults_when_absent(tmp_path, sections):
-    config.register_section("hooks", {"enabled": Key(config.string_list, "", "hook names")})
-    assert dict(load_server(write(tmp_path, "")).sections) == {"hooks": {"enabled": ()}}
+def test_extra_exact_section_gets_defaults_when_absent(tmp_path):
+    extra = {"hooks": config.Section({"enabled": Key(config.string_list, "", "hook names")})}
+    assert dict(load_server(write(tmp_path, ""), extra).sections) == {"hooks": {"enabled": ()}}
 
 
-def test_registered_check_runs(tmp_path, sections):
+def test_extra_sections_are_per_call(tmp_path):
+    """No table is shared: what one load was given, the next load does not know."""
+    path = write(tmp_path, "[hooks]\n")
+    load_server(path, {"hooks": config.Section({})})
+    assert error_of(path).startswith("%s:1: unknown section [hooks]" % path)
+
+
+def test_extra_check_runs(tmp_path):
     def check(values):
         if values["low"] > values["high"]:
             return ("low", "high"), "low must not exceed high (swap them)"
         return None
 
     keys = {"low": Key(config.integer(0), "0", "l"), "high": Key(config.integer(0), "9", "h")}
-    config.register_section("range", keys, check)
     path = write(tmp_path, "[range]\nhigh = 3\nlow = 4\n")
-    assert error_of(path) == "%s:3: [range] low = 4: low must not exceed high (swap them)" % path
+    message = error_of(path, lambda path: load_server(path, {"range": config.Section(keys, check)}))
+    assert message == "%s:3: [range] low = 4: low must not exceed high (swap them)" % path
 
 
-def test_a_section_registers_once(sections):
-    config.register_section("hook:", {})
+def test_an_extra_section_cannot_replace_server(tmp_path):
     with pytest.raises(ValueError):
-        config.register_section("hook:", {})
-    with pytest.raises(ValueError):
-        config.register_section("server", {})
+        load_server(write(tmp_path, ""), {"server": config.Section({})})
 
 
 # --- the schema, the docs and the example agree --------------------------------------------
@@ -423,17 +426,57 @@ def test_every_server_key_is_in_the_example_with_a_comment_above():
         assert lines[found[0] - 1].startswith("#"), name
 
 
+def test_server_config_has_one_field_per_server_key():
+    """ServerConfig is written out (so ``cfg.listen`` can be found); it must follow the schema:
+    the [server] keys in order, none missing and none extra, between ``path`` and ``sections``."""
+    fields = [field.name for field in dataclasses.fields(config.ServerConfig)]
+    assert fields == ["path", *config.SERVER.keys, "sections"]
+
+
+def conforms(value, hint):
+    """isinstance() for the annotations ServerConfig uses: unions, tuples, Mapping[...]."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(conforms(value, arg) for arg in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return isinstance(value, tuple) and all(conforms(item, args[0]) for item in value)
+        return (isinstance(value, tuple) and len(value) == len(args)
+                and all(map(conforms, value, args)))
+    return isinstance(value, origin or hint)
+
+
+def test_server_config_field_types_hold_what_the_parsers_return(tmp_path):
+    """The annotations are not decoration: defaults and set values alike fit them."""
+    hints = typing.get_type_hints(config.ServerConfig)
+    empty = load_server(write(tmp_path, ""))
+    given = load_server(write(tmp_path, "[server]\nports = 30000-30999\nping_interval = 2.5\n"
+                              "proxy_trusted = 10.0.0.0/8, ::1\ndatabase = sqlite:///r.db\n",
+                              name="set.conf"))
+    for cfg in (empty, given):
+        for name, hint in hints.items():
+            assert conforms(getattr(cfg, name), hint), (name, getattr(cfg, name), hint)
+
+
+def test_restart_keys_are_the_documented_ones():
+    """A SIGHUP keeps these until a restart (docs/operations.md lists them)."""
+    keys = config.restart_keys()
+    assert set(keys) == {"listen", "http", "key", "database", "domain", "bind", "token"}
+    assert len(keys) == len(set(keys))
+    part = OPERATIONS.read_text().split("- Kept until a restart", 1)[1].split("\n- ", 1)[0]
+    assert set(re.findall(r"`([a-z_]+)`", part)) == set(keys)
+
+
 def test_every_agent_key_is_documented():
     assert set(doc_rows("## The agent's file")) == set(config.AGENT.keys)
 
 
 def test_every_default_parses_and_every_key_has_a_doc():
-    for table in (config.SECTIONS, config.AGENT_SECTIONS):
-        for section in table.values():
-            for name, key in section.keys.items():
-                assert key.doc, name
-                if key.default is not None:
-                    key.parse(key.default)
+    for section in (config.SERVER, config.AGENT):
+        for name, key in section.keys.items():
+            assert key.doc, name
+            if key.default is not None:
+                key.parse(key.default)
 
 
 # --- the agent's file ------------------------------------------------------------------------

@@ -22,12 +22,6 @@ REFERENCE = ROOT / "etc" / "diglett.conf"
 EXAMPLES = ROOT / "etc" / "examples"
 
 
-@pytest.fixture(autouse=True)
-def sections(monkeypatch):
-    """A private section table: registering the hook sections must not leak into other tests."""
-    monkeypatch.setattr(config, "SECTIONS", dict(config.SECTIONS))
-
-
 def builtin_hooks():
     return {name: load() for name, load in hookloader.available().items()
             if name in hookloader.BUILTIN}
@@ -115,7 +109,6 @@ def test_the_hooks_section_is_in_the_reference_config_with_its_defaults():
 
 def test_the_reference_hook_sections_load_once_uncommented(tmp_path):
     """What a user gets by uncommenting the sections: it loads, and the hooks build."""
-    hookloader.register_config_sections()
     script = tmp_path / "hook"
     script.write_text("#!/bin/sh\nexit 0\n")
     script.chmod(0o755)
@@ -127,7 +120,7 @@ def test_the_reference_hook_sections_load_once_uncommented(tmp_path):
     text = text.replace("/usr/local/lib/diglett/hook", str(script))
     path = tmp_path / "diglett.conf"
     path.write_text(text + "\n")
-    cfg = config.load_server(path)
+    cfg = config.load_server(path, hookloader.config_sections())
     assert cfg.sections["hooks"]["enabled"] == ("script", "traefik", "traefik-etcd", "webhook")
     built = hookloader.build(cfg, hookloader.HookContext(cfg.domain))
     assert [name for name, _ in built] == ["script", "traefik", "traefik-etcd", "webhook"]
@@ -145,16 +138,15 @@ def test_there_are_example_files():
 
 @pytest.mark.parametrize("path", example_configs(), ids=lambda path: path.name)
 def test_example_configs_load_and_their_hooks_build(path):
-    hookloader.register_config_sections()
-    cfg = config.load_server(path)  # paths under /var/lib/... are not touched by loading
+    # paths under /var/lib/... are not touched by loading
+    cfg = config.load_server(path, hookloader.config_sections())
     built = hookloader.build(cfg, hookloader.HookContext(cfg.domain))
     assert [name for name, _ in built] == list(cfg.sections["hooks"]["enabled"])
 
 
 def test_the_gateway_example_matches_the_traefik_file():
     """The names diglett's example uses exist in the Traefik example, and the docs quote both."""
-    hookloader.register_config_sections()
-    cfg = config.load_server(EXAMPLES / "diglett.conf")
+    cfg = config.load_server(EXAMPLES / "diglett.conf", hookloader.config_sections())
     traefik = (EXAMPLES / "traefik.yml").read_text()
     options = cfg.sections["hook:traefik"]
     assert cfg.sections["hooks"]["enabled"] == ("traefik",)
@@ -221,10 +213,9 @@ def test_the_documented_third_party_hook_works(tmp_path, monkeypatch):
     journal = namespace["JournalHook"]
     builtin = hookloader.available
     monkeypatch.setattr(hookloader, "available", lambda: {**builtin(), "journal": lambda: journal})
-    hookloader.register_config_sections()
     path = tmp_path / "diglett.conf"
     path.write_text("[hooks]\nenabled = journal\n[hook:journal]\nfile = events.jsonl\n")
-    cfg = config.load_server(path)
+    cfg = config.load_server(path, hookloader.config_sections())
     [(name, hook)] = hookloader.build(cfg, hookloader.HookContext(cfg.domain))
     event = signals.SessionEvent(kind="connect", subdomain="foo", host="foo.example.com",
                                  listen_host="127.0.0.1", listen_port=41234, agent_key="02" * 33,

@@ -32,9 +32,8 @@ def event(name="foo", kind="connect", port=4001, host="127.0.0.1", reason=""):
 
 def build(tmp_path, sections, sessions=()):
     """{name: hook} as the server would build them from a config with ``sections``."""
-    hookloader.register_config_sections()
     gw = harness.Gateway(tmp_path / "gw", sections=sections)
-    cfg = config.load_server(gw.config_path)
+    cfg = config.load_server(gw.config_path, hookloader.config_sections())
     context = hookloader.HookContext(cfg.domain, active_sessions=lambda: list(sessions),
                                      config_dir=str(cfg.path.parent))
     return dict(hookloader.build(cfg, context))
@@ -154,9 +153,8 @@ def test_webhook_failures_raise(tmp_path, receiver, mode, words):
 def test_webhook_secret_is_masked(tmp_path):
     sections = {"hooks": {"enabled": "webhook"},
                 "hook:webhook": {"url": "http://127.0.0.1:9/", "secret": "hunter2"}}
-    hookloader.register_config_sections()
     gw = harness.Gateway(tmp_path / "gw", sections=sections)
-    cfg = config.load_server(gw.config_path)
+    cfg = config.load_server(gw.config_path, hookloader.config_sections())
     assert "hunter2" not in repr(cfg.sections["hook:webhook"])
 
 
@@ -285,10 +283,9 @@ def test_non_executable_script_is_refused(tmp_path):
     ({"hooks": {"max_attempts": "-1"}}, ["max_attempts"]),
 ], ids=["typo", "bad-seconds", "negative-attempts"])
 def test_bad_hook_values_are_config_errors(tmp_path, sections, words):
-    hookloader.register_config_sections()
     gw = harness.Gateway(tmp_path / "gw", sections=sections)
     with pytest.raises(config.ConfigError) as failure:
-        config.load_server(gw.config_path)
+        config.load_server(gw.config_path, hookloader.config_sections())
     for word in words:
         assert word in str(failure.value)
     assert str(gw.config_path) in str(failure.value)

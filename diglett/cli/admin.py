@@ -137,8 +137,8 @@ def main(argv=None):
     logs.setup("warning")
     registry = None
     try:
-        hookloader.register_config_sections()  # the config may hold [hooks] and [hook:NAME]
-        cfg = config.load_server(args.config)
+        # the file may hold [hooks] and [hook:NAME] too: the server's own file is read here
+        cfg = config.load_server(args.config, hookloader.config_sections())
         registry = Registry(cfg.database, migrate=False, create_dirs=True)
         warn_if_not_owner(registry.path)
         applied = registry.migrate()

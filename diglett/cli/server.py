@@ -43,9 +43,12 @@ def fail(message, code=1):
     return code
 
 
-def load(path):
-    """The config and its hooks, built (so bad hook options are config errors too)."""
-    cfg = config.load_server(path)
+def load(path, sections):
+    """The config and its hooks, built (so bad hook options are config errors too).
+
+    ``sections``: hookloader.config_sections(), found once at start, so a reload does not
+    import every hook again (nor warn again about one that cannot be imported)."""
+    cfg = config.load_server(path, sections)
     context = hookloader.HookContext(cfg.domain, config_dir=str(cfg.path.parent),
                                      gateway_id=cfg.gateway_id)
     return cfg, context, hookloader.build(cfg, context)
@@ -54,8 +57,9 @@ def load(path):
 class Gateway:
     """The running parts of one diglett-server process, and how they start, reload and stop."""
 
-    def __init__(self, cfg, context, hook_objects, log_level_flag=None):
+    def __init__(self, cfg, context, hook_objects, sections, log_level_flag=None):
         self.cfg = cfg
+        self.sections = sections  # the hooks' config sections, for reloads
         self.log_level_flag = log_level_flag
         self.registry = Registry(cfg.database, create_dirs=True)
         self.server = Server(cfg, self.registry)
@@ -76,7 +80,7 @@ class Gateway:
     def reload(self):
         """SIGHUP: apply what can change live; say what needs a restart. Tunnels stay up."""
         try:
-            cfg, context, hook_objects = load(self.cfg.path)
+            cfg, context, hook_objects = load(self.cfg.path, self.sections)
         except (config.ConfigError, hookloader.HookError) as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
@@ -107,8 +111,8 @@ def _hook_sections(cfg):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        hookloader.register_config_sections()
-        cfg, context, hook_objects = load(args.config)
+        sections = hookloader.config_sections()
+        cfg, context, hook_objects = load(args.config, sections)
     except (config.ConfigError, hookloader.HookError) as exc:
         return fail(exc, 2)
     if args.check:
@@ -120,7 +124,7 @@ def main(argv=None):
     except ValueError as exc:
         return fail("%s: %s" % (crypto.AEAD_ENV, exc), 2)
     try:
-        gateway = Gateway(cfg, context, hook_objects, args.log_level)
+        gateway = Gateway(cfg, context, hook_objects, sections, args.log_level)
     except (RegistryError, crypto.KeyFileError) as exc:
         return fail(exc)
     except OSError as exc:
