@@ -1,9 +1,9 @@
 """Hooks: which ones run (``[hooks] enabled``), their config sections, and the outbox delivery.
 
-A hook is a plain object whose methods are named after the signals (``session_started``,
-``session_ended``) and take one ``diglett.signals.SessionEvent``; it declares its options in a
-class attribute ``OPTIONS`` (see docs/hooks.md). Hooks never run in the tunnel's greenlets:
-the server queues one outbox row per hook with each session change (same transaction), the
+A hook is a ``diglett.hookapi.Hook`` (or a class with the same members, adapted here): its
+methods are named after the signals (``session_started``, ``session_ended``) and take one
+``diglett.signals.SessionEvent``; it declares its options in ``OPTIONS`` (docs/hooks.md).
+Hooks never run in the tunnel's greenlets: the server queues one outbox row per hook with each session change (same transaction), the
 blinker signals only wake the Dispatcher of each hook, and the Dispatcher calls the hook in its
 own guarded greenlet, per subdomain in order, retrying with backoff until it works or the
 delivery is declared dead. When several servers share the registry, each one's dispatchers
@@ -19,7 +19,7 @@ import gevent
 import gevent.event
 import gevent.pool
 
-from diglett import config, signals
+from diglett import config, hookapi, signals
 from diglett.registry import RegistryError
 
 log = logging.getLogger(__name__)
@@ -95,18 +95,8 @@ def _keys_of(name, options):
     return keys
 
 
-class HookContext:
-    """What a hook may know of the server: its domain, name and active sessions."""
-
-    def __init__(self, domain, active_sessions=None, config_dir=None, gateway_id=None):
-        self.domain = domain
-        self.gateway_id = gateway_id  # [server] gateway_id: this server's name in a fleet
-        self.config_dir = config_dir  # relative paths in hook options start here
-        self.active_sessions = active_sessions  # () -> [SessionEvent]; set once the server runs
-
-
 def build(cfg, context):
-    """The enabled hooks, configured, in order: [(name, hook object)]."""
+    """The enabled hooks, configured, in order: [(name, hookapi.Hook)]."""
     loaders = available()
     hooks = []
     for name in cfg.sections["hooks"]["enabled"]:
@@ -120,7 +110,7 @@ def build(cfg, context):
                 raise HookError("%s: hook %s is enabled but [hook:%s] has no %s (%s); add it"
                                 % (cfg.path, name, name, option, doc))
         try:
-            hooks.append((name, hook_class(options, context)))
+            hooks.append((name, hookapi.as_hook(hook_class(options, context))))
         except HookError:
             raise
         except Exception as exc:
@@ -212,18 +202,14 @@ class Dispatcher:
             return False
 
     def start(self):
-        start = getattr(self.hook, "start", None)
-        if start is not None:
-            _guarded(self.name, "start", start)
+        _guarded(self.name, "start", self.hook.start)
         self._loop = gevent.spawn(self._run)
 
     def stop(self):
         if self._loop is not None:
             self._loop.kill()
         self._pool.kill()
-        stop = getattr(self.hook, "stop", None)
-        if stop is not None:
-            _guarded(self.name, "stop", stop)
+        _guarded(self.name, "stop", self.hook.stop)
 
     def wake(self):
         self._wake.set()
@@ -242,14 +228,15 @@ class Dispatcher:
 
     def _start_due(self, pending, now):
         heads = {}
-        disconnected = {row.session for row in pending if row.kind == "disconnect"}
+        disconnected = {row.session for row in pending
+                        if row.kind == signals.EventKind.DISCONNECT}
         for row in pending:  # oldest first: the head of each subdomain goes first
             heads.setdefault(row.subdomain, row)
         for subdomain, row in heads.items():
             if subdomain in self._in_flight or row.next_attempt > now or self._pool.full():
                 continue
-            skip = (row.kind == "connect" and row.session in disconnected
-                    and getattr(self.hook, "skip_ended_connects", False))
+            skip = (self.hook.skip_ended_connects and row.kind == signals.EventKind.CONNECT
+                    and row.session in disconnected)
             self._in_flight[subdomain] = self._pool.spawn(self._deliver, row, skip)
 
     def _deliver(self, row, skip):
@@ -274,8 +261,8 @@ class Dispatcher:
     def _call(self, row):
         """Run the hook method; None when it worked, else why not."""
         event = signals.SessionEvent.from_json(row.payload)
-        method = "session_started" if row.kind == "connect" else "session_ended"
-        limit = getattr(self.hook, "timeout", 30) + CALL_GRACE
+        method = signals.method_of(row.kind)
+        limit = self.hook.timeout + CALL_GRACE
         try:
             with gevent.Timeout(limit, HookError("no answer after %.0f s" % limit)):
                 getattr(self.hook, method)(event)

@@ -164,8 +164,7 @@ class Collector:
                     dispatcher, attribute)
             yield _by_label(name, text, "hook", counts)
         for dispatcher in dispatchers:  # a hook's own figures (the etcd lease, its claims)
-            hook = getattr(dispatcher, "hook", None)
-            for name, kind, text, value in getattr(hook, "metrics", list)():
+            for name, kind, text, value in dispatcher.hook.metrics():
                 family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                 yield family(name, text, value=value)
 

@@ -16,7 +16,7 @@ import uuid
 
 import gevent
 
-from diglett import admission, crypto, metrics, wire
+from diglett import admission, config, crypto, metrics, wire
 from diglett.dbworker import DatabaseWorker
 from diglett.gateway import authorize
 from diglett.gateway.agent_session import AgentSession
@@ -34,7 +34,6 @@ from diglett.wire import ErrorCode
 log = logging.getLogger(__name__)
 
 TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
-RESTART_KEYS = ("listen", "http", "key", "database", "domain", "bind", "token")  # not live
 
 
 class Server:
@@ -123,7 +122,7 @@ class Server:
         stay as they are until a restart.
         """
         old = self.config
-        restart = [key for key in RESTART_KEYS if getattr(new, key) != getattr(old, key)]
+        restart = [key for key in config.restart_keys() if getattr(new, key) != getattr(old, key)]
         self.config = dataclasses.replace(new, **{key: getattr(old, key) for key in restart})
         self.ports.config = self.config
         self.admission.start, self.admission.rate, self.admission.full = new.max_startups

@@ -16,6 +16,8 @@ import signal
 import gevent
 from gevent import subprocess
 
+from diglett.hookapi import Hook
+
 log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 64 * 1024  # bytes of a script's output kept for the log; the rest is drained
@@ -27,13 +29,14 @@ class ScriptFailed(Exception):
     pass
 
 
-class ScriptHook:
+class ScriptHook(Hook):
     OPTIONS = {
         "command": ("string", None, "executable to run, with arguments (no shell)"),
         "timeout": ("seconds", "30", "seconds before the script's process group is killed"),
     }
 
     def __init__(self, options, context):
+        super().__init__(options, context)
         self.argv = shlex.split(options["command"])
         self.timeout = options["timeout"]
         executable = self.argv[0] if self.argv else ""

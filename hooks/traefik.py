@@ -16,6 +16,8 @@ import urllib.request
 import gevent
 import gevent.lock
 
+from diglett.hookapi import Hook
+
 log = logging.getLogger(__name__)
 
 ROUTER_PREFIX = "diglett-"  # routers and services are named diglett-NAME
@@ -72,7 +74,7 @@ class Routes:
         return name, router, {"loadBalancer": {"servers": [server]}}
 
 
-class TraefikHook:
+class TraefikHook(Hook):
     # Traefik mirrors the active sessions: a connect whose disconnect is queued changes nothing.
     skip_ended_connects = True
     OPTIONS = {
@@ -85,6 +87,7 @@ class TraefikHook:
     }
 
     def __init__(self, options, context):
+        super().__init__(options, context)
         self.api = options["api"].rstrip("/")
         if not self.api.startswith(("http://", "https://")):
             raise ValueError("api must be an http:// or https:// URL, got %r" % self.api)
@@ -93,7 +96,6 @@ class TraefikHook:
         self.check_interval = options["check_interval"]
         self.timeout = options["timeout"]
         self.settle = options["settle"]
-        self.context = context
         self._checker = None
         self._lock = gevent.lock.Semaphore()  # one sync at a time: a PUT never goes back in time
 
@@ -110,6 +112,23 @@ class TraefikHook:
 
     def session_ended(self, event):
         self.sync()
+
+    def describe(self, name):
+        """The router and service Traefik serves for ``name`` now, read from its API."""
+        base = "/api/%s/" % self.mode
+        try:
+            router = self._call("GET", base + "routers/%s%s@rest" % (ROUTER_PREFIX, name))
+        except TraefikFailed as exc:
+            return {"route": None, "detail": str(exc)}
+        try:
+            service = self._call("GET", base + "services/%s%s@rest" % (ROUTER_PREFIX, name))
+        except TraefikFailed:
+            service = None
+        servers = (service or {}).get("loadBalancer", {}).get("servers", [])
+        return {"route": router.get("rule"), "status": router.get("status"),
+                "entrypoints": router.get("entryPoints"),
+                "servers": [s.get("url") or s.get("address") for s in servers],
+                "errors": router.get("error") or []}
 
     # ----- rendering --------------------------------------------------------------------
     def render(self, sessions):

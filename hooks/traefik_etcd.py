@@ -25,6 +25,7 @@ import gevent
 import gevent.event
 
 from diglett import etcd
+from diglett.hookapi import Hook
 from diglett.hooks.traefik import ROUTE_OPTIONS, ROUTER_PREFIX, Routes
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ ANCHOR = "http/middlewares/diglett-anchor/headers/customResponseHeaders/X-Diglet
 CLAIM_ATTEMPTS = 5  # compare-and-swap rounds before a claim gives up (and the outbox retries)
 
 
-class TraefikEtcdHook:
+class TraefikEtcdHook(Hook):
     # The owner keys mirror the active sessions: a connect whose disconnect is queued is moot.
     skip_ended_connects = True
     OPTIONS = {
@@ -55,6 +56,7 @@ class TraefikEtcdHook:
     }
 
     def __init__(self, options, context):
+        super().__init__(options, context)
         files = [_resolve(options[name], context) for name in ("ca_file", "cert_file",
                                                                 "key_file")]
         self.client = etcd.Client(options["endpoints"], options["timeout"], *files)
@@ -74,7 +76,6 @@ class TraefikEtcdHook:
                              % (self.keepalive, self.ttl))
         self.check_interval = options["check_interval"]
         self.routes = Routes(options)
-        self.context = context
         self.gateway_id = getattr(context, "gateway_id", None) or socket.gethostname()
         self.lease = None
         self._lease_ready = gevent.event.Event()
@@ -103,6 +104,19 @@ class TraefikEtcdHook:
 
     def session_ended(self, event):
         self.release(event)
+
+    def describe(self, name):
+        """The owner of ``name`` and the route keys etcd holds for it now."""
+        try:
+            owner = self.client.range(self.owner_key(name))
+            keys = {key.decode(): value.decode("utf-8", "replace")
+                    for prefix in self.route_prefixes(name)
+                    for key, value, _ in self.client.range(prefix, prefix=True)}
+        except etcd.EtcdError as exc:
+            return {"route": None, "detail": str(exc)}
+        rule = next((value for key, value in keys.items() if key.endswith("/rule")), None)
+        return {"route": rule, "owner": _parse_owner(owner[0][1]) if owner else None,
+                "keys": keys}
 
     def metrics(self):
         """(name, kind, documentation, value) for /metrics."""

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 from diglett import __version__
+from diglett.hookapi import Hook
 
 RESPONSE_LIMIT = 4096  # bytes of a failed answer quoted in the log
 
@@ -35,7 +36,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-class WebhookHook:
+class WebhookHook(Hook):
     OPTIONS = {
         "url": ("string", None, "URL that receives the events (POST, JSON)"),
         "secret": ("secret", "", "HMAC-SHA256 key for X-Diglett-Signature (empty: unsigned)"),
@@ -43,6 +44,7 @@ class WebhookHook:
     }
 
     def __init__(self, options, context):
+        super().__init__(options, context)
         self.url = options["url"]
         if not self.url.startswith(("http://", "https://")):
             raise ValueError("url must start with http:// or https://, got %r" % self.url)

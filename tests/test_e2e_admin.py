@@ -41,8 +41,8 @@ def test_status_kick_and_audit(tmp_path, traefik):  # noqa: F811
     assert report["session"]["port"] == agent.port
     assert "exited with status 1" in report["hooks"]["script"]["last_error"]
     assert report["hooks"]["traefik"]["state"] == "done"
-    assert report["traefik"]["route"] == "Host(`foo.example.test`)"
-    assert report["traefik"]["servers"] == ["http://127.0.0.1:%d" % agent.port]
+    assert report["published"]["traefik"]["route"] == "Host(`foo.example.test`)"
+    assert report["published"]["traefik"]["servers"] == ["http://127.0.0.1:%d" % agent.port]
     text = gateway.admin("status", "foo").stdout
     assert "Host(`foo.example.test`)" in text and "exited with status 1" in text
 
@@ -52,7 +52,7 @@ def test_status_kick_and_audit(tmp_path, traefik):  # noqa: F811
     harness.wait_until(lambda: traefik.status("foo.example.test") == 404, 10,
                        what="the route to go away after the kick")
     assert gateway.sessions() == []
-    assert admin_json(gateway, "status", "foo")["traefik"]["route"] is None
+    assert admin_json(gateway, "status", "foo")["published"]["traefik"]["route"] is None
 
     entries = admin_json(gateway, "audit", "--name", "foo")
     actions = [entry["action"] for entry in entries]

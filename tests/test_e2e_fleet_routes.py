@@ -115,6 +115,11 @@ def test_agents_spread_over_gateways_survive_a_gateway_killed(fleet):
     stranded = fleet.agent("stranded", first=0, only=True)  # knows the victim alone
     wait_served(fleet, names + ["stranded"], 15, "every name through both Traefiks")
     assert sorted(fleet.holder(n)[0] for n in names) == [0, 1, 2]  # one agent per gateway
+    # diglett-admin status asks the etcd hook what it published (any gateway can answer).
+    published = json.loads(fleet.gateways[2].admin("status", "alpha", "--json").stdout)[
+        "published"]["traefik-etcd"]
+    assert published["route"] == "Host(`alpha.%s`)" % DOMAIN
+    assert published["owner"] == fleet.owner("alpha")
 
     victim, dead_port = fleet.holder("alpha")
     assert victim == 0 and fleet.holder("stranded")[0] == 0

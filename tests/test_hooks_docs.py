@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from diglett import config, hookloader, signals
+from diglett import config, hookapi, hookloader, signals
 from diglett.hooks import webhook
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def test_the_reference_hook_sections_load_once_uncommented(tmp_path):
     path.write_text(text + "\n")
     cfg = config.load_server(path, hookloader.config_sections())
     assert cfg.sections["hooks"]["enabled"] == ("script", "traefik", "traefik-etcd", "webhook")
-    built = hookloader.build(cfg, hookloader.HookContext(cfg.domain))
+    built = hookloader.build(cfg, hookapi.HookContext(cfg.domain))
     assert [name for name, _ in built] == ["script", "traefik", "traefik-etcd", "webhook"]
 
 
@@ -140,7 +140,7 @@ def test_there_are_example_files():
 def test_example_configs_load_and_their_hooks_build(path):
     # paths under /var/lib/... are not touched by loading
     cfg = config.load_server(path, hookloader.config_sections())
-    built = hookloader.build(cfg, hookloader.HookContext(cfg.domain))
+    built = hookloader.build(cfg, hookapi.HookContext(cfg.domain))
     assert [name for name, _ in built] == list(cfg.sections["hooks"]["enabled"])
 
 
@@ -216,7 +216,7 @@ def test_the_documented_third_party_hook_works(tmp_path, monkeypatch):
     path = tmp_path / "diglett.conf"
     path.write_text("[hooks]\nenabled = journal\n[hook:journal]\nfile = events.jsonl\n")
     cfg = config.load_server(path, hookloader.config_sections())
-    [(name, hook)] = hookloader.build(cfg, hookloader.HookContext(cfg.domain))
+    [(name, hook)] = hookloader.build(cfg, hookapi.HookContext(cfg.domain))
     event = signals.SessionEvent(kind="connect", subdomain="foo", host="foo.example.com",
                                  listen_host="127.0.0.1", listen_port=41234, agent_key="02" * 33,
                                  session_id="9c1d5e2a7b4f8e01")

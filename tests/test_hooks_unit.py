@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from diglett import config, hookloader, signals
+from diglett import config, hookapi, hookloader, signals
 from tests import harness
 from tests.hookfixtures import kill_marked, pids_with, read_log, recorder, write_script
 from tests.hookfixtures import receiver  # noqa: F401 (a fixture)
@@ -34,7 +34,7 @@ def build(tmp_path, sections, sessions=()):
     """{name: hook} as the server would build them from a config with ``sections``."""
     gw = harness.Gateway(tmp_path / "gw", sections=sections)
     cfg = config.load_server(gw.config_path, hookloader.config_sections())
-    context = hookloader.HookContext(cfg.domain, active_sessions=lambda: list(sessions),
+    context = hookapi.HookContext(cfg.domain, active_sessions=lambda: list(sessions),
                                      config_dir=str(cfg.path.parent))
     return dict(hookloader.build(cfg, context))
 

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from diglett import metrics, wire
+from diglett import hookapi, metrics, wire
 from tests import harness
 from tests.harness import Backend, Gateway, connect, wait_until
 
@@ -235,7 +235,8 @@ def test_hook_counters_survive_a_reload():
     server = types.SimpleNamespace(
         sessions={}, snapshots=dict, counters=metrics.Counters(), handshake_failures={},
         admission=types.SimpleNamespace(refused={}, penalties=0, pending=0))
-    old = types.SimpleNamespace(name="webhook", delivered=3, failed=2, dead=1)
+    quiet = hookapi.Hook({}, None)  # a hook with no figures of its own
+    old = types.SimpleNamespace(name="webhook", delivered=3, failed=2, dead=1, hook=quiet)
     hooks = types.SimpleNamespace(dispatchers=[old])
     registry = metrics.make_registry(server, lambda: hooks)
 
@@ -249,8 +250,8 @@ def test_hook_counters_survive_a_reload():
 
     assert counts()["diglett_hook_deliveries_total", "webhook"] == 3
     hooks = types.SimpleNamespace(dispatchers=[
-        types.SimpleNamespace(name="webhook", delivered=1, failed=0, dead=0),
-        types.SimpleNamespace(name="script", delivered=5, failed=0, dead=0)])
+        types.SimpleNamespace(name="webhook", delivered=1, failed=0, dead=0, hook=quiet),
+        types.SimpleNamespace(name="script", delivered=5, failed=0, dead=0, hook=quiet)])
     assert counts() == {
         ("diglett_hook_deliveries_total", "webhook"): 4,
         ("diglett_hook_failures_total", "webhook"): 2,

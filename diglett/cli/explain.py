@@ -1,8 +1,10 @@
 """``diglett-admin status NAME``: one name end to end, from every place that knows about it.
 
 The registry gives the grants, the session row, the hook outbox and the audit trail; the
-running server's HTTP API gives live traffic; Traefik's API gives the route it serves now.
-What cannot be reached is reported as such, never as an error of the whole command.
+running server's HTTP API gives live traffic; each enabled hook's ``describe()`` says what it
+has published for the name (the Traefik hook: the route Traefik serves now; the etcd hook: the
+owner and route keys), so this module knows no ingress. What cannot be reached is reported as
+such, never as an error of the whole command.
 """
 
 import ipaddress
@@ -10,7 +12,7 @@ import json
 import urllib.error
 import urllib.request
 
-from diglett import crypto
+from diglett import crypto, hookapi, hookloader
 from diglett.registry import LEGACY_GATEWAY, iso_time
 
 HTTP_TIMEOUT = 2  # seconds for each of the server's and Traefik's APIs
@@ -25,7 +27,7 @@ def status(name, cfg, registry):
         "grants": [grant.to_json() for grant in registry.grants() if grant.subdomain == name],
         "session": _session(session, cfg),
         "hooks": _hooks(name, registry),
-        "traefik": _traefik(name, cfg),
+        "published": _published(name, cfg),
         "audit": [entry.to_json()
                   for entry in registry.audit_entries(subdomain=name, limit=AUDIT_LINES)],
     }
@@ -61,22 +63,19 @@ def _hooks(name, registry):
     return latest
 
 
-def _traefik(name, cfg):
-    if "traefik" not in cfg.sections.get("hooks", {}).get("enabled", ()):
-        return None
-    options = cfg.sections.get("hook:traefik", {})
-    mode = options.get("mode", "http")
-    base = options["api"].rstrip("/") + "/api/%s/" % mode
-    router = _get_json(base + "routers/diglett-%s@rest" % name)
-    if not isinstance(router, dict) or "error" in router:
-        return {"route": None, "detail": (router or {}).get("error", "no answer")}
-    service = _get_json(base + "services/diglett-%s@rest" % name)
-    servers = (service or {}).get("loadBalancer", {}).get("servers", []) if isinstance(
-        service, dict) else []
-    return {"route": router.get("rule"), "status": router.get("status"),
-            "entrypoints": router.get("entryPoints"),
-            "servers": [s.get("url") or s.get("address") for s in servers],
-            "errors": router.get("error") or []}
+def _published(name, cfg):
+    """{hook: what it has published for ``name``} of every enabled hook that can say."""
+    context = hookapi.HookContext(cfg.domain, config_dir=str(cfg.path.parent),
+                                     gateway_id=cfg.gateway_id)
+    published = {}
+    for hook_name, hook in hookloader.build(cfg, context):
+        try:
+            found = hook.describe(name)
+        except Exception as exc:  # a hook's lookup failing is part of the answer
+            found = {"route": None, "detail": "%s: %s" % (type(exc).__name__, exc)}
+        if found is not None:
+            published[hook_name] = found
+    return published
 
 
 def _server_url(cfg, path):
@@ -129,17 +128,25 @@ def print_status(report):
               "  %-8s last %s: %s after %d attempts (queued %s)%s"
               % (hook, last["event"], last["state"], last["attempts"], last["queued"],
                  "; error: " + last["last_error"] if last["last_error"] else ""))
-    traefik = report["traefik"]
-    if traefik is not None:
-        print("\ntraefik:")
-        if traefik["route"] is None:
-            print("  no route (%s)" % traefik["detail"])
-        else:
-            print("  %s -> %s (%s)%s" % (traefik["route"], ", ".join(traefik["servers"]),
-                                         traefik["status"], "; errors: " + "; ".join(
-                                             traefik["errors"]) if traefik["errors"] else ""))
+    for hook, found in sorted(report["published"].items()):
+        print("\npublished by %s:" % hook)
+        _print_published(found)
     print("\naudit (latest first):")
     for entry in report["audit"] or [None]:
         print("  (none)" if entry is None else
               "  %s  %-14s %s  %s" % (entry["time"][:19], entry["action"], entry["actor"],
                                       entry["detail"]))
+
+
+def _print_published(found):
+    if found.get("route") is None:
+        print("  no route (%s)" % found.get("detail", "none published"))
+    elif "servers" in found:  # the Traefik REST hook's form
+        print("  %s -> %s (%s)%s" % (found["route"], ", ".join(found["servers"]),
+                                     found["status"], "; errors: " + "; ".join(
+                                         found["errors"]) if found["errors"] else ""))
+    else:
+        print("  %s" % found["route"])
+    for key, value in sorted(found.items()):
+        if key not in ("route", "servers", "status", "errors", "entrypoints", "detail"):
+            print("  %s: %s" % (key, json.dumps(value, sort_keys=True)))

@@ -13,7 +13,7 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
-from diglett import __version__, config, crypto, hookloader, memory  # noqa: E402
+from diglett import __version__, config, crypto, hookapi, hookloader, memory  # noqa: E402
 from diglett.cli import logs  # noqa: E402
 from diglett.httpapi import make_app, make_server  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
@@ -49,7 +49,7 @@ def load(path, sections):
     ``sections``: hookloader.config_sections(), found once at start, so a reload does not
     import every hook again (nor warn again about one that cannot be imported)."""
     cfg = config.load_server(path, sections)
-    context = hookloader.HookContext(cfg.domain, config_dir=str(cfg.path.parent),
+    context = hookapi.HookContext(cfg.domain, config_dir=str(cfg.path.parent),
                                      gateway_id=cfg.gateway_id)
     return cfg, context, hookloader.build(cfg, context)
 
