@@ -15,12 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+from diglett import readyfile
+
 BENCH = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20  # seconds for a setup's processes to come up
 STOP_TIMEOUT = 10  # seconds between SIGTERM and SIGKILL
-READY = re.compile(r"ready: agents=(\S+):(\d+) http=(\S+):(\d+) domain=\S+ key=([0-9a-f]{66})")
+OLD_READY = re.compile(r"ready: agents=(\S+):(\d+) http=\S+ domain=\S+ key=([0-9a-f]{66})")
 TUNNEL_UP = re.compile(r"tunnel up: (\S+) -> \S+ \(server port (\d+)\)")
 RELOADED = "reloaded "
 SSH_ALLOCATED = re.compile(r"Allocated port (\d+) for remote forward")
@@ -276,6 +278,7 @@ class Diglett(Setup):
         """``source``: a folder holding another diglett package to run instead of the venv's
         (run.py's --rev)."""
         self.aead = aead
+        self.source = source
         self.name = "diglett (%s)" % aead
         super().__init__(folder, backend_port)
         self.env = {"PYTHONPATH": os.pathsep.join(filter(None, [
@@ -289,13 +292,26 @@ class Diglett(Setup):
         self.config.write_text("[server]\n" + "".join(
             "%s = %s\n" % item for item in settings.items()))
 
+    def _start_server(self):
+        """(server key, agents' HOST:PORT) of a started diglett-server."""
+        argv = [str(BIN / "diglett-server"), "-c", str(self.config)]
+        ready_file = self.folder / "server.ready"
+        if self.source and not _has_ready_file(self.source):
+            server = Proc(argv, self.folder, "server", self.env)
+            self.procs.append(server)
+            ready = server.wait_for(OLD_READY)  # a revision from before --ready-file
+            return ready.group(3), "%s:%s" % ready.group(1, 2)
+        server = Proc(argv + ["--ready-file", str(ready_file)], self.folder, "server", self.env)
+        self.procs.append(server)
+        try:
+            ready = readyfile.wait(ready_file, START_TIMEOUT, server.popen.poll)
+        except readyfile.NotReady as exc:
+            raise RuntimeError("%s:\n%s" % (exc, server.output()[-3000:])) from None
+        return ready["key"], "%s:%d" % (ready["agents"]["host"], ready["agents"]["port"])
+
     def start(self):
         self.write_config()
-        server = Proc([str(BIN / "diglett-server"), "-c", str(self.config)], self.folder,
-                      "server", self.env)
-        self.procs.append(server)
-        server_key = server.wait_for(READY).group(5)
-        gateway = "%s:%s" % server.wait_for(READY).group(1, 2)
+        server_key, gateway = self._start_server()
         key_file = self.folder / "agent.key"
         if not key_file.exists():
             env = dict(os.environ, **self.env)
@@ -332,3 +348,9 @@ class Diglett(Setup):
 
     def describe(self):
         return {"aead": self.aead}
+
+
+def _has_ready_file(source):
+    """True when the diglett in ``source`` (run.py's --rev) knows ``--ready-file``."""
+    return any("--ready-file" in path.read_text(errors="replace")
+               for path in (Path(source) / "diglett").rglob("*.py"))

@@ -19,10 +19,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from diglett import readyfile
+
 DEMO_NAME = "demo"
 DEMO_DOMAIN = "localhost"  # demo.localhost resolves to loopback in most resolvers and browsers
 STARTUP_TIMEOUT = 20  # seconds for the server and the agent to come up
-READY = re.compile(r"ready: agents=(\S+):(\d+) http=\S+ domain=\S+ key=([0-9a-f]{66})")
 TUNNEL_UP = re.compile(r"tunnel up: (\S+) -> \S+ \(server port (\d+)\)")
 PAGE = b"<!doctype html><title>diglett demo</title><h1>Hello through diglett</h1>\n"
 
@@ -125,9 +126,15 @@ class Demo:
         public = run(command("agent") + ["keygen", "--key-file", str(key_file)])
         run(command("admin") + ["-c", str(config), "grant", DEMO_NAME, "--key", public,
                                 "--comment", "diglett demo"])
-        server, server_log = self.spawn(command("server") + ["-c", str(config)], "server")
-        ready = wait_for(server_log, READY, server, "diglett-server")
-        gateway, server_key = "%s:%s" % ready.group(1, 2), ready.group(3)
+        ready_file = self.folder / "server.ready"
+        server, server_log = self.spawn(command("server") + [
+            "-c", str(config), "--ready-file", str(ready_file)], "server")
+        try:
+            ready = readyfile.wait(ready_file, STARTUP_TIMEOUT, server.poll)
+        except readyfile.NotReady as exc:
+            raise DemoError("%s:\n%s" % (exc, server_log.read_text(errors="replace"))) from None
+        gateway = "%s:%d" % (ready["agents"]["host"], ready["agents"]["port"])
+        server_key = ready["key"]
         agent, agent_log = self.spawn(command("agent") + [
             "-g", gateway, "-n", DEMO_NAME, "--key-file", str(key_file),
             "--server-key", server_key, "127.0.0.1:%d" % backend.server_address[1]], "agent")

@@ -13,7 +13,7 @@ import sys  # noqa: E402
 import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 
-from diglett import __version__, config, crypto, hookapi, hookloader, memory  # noqa: E402
+from diglett import __version__, config, crypto, hookapi, hookloader, memory, readyfile  # noqa: E402
 from diglett.cli import logs  # noqa: E402
 from diglett.httpapi import make_app, make_server  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
@@ -30,6 +30,9 @@ def parse_args(argv):
     parser.add_argument("-c", "--config", default=os.environ.get("DIGLETT_CONFIG", DEFAULT_CONFIG),
                         help="config file (default: $DIGLETT_CONFIG or %s)" % DEFAULT_CONFIG)
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--ready-file", metavar="PATH",
+                        help="write PATH (JSON: addresses, key, pid) once ready, remove it on "
+                        "stop; for scripts (docs/operations.md)")
     parser.add_argument("--log-level", choices=config.LOG_LEVELS,
                         help="override [server] log_level")
     parser.add_argument("-v", "--verbose", action="store_const", const="debug",
@@ -123,6 +126,8 @@ def main(argv=None):
         aead = crypto.get_backend().name  # the record cipher every session will use
     except ValueError as exc:
         return fail("%s: %s" % (crypto.AEAD_ENV, exc), 2)
+    if args.ready_file:
+        readyfile.remove(args.ready_file)  # a waiting script must not read the last run's
     try:
         gateway = Gateway(cfg, context, hook_objects, sections, args.log_level)
     except (RegistryError, crypto.KeyFileError) as exc:
@@ -132,6 +137,10 @@ def main(argv=None):
     log.info("diglett-server %s ready: agents=%s:%d http=%s:%d domain=%s key=%s cipher=%s "
              "gateway=%s", __version__, *gateway.agent_address, *gateway.http.address[:2],
              cfg.domain, gateway.server.public_key, aead, cfg.gateway_id)
+    if args.ready_file:
+        readyfile.write(args.ready_file, readyfile.info(
+            __version__, gateway.agent_address, gateway.http.address, cfg.domain,
+            gateway.server.public_key, aead, cfg.gateway_id))
     tidy = memory.keep_tidy()
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -139,6 +148,8 @@ def main(argv=None):
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(gateway.reload))
     stop.wait()
     tidy.kill()
+    if args.ready_file:
+        readyfile.remove(args.ready_file)
     gateway.stop()
     return 0
 
