@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 
 import coincurve
-try:  # optional, ~8x faster AEAD (security.md 3.8); the "fast" extra installs it
+try:  # optional, ~8x faster AEAD (docs/benchmarks.md); the "fast" extra installs it
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 except ImportError:  # pragma: no cover - exercised only where cryptography is absent

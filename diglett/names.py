@@ -9,7 +9,7 @@ import re
 MAX_LABEL_LEN = 63  # RFC 1035: a DNS label holds at most 63 octets
 MAX_DOMAIN_LEN = 253  # RFC 1035: a whole name, without the trailing dot, in text form
 
-# One DNS label in canonical form (security.md 5.4): letters, digits, inner hyphens only.
+# One DNS label in canonical form: letters, digits, inner hyphens only (docs/protocol.md §9.1).
 LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 ALLOWED = "a-z, 0-9 and '-' (not first or last), 1 to 63 characters"
 

@@ -1,6 +1,6 @@
 """The Noise_XK_secp256k1_ChaChaPoly_SHA256 handshake of BOLT 8, as bytes in, bytes out.
 
-This module owns the three acts (security.md 3.3): the agent is the Initiator, the server
+This module owns the three acts (docs/protocol.md §5): the agent is the Initiator, the server
 the Responder. It must not do I/O: no sockets, no gevent, no timeouts; the caller reads
 exactly ACT_*_SIZE bytes under its own deadline and passes them in. After the last act each
 side holds two TransportCipher objects from diglett.crypto.
