@@ -16,7 +16,8 @@ PYTHON_CATEGORIES = (  # (category, substrings of a py-spy leaf frame), first ma
     ("socket calls (send, sendmsg, recv)", ("_socketcommon.py", "_socket3.py", "/socket.py")),
     ("gevent hub (event loop, waits, switches)", ("gevent/",)),
     ("framing and stream state (wire.py, protocol.py)", ("diglett/wire.py", "diglett/protocol.py")),
-    ("relay loops (tunnel.py)", ("diglett/tunnel.py",)),
+    ("relay loops (tunnel.py, pump.py)",
+     ("diglett/tunnel.py", "diglett/pump.py", "diglett/sockets.py")),
 )
 NATIVE_CATEGORIES = (  # (category, substrings of a perf shared-object name), first match wins
     ("kernel: syscalls, TCP over loopback, copies, scheduling", ("[kernel",)),

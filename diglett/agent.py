@@ -19,7 +19,8 @@ from gevent import socket
 
 from diglett import __version__, crypto, noise, protocol, proxyproto, wire
 from diglett.reasons import CloseReason
-from diglett.tunnel import Tunnel, enable_keepalive, recv_exact, set_nodelay
+from diglett.sockets import enable_keepalive, recv_exact, set_nodelay
+from diglett.tunnel import Tunnel
 from diglett.wire import ErrorCode, ProtocolError, RejectCode
 
 log = logging.getLogger(__name__)

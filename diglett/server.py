@@ -28,7 +28,7 @@ from diglett.gateway.listener import AgentListener
 from diglett.gateway.ports import TunnelPorts
 from diglett.reasons import CloseReason
 from diglett.registry import RegistryError
-from diglett.tunnel import enable_keepalive, set_nodelay
+from diglett.sockets import enable_keepalive, set_nodelay
 from diglett.wire import ErrorCode
 
 log = logging.getLogger(__name__)

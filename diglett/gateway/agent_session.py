@@ -20,7 +20,8 @@ from diglett import __version__, crypto, protocol, proxyproto, wire
 from diglett.gateway.limits import TokenBucket
 from diglett.reasons import CloseReason
 from diglett.registry import SessionRow
-from diglett.tunnel import Tunnel, close_with_rst, reset_unless_finished, set_nodelay
+from diglett.sockets import close_with_rst, reset_unless_finished, set_nodelay
+from diglett.tunnel import Tunnel
 from diglett.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)

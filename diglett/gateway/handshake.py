@@ -15,7 +15,7 @@ import gevent
 
 from diglett import admission, noise, protocol, wire
 from diglett.noise import HandshakeFault
-from diglett.tunnel import recv_exact
+from diglett.sockets import recv_exact
 from diglett.wire import ProtocolError, RejectCode
 
 log = logging.getLogger(__name__)
