@@ -4,6 +4,10 @@ Bytes go in through ``receive_data`` and come out as events; commands (open, dat
 reset, acknowledge, ping, goaway) queue frames that ``data_to_send`` packs into sealed
 records. This module owns stream ids, stream states and credit windows. It must not touch
 sockets, gevent, the registry or signals: diglett.tunnel drives it over a socket.
+
+Why one module of ~600 lines: it is one state machine. The stream states, the credit
+arithmetic and the flood accounting change together on every frame, and the fuzzers drive
+them as a whole; split, each part would need the others' internals.
 """
 
 import collections
