@@ -57,9 +57,10 @@ class Fatal(Exception):
 class Retry(Exception):
     """Transient: reconnect after the backoff, and not sooner than ``min_delay``."""
 
-    def __init__(self, message, min_delay=0.0):
+    def __init__(self, message, min_delay=0.0, at_once=False):
         super().__init__(message)
         self.min_delay = min_delay
+        self.at_once = at_once  # a clean end (a draining server): no backoff, no attempt
 
 
 _REFUSALS = {  # server ERROR code -> exit code; anything else is retried
@@ -70,6 +71,7 @@ _REFUSALS = {  # server ERROR code -> exit code; anything else is retried
     ErrorCode.BAD_CONFIG: EXIT_USAGE,
 }
 _GOAWAY_FATAL = {ErrorCode.REVOKED: EXIT_REVOKED, ErrorCode.REPLACED: EXIT_REPLACED}
+AT_ONCE_GAP = 10.0  # seconds between two reconnects without backoff after a clean GOAWAY
 KICK_MIN_DELAY = 5.0  # a kicked agent waits at least this long (the server may say more)
 _RETRY_AFTER = re.compile(r"retry-after=(\d+)")  # servers before the "retry-after" feature
 
@@ -122,6 +124,7 @@ class Agent:
     def run(self):
         attempt = 0
         refused_by = set()  # gateways that gave a per-gateway fatal answer, since the last success
+        last_at_once = float("-inf")
         while not self._stopping.is_set():
             started = time.monotonic()
             try:
@@ -137,6 +140,14 @@ class Agent:
                 why, min_delay = str(exc), 0.0
             except Retry as exc:
                 why, min_delay = str(exc), exc.min_delay
+                if exc.at_once and started - last_at_once >= AT_ONCE_GAP:
+                    # A server that drained said goodbye: it, or the fleet, is ready for us
+                    # now; only failures spread reconnects out (and a server that keeps
+                    # draining at once gets the backoff, not a tight loop).
+                    last_at_once = started
+                    log.warning("%s:%d: %s; reconnecting now", *self.gateway, why)
+                    attempt = 0
+                    continue
             except (OSError, ProtocolError, noise.HandshakeError) as exc:
                 why, min_delay = _describe(exc), 0.0
             except gevent.Timeout:
@@ -265,7 +276,8 @@ class Agent:
                 raise Fatal(_GOAWAY_FATAL[code], "server ended the tunnel: %s (%s)"
                             % (reason, wire.code_name(code)))
             min_delay = kick_delay(retry_after, reason) if code == ErrorCode.KICKED else 0.0
-            raise Retry("server said goaway: %s (%s)" % (reason, wire.code_name(code)), min_delay)
+            raise Retry("server said goaway: %s (%s)" % (reason, wire.code_name(code)), min_delay,
+                        at_once=code == ErrorCode.SHUTTING_DOWN)
         if not self._stopping.is_set():
             raise Retry(detail)
 
@@ -279,6 +291,10 @@ class Agent:
             if event.code == ErrorCode.SHUTTING_DOWN:  # draining: open streams carry on
                 log.warning("subdomain=%s server is draining (%s); open streams continue, "
                             "then reconnecting", self.name, event.reason)
+            elif event.code == ErrorCode.REPLACED:  # make-before-break: ours finish first
+                log.warning("subdomain=%s replaced by a new connection of this key; %d open "
+                            "streams finish, then this agent exits", self.name,
+                            len(self.tunnel.pumps))
             else:
                 self.tunnel.close(CloseReason.AGENT_LEFT, "server said goaway")
 

@@ -85,8 +85,10 @@ def traffic(server, snapshots=None):
     totals = {name: list(pair) for name, pair in server.counters.traffic.items()}
     if snapshots is None:
         snapshots = server.snapshots()
-    for name, snapshot in snapshots.items():
-        pair = totals.setdefault(name, [0, 0])
+    # Sessions handed over to a newer one still move their last streams' bytes.
+    handed_over = [session.snapshot() for session in list(server.draining)]
+    for snapshot in list(snapshots.values()) + handed_over:
+        pair = totals.setdefault(snapshot.row.subdomain, [0, 0])
         pair[0] += snapshot.bytes_in
         pair[1] += snapshot.bytes_out
     return totals
@@ -108,12 +110,13 @@ class Collector:
         server = self.server
         counters = server.counters
         snapshots = server.snapshots()
-        sessions = list(snapshots.values())
+        # handed-over sessions finishing their streams count until they end, as live ones
+        sessions = list(snapshots.values()) + [s.snapshot() for s in list(server.draining)]
         info = GaugeMetricFamily("diglett_build_info", "diglett version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
         yield GaugeMetricFamily("diglett_agents_connected", "agents with a live session",
-                                value=len(sessions))
+                                value=len(snapshots))
         yield GaugeMetricFamily("diglett_streams_open", "streams open through all tunnels",
                                 value=sum(s.streams_open for s in sessions))
         yield CounterMetricFamily(
@@ -130,6 +133,7 @@ class Collector:
         durations.add_metric([], counters.durations.cumulative(), counters.durations.sum)
         yield durations
         yield from self._limits(sessions)
+        yield from self._holds()
         live, dead = greenlet_counts()
         greenlets = GaugeMetricFamily(
             "diglett_greenlets", "greenlets in the process: live = not finished, dead = "
@@ -168,6 +172,9 @@ class Collector:
                 family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                 yield family(name, text, value=value)
 
+    def _holds(self):
+        return _hold_families(self.server)
+
     def _limits(self, sessions):
         server, counters = self.server, self.server.counters
         admission = server.admission
@@ -192,6 +199,21 @@ class Collector:
                                   value=admission.penalties)
         yield GaugeMetricFamily("diglett_handshakes_pending", "handshakes in progress",
                                 value=admission.pending)
+
+
+def _hold_families(server):
+    holds = server.hold_counters
+    yield GaugeMetricFamily("diglett_held_visitors", "visitors waiting at a tunnel port whose "
+                            "agent left, for its next session (hold_timeout)",
+                            value=sum(door.waiting() for door in list(server.doors.values())))
+    yield CounterMetricFamily("diglett_holds", "times a tunnel port kept listening after its "
+                              "session ended", value=holds.holds)
+    yield CounterMetricFamily("diglett_holds_resumed", "holds ended by the name's next session",
+                              value=holds.resumed)
+    yield _by_label("diglett_hold_visitors", "visitors that arrived while no session served "
+                    "their name, by outcome", "outcome",
+                    {"held": holds.held, "served": holds.served, "expired": holds.expired,
+                     "overflow": holds.overflow})
 
 
 def greenlet_counts():

@@ -20,6 +20,7 @@ from diglett import admission, config, crypto, metrics, wire
 from diglett.dbworker import DatabaseWorker
 from diglett.gateway import authorize
 from diglett.gateway.agent_session import AgentSession
+from diglett.gateway.doors import Door, HoldCounters
 from diglett.gateway.events import SessionEvents
 from diglett.gateway.fleet import GrantCache, Heartbeat, RegistryPoller
 from diglett.gateway.handshake import Handshakes
@@ -33,7 +34,6 @@ from diglett.wire import ErrorCode
 
 log = logging.getLogger(__name__)
 
-TAKEOVER_WAIT = 5.0  # seconds the new session waits for the replaced one to wind down
 
 
 class Server:
@@ -54,7 +54,10 @@ class Server:
         self.grants = GrantCache(self.db, registry)
         self.ports = TunnelPorts(config)
         self.budget = MemoryBudget()
-        self.sessions = {}  # subdomain -> AgentSession
+        self.sessions = {}  # subdomain -> the AgentSession serving it
+        self.doors = {}  # subdomain -> its Door (tunnel port), which may outlive sessions
+        self.draining = set()  # AgentSessions handed over to a newer one, finishing streams
+        self.hold_counters = HoldCounters()
         self.listener = None
         self.address = self.agent_port = None
         self.stopping = False
@@ -97,7 +100,9 @@ class Server:
         gevent.killall(self._greenlets)
         if self.listener is not None:
             self.listener.close()
-        sessions = list(self.sessions.values())
+        for door in list(self.doors.values()):
+            door.close()  # no new visitors, no hold; the sessions carry on with their streams
+        sessions = list(self.sessions.values()) + list(self.draining)
         for session in sessions:
             session.drain()
         deadline = time.monotonic() + self.config.drain_timeout
@@ -110,7 +115,7 @@ class Server:
         for session in sessions:
             session.terminate(reason, ErrorCode.SHUTTING_DOWN, "server shutting down")
         deadline = time.monotonic() + self.config.shutdown_timeout
-        while self.sessions and time.monotonic() < deadline:
+        while (self.sessions or self.draining) and time.monotonic() < deadline:
             gevent.sleep(0.05)
         self.db.drain(max(0.5, deadline - time.monotonic()))
 
@@ -146,12 +151,13 @@ class Server:
             self.counters.refused(result.code)
             _send_refusal(sock, completed.session, result)
             return
-        name, grant, listener = result
+        name, grant, door = result
         self.admission.clear(source)
-        AgentSession(self, sock, completed, name, grant, listener, peer).run()
+        AgentSession(self, sock, completed, name, grant, door, peer).run()
 
     def _admit(self, completed):
-        """(name, grant, tunnel port) for a key that may have its name, or a Refusal."""
+        """(name, grant, Door) for a key that may have its name, or a Refusal. A live session
+        of the same key is not ended here: the new one takes its door (make-before-break)."""
         key, request = completed.key, completed.request
         name = authorize.requested_name(request)
         grants = self.grants.grants
@@ -164,20 +170,17 @@ class Server:
                                        elsewhere=elsewhere, stopping=self.stopping)
         if isinstance(decision, authorize.Refusal):
             return decision
-        current = self.sessions.get(name)
-        if current is not None:  # the same key: the new connection takes the name
-            current.terminate(CloseReason.REPLACED, ErrorCode.REPLACED,
-                              "replaced by a new connection")
-            current.ended.wait(TAKEOVER_WAIT)
-            if self.sessions.get(name) is not None:  # still closing, or another took it meanwhile
-                return authorize.Refusal(ErrorCode.NAME_IN_USE, "%r is still in use, retry" % name)
+        door = self.doors.get(name)
+        if door is not None and not door.closed:
+            return name, decision, door
         try:
             listener = self.ports.bind(name, decision)
         except OSError as exc:
             log.error("subdomain=%s agent=%s no tunnel port: %s", name,
                       crypto.fingerprint(key), exc)
             return authorize.Refusal(ErrorCode.RESOURCE_SHORTAGE, "no free tunnel port")
-        return name, decision, listener
+        door = self.doors[name] = Door(name, listener, self)
+        return name, decision, door
 
     def _held_elsewhere(self, name):
         """Other gateways' active sessions of ``name``; an unreadable registry lets the agent

@@ -123,7 +123,7 @@ def gateway(tmp_path):
     path.write_text("[server]\nlisten = 127.0.0.1:0\nhttp = 127.0.0.1:0\nkey = %s\n"
                     "database = %s\ndomain = example.test\nping_interval = 1\n"
                     "dead_after = 3\nhandshake_timeout = 3\npenalty_max = 0\n"
-                    "shutdown_timeout = 2\ndrain_timeout = 1\n"
+                    "shutdown_timeout = 2\ndrain_timeout = 1\nhold_timeout = 0\n"
                     % (tmp_path / "server.key", tmp_path / "registry.db"))
     registry = Registry(str(tmp_path / "registry.db"))
     server = Server(config.load_server(path), registry)

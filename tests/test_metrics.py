@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from diglett import hookapi, metrics, wire
+from diglett.gateway.doors import HoldCounters
 from tests import harness
 from tests.harness import Backend, Gateway, connect, wait_until
 
@@ -233,7 +234,8 @@ def test_histogram_buckets_are_cumulative():
 def test_hook_counters_survive_a_reload():
     """A reload replaces the dispatchers; their final counts stay in the totals."""
     server = types.SimpleNamespace(
-        sessions={}, snapshots=dict, counters=metrics.Counters(), handshake_failures={},
+        sessions={}, snapshots=dict, draining=(), doors={}, hold_counters=HoldCounters(),
+        counters=metrics.Counters(), handshake_failures={},
         admission=types.SimpleNamespace(refused={}, penalties=0, pending=0))
     quiet = hookapi.Hook({}, None)  # a hook with no figures of its own
     old = types.SimpleNamespace(name="webhook", delivered=3, failed=2, dead=1, hook=quiet)

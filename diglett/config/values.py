@@ -78,6 +78,8 @@ class ServerConfig:
     write_stall_timeout: Seconds
     stream_idle_timeout: Seconds
     drain_timeout: Seconds
+    hold_timeout: Seconds
+    hold_max_visitors: int
     shutdown_timeout: Seconds
     log_level: str
     log_format: str

@@ -1,8 +1,10 @@
-"""One connected agent: its tunnel port, its Tunnel, and how it ended.
+"""One connected agent: its Tunnel, the door it serves, and how it ended.
 
-An AgentSession accepts visitors on its tunnel port and opens a stream for each (reading a
-PROXY header first from a trusted proxy), within the stream limit, the open rate and the
-gateway's memory budget; it records its start and end through the server's SessionEvents.
+An AgentSession takes the visitors its name's Door (diglett.gateway.doors) hands it and opens
+a stream for each (reading a PROXY header first from a trusted proxy), within the stream
+limit, the open rate and the gateway's memory budget; it records its start and end through
+the server's SessionEvents (its end when the door says so: at once, after a hold, or at a
+handover to a newer session of the same key).
 Readers of its state (the HTTP API, the status page, metrics) use ``snapshot()``, never the
 Tunnel or its pumps.
 """
@@ -26,6 +28,7 @@ from diglett.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 
+DRAIN_POLL = 0.05  # seconds between looks at a handed-over session's open streams
 LIMIT_LOG_INTERVAL = 10.0  # seconds between log lines about the same limit being hit
 PROXY_HEADER_TIMEOUT = 5.0  # seconds a proxy_trusted source has to send its PROXY header
 
@@ -60,7 +63,7 @@ class SessionSnapshot:
 
 
 class AgentSession:
-    def __init__(self, server, sock, completed, name, grant, listener, remote):
+    def __init__(self, server, sock, completed, name, grant, door, remote):
         self.server = server
         self.subdomain = name
         self.key = completed.key
@@ -70,15 +73,16 @@ class AgentSession:
         self.started = time.time()
         self.ended = gevent.event.Event()
         self.recorded = False  # our session row is committed
+        self.accepting = True  # visitors may still become streams (not draining or ending)
+        self._end_reported = False
         self.refused_streams = 0  # clients reset at the stream limit
         self.budget_refusals = 0  # clients reset because the memory budget was reached
         self._refusal_logged = float("-inf")
         self._proxied = gevent.pool.Group()  # trusted proxies' connections reading their header
-        self._accept = None
         self.label = "subdomain=%s agent=%s session=%s" % (name, crypto.fingerprint(self.key),
                                                            self.session_id)
-        self.listener = listener
-        self.host, self.port = listener.getsockname()[:2]
+        self.door = door
+        self.host, self.port = door.host, door.port
         config = server.config
         self.tunnel = Tunnel(sock, completed.session, label=self.label,
                              ping_interval=config.ping_interval, dead_after=config.dead_after,
@@ -126,19 +130,19 @@ class AgentSession:
         server.events.started(self.row(), recorded=self._recorded)
         log.info("%s connected from %s, tunnel port %s:%d", self.label, self.remote,
                  self.host, self.port)
-        self._accept = gevent.spawn(self._accept_clients)
         detail = "internal error"
         try:
             self.tunnel.start()
+            self.door.attach(self)  # after our start is queued: visitors held meanwhile, too
             detail = self.tunnel.wait()
-        finally:  # whatever happened, the port closes and the session is recorded as ended
-            self._accept.kill()
-            self.listener.close()
+        finally:  # whatever happened, the door learns of it and the end gets recorded
+            self.accepting = False
             reason = self.tunnel.close_reason or CloseReason.ERROR
             if server.sessions.get(self.subdomain) is self:
                 del server.sessions[self.subdomain]
+            server.draining.discard(self)
             server.counters.session_closed(self.snapshot())  # with the removal: none goes back
-            server.events.ended(self.row(), reason, _traffic(self.tunnel))
+            self.door.leave(self, reason, _traffic(self.tunnel))
             self.ended.set()
         log.info("%s ended reason=%s (%s) after %.0f s, %d streams, %d bytes in, %d bytes out",
                  self.label, reason, detail, time.time() - self.started,
@@ -147,13 +151,41 @@ class AgentSession:
     def _recorded(self):
         self.recorded = True  # from now on the takeover check may look for it
 
+    def report_end(self, reason, traffic):
+        """Record the end (row, hook deliveries, signal) once; the door decides when."""
+        if not self._end_reported:
+            self._end_reported = True
+            self.server.events.ended(self.row(), reason, traffic)
+
     def drain(self):
         """Take no new clients and tell the agent, but let the open streams finish."""
-        if self._accept is not None:
-            self._accept.kill()
-        self.listener.close()
+        self.accepting = False
         self.tunnel.session.goaway(ErrorCode.SHUTTING_DOWN, "server draining")
         self.tunnel.wake()
+
+    def hand_over(self):
+        """A newer session of our key took the door: our end is reported now, the agent is
+        told (GOAWAY REPLACED, which a current agent takes as "finish your streams"), and the
+        open streams run on for up to drain_timeout before the connection closes."""
+        self.accepting = False
+        if self.server.sessions.get(self.subdomain) is self:
+            del self.server.sessions[self.subdomain]
+        self.server.draining.add(self)
+        self.report_end(CloseReason.REPLACED, _traffic(self.tunnel))
+        log.info("%s replaced by a new session of the same key; %d open streams finish "
+                 "first", self.label, len(self.tunnel.pumps))
+        self.tunnel.session.goaway(ErrorCode.REPLACED, "replaced by a new connection")
+        self.tunnel.wake()
+        gevent.spawn(self._close_when_drained, self.server.config.drain_timeout)
+
+    def _close_when_drained(self, timeout):
+        deadline = time.monotonic() + timeout
+        while self.tunnel.pumps and time.monotonic() < deadline:
+            gevent.sleep(DRAIN_POLL)
+        if self.tunnel.pumps:
+            log.warning("%s drain_timeout (%s s) reached after the takeover: resetting %d "
+                        "open streams", self.label, timeout, len(self.tunnel.pumps))
+        self.tunnel.close(CloseReason.REPLACED, "replaced by a new connection")
 
     def terminate(self, reason, code, message, retry_after=0):
         """End the session for ``reason`` (a CloseReason), telling the agent with GOAWAY."""
@@ -165,23 +197,21 @@ class AgentSession:
                               % (wire.code_name(event.code), event.reason))
 
     # ----- visitors -------------------------------------------------------------------
-    def _accept_clients(self):
-        while True:
-            try:
-                client, address = self.listener.accept()
-            except OSError as exc:  # EMFILE and friends: keep the port, do not spin
-                log.warning("%s accept failed: %s", self.label, exc)
-                gevent.sleep(0.1)
-                continue
-            config = self.server.config  # read per client: SIGHUP may have changed the limits
-            self.open_rate.rate, self.open_rate.burst = config.open_rate, config.open_burst
-            if not self._admit(client, address, config):
-                continue
-            if config.proxy_trusted and trusted(address, config.proxy_trusted):
-                self._proxied.spawn(self._open_proxied, client, address)  # never block accept
-                continue
-            if not self._open_stream(client, address[:2], client.getsockname()[:2]):
-                return
+    def take(self, client, address):
+        """A visitor from the door: a stream, or a reset at a limit. False when this session
+        takes no visitor any more (draining or ending): the door holds it instead."""
+        if not self.accepting:
+            return False
+        config = self.server.config  # read per client: SIGHUP may have changed the limits
+        self.open_rate.rate, self.open_rate.burst = config.open_rate, config.open_burst
+        if not self._admit(client, address, config):
+            return True
+        if config.proxy_trusted and trusted(address, config.proxy_trusted):
+            self._proxied.spawn(self._open_proxied, client, address)  # never block accept
+            return True
+        if not self._open_stream(client, address[:2], client.getsockname()[:2]):
+            self.accepting = False
+        return True
 
     def _admit(self, client, address, config):
         """Below the stream limit and the memory budget; else the visitor is reset."""
@@ -238,7 +268,7 @@ class AgentSession:
         except gevent.GreenletExit:  # the session ended while the header was on its way
             close_with_rst(client)
             raise
-        if self.listener.fileno() < 0:  # drained or ended meanwhile: take no new stream
+        if not self.accepting:  # drained or ended meanwhile: take no new stream
             close_with_rst(client)
             return
         # LOCAL (the proxy's own health check) or no usable family: the real endpoints
