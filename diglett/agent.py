@@ -71,6 +71,8 @@ _REFUSALS = {  # server ERROR code -> exit code; anything else is retried
     ErrorCode.BAD_CONFIG: EXIT_USAGE,
 }
 _GOAWAY_FATAL = {ErrorCode.REVOKED: EXIT_REVOKED, ErrorCode.REPLACED: EXIT_REPLACED}
+STOP_DRAIN = 5.0  # seconds open streams may finish after Ctrl-C or SIGTERM
+DRAIN_POLL = 0.05  # seconds between looks at the streams left while draining
 AT_ONCE_GAP = 10.0  # seconds between two reconnects without backoff after a clean GOAWAY
 KICK_MIN_DELAY = 5.0  # a kicked agent waits at least this long (the server may say more)
 _RETRY_AFTER = re.compile(r"retry-after=(\d+)")  # servers before the "retry-after" feature
@@ -93,7 +95,8 @@ def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.unifor
 
 class Agent:
     def __init__(self, gateway, name, key, server_key, backend, *, on_mismatch=None,
-                 out=sys.stdout, backoff_cap=BACKOFF_CAP, proxy_protocol=False):
+                 out=sys.stdout, backoff_cap=BACKOFF_CAP, proxy_protocol=False,
+                 drain_timeout=STOP_DRAIN):
         # (host, port), or a list of them: a fleet. Each attempt after a failure or a
         # disconnect goes to the next address, so a dead gateway costs one attempt.
         self.gateways = [gateway] if isinstance(gateway[0], str) else list(gateway)
@@ -107,19 +110,37 @@ class Agent:
         self.on_mismatch = on_mismatch or (lambda: "the server's key is not the pinned one")
         self.out = out
         self.backoff_cap = backoff_cap
+        self.drain_timeout = drain_timeout  # seconds open streams may finish after a stop
         self.tunnel = None
         self._handshaking = None  # the socket of a handshake in progress, for stop()
         self._stopping = gevent.event.Event()
         self._goaway = None
 
     def stop(self):
-        """Ctrl-C / SIGTERM: tell the server, close the tunnel, exit 0."""
+        """Ctrl-C / SIGTERM: tell the server (GOAWAY NO_ERROR: it opens no new stream, and
+        holds new visitors for this name's next session), let open streams finish for up to
+        ``drain_timeout`` seconds, then close and exit 0. A second stop closes at once."""
+        first = not self._stopping.is_set()
         self._stopping.set()
-        if self.tunnel is not None:
-            self.tunnel.close(CloseReason.SHUTDOWN, "stopped by signal", ErrorCode.NO_ERROR,
-                              "agent stopping")
+        tunnel = self.tunnel
+        if tunnel is not None:
+            if first and tunnel.pumps and self.drain_timeout > 0:
+                log.warning("subdomain=%s stopping: %d open streams get up to %g s to finish",
+                            self.name, len(tunnel.pumps), self.drain_timeout)
+                tunnel.session.goaway(ErrorCode.NO_ERROR, "agent stopping")
+                tunnel.wake()
+                gevent.spawn(self._close_when_drained, tunnel)
+            else:
+                tunnel.close(CloseReason.SHUTDOWN, "stopped by signal", ErrorCode.NO_ERROR,
+                             "agent stopping")
         elif self._handshaking is not None:  # do not wait for a mute server's timeout
             self._handshaking.close()
+
+    def _close_when_drained(self, tunnel):
+        deadline = time.monotonic() + self.drain_timeout
+        while tunnel.pumps and tunnel.close_reason is None and time.monotonic() < deadline:
+            gevent.sleep(DRAIN_POLL)
+        tunnel.close(CloseReason.SHUTDOWN, "stopped by signal")  # our GOAWAY went out already
 
     def run(self):
         attempt = 0

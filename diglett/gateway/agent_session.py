@@ -176,25 +176,38 @@ class AgentSession:
                  "first", self.label, len(self.tunnel.pumps))
         self.tunnel.session.goaway(ErrorCode.REPLACED, "replaced by a new connection")
         self.tunnel.wake()
-        gevent.spawn(self._close_when_drained, self.server.config.drain_timeout)
+        gevent.spawn(self._close_when_drained, self.server.config.drain_timeout,
+                     CloseReason.REPLACED, "replaced by a new connection")
 
-    def _close_when_drained(self, timeout):
+    def _close_when_drained(self, timeout, reason, detail):
+        """End the tunnel once its streams are done, or at ``timeout`` (the peer knows: it
+        got or sent a GOAWAY)."""
         deadline = time.monotonic() + timeout
-        while self.tunnel.pumps and time.monotonic() < deadline:
+        while self.tunnel.pumps and self.tunnel.close_reason is None \
+                and time.monotonic() < deadline:
             gevent.sleep(DRAIN_POLL)
-        if self.tunnel.pumps:
-            log.warning("%s drain_timeout (%s s) reached after the takeover: resetting %d "
-                        "open streams", self.label, timeout, len(self.tunnel.pumps))
-        self.tunnel.close(CloseReason.REPLACED, "replaced by a new connection")
+        if self.tunnel.pumps and self.tunnel.close_reason is None:
+            log.warning("%s drain_timeout (%s s) reached: resetting %d open streams",
+                        self.label, timeout, len(self.tunnel.pumps))
+        self.tunnel.close(reason, detail)
 
     def terminate(self, reason, code, message, retry_after=0):
         """End the session for ``reason`` (a CloseReason), telling the agent with GOAWAY."""
         self.tunnel.close(reason, message, code, message, retry_after)
 
     def _on_event(self, event):
-        if type(event) is protocol.GoAwayReceived:
-            self.tunnel.close(CloseReason.AGENT_LEFT, "agent said goaway: %s %s"
-                              % (wire.code_name(event.code), event.reason))
+        if type(event) is not protocol.GoAwayReceived:
+            return
+        detail = "agent said goaway: %s %s" % (wire.code_name(event.code), event.reason)
+        if event.code != ErrorCode.NO_ERROR or not self.tunnel.pumps:
+            self.tunnel.close(CloseReason.AGENT_LEFT, detail)
+            return
+        # A stopping agent finishes its open streams; new visitors wait at the door.
+        self.accepting = False
+        log.info("%s agent is stopping; %d open streams finish first", self.label,
+                 len(self.tunnel.pumps))
+        gevent.spawn(self._close_when_drained, self.server.config.drain_timeout,
+                     CloseReason.AGENT_LEFT, detail)
 
     # ----- visitors -------------------------------------------------------------------
     def take(self, client, address):
