@@ -250,7 +250,7 @@ def test_sigterm_exits_0_in_time_and_agents_wait_for_the_server(tmp_path, echo_b
     client.close()
 
     for agent in agents:
-        agent.wait_for(r"SHUTTING_DOWN\); reconnecting in", timeout=5)
+        agent.wait_for(r"SHUTTING_DOWN\); reconnecting now", timeout=5)
     time.sleep(1.5)  # long enough for a retry against the stopped server
     for agent in agents:
         assert agent.popen.poll() is None, "agent exited: %s" % agent.stderr()[-2000:]

@@ -129,8 +129,9 @@ def test_same_key_takes_over_a_blackholed_session_at_once_hooks_in_order_nothing
         time.sleep(1)  # nothing more may come
         events = [(e["DIGLETT_EVENT"], e["DIGLETT_REASON"], e["DIGLETT_SESSION"])
                   for e in succeeded(log) if e["DIGLETT_SUBDOMAIN"] == "foo"]
-        assert events == [("connect", "", old_session), ("disconnect", "replaced", old_session),
-                          ("connect", "", rows[0]["id"])], events
+        # Make-before-break: the new session is published before the old one is let go.
+        assert events == [("connect", "", old_session), ("connect", "", rows[0]["id"]),
+                          ("disconnect", "replaced", old_session)], events
         assert "reason=replaced" in gw.proc.stderr()
         assert "reason=dead" not in gw.proc.stderr()
 
