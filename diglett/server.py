@@ -16,11 +16,11 @@ import uuid
 
 import gevent
 
-from diglett import admission, config, crypto, metrics, wire
+from diglett import admission, config, crypto, handoff, metrics, wire
 from diglett.dbworker import DatabaseWorker
 from diglett.gateway import authorize
 from diglett.gateway.agent_session import AgentSession
-from diglett.gateway.doors import Door, HoldCounters
+from diglett.gateway.doors import Door, HoldCounters, Inherited
 from diglett.gateway.events import SessionEvents
 from diglett.gateway.fleet import GrantCache, Heartbeat, RegistryPoller
 from diglett.gateway.handshake import Handshakes
@@ -34,11 +34,16 @@ from diglett.wire import ErrorCode
 
 log = logging.getLogger(__name__)
 
+# While draining, a stream quiet for this long since its visitor got bytes is taken for a
+# client's spare kept-alive connection (an HTTP pool's), which would never end by itself.
+# A visitor still waiting for an answer (a slow query) is not: it spoke last.
+DRAIN_IDLE = 1.0
 
 
 class Server:
-    def __init__(self, config, registry):
+    def __init__(self, config, registry, fdstore=None):
         self.config = config
+        self.fdstore = fdstore or handoff.FdStore({})
         self.registry = registry
         self.keys = [crypto.load_or_create_private_key(config.key)]
         self.public_key = crypto.public_hex(self.keys[0])
@@ -79,11 +84,15 @@ class Server:
     # ----- lifecycle ------------------------------------------------------------------
     def start(self):
         """Clean up after a previous run, then listen; returns the bound agent address."""
-        self.events.end_stale()
+        passed = self.fdstore.doors()
+        self._adopt(passed, self.events.end_stale(keep=passed))
         # ports survive restarts (another gateway's ports mean nothing on this host)
         self.ports.last.update(self.db.call(self.registry.last_ports, self.gateway_id))
         self.grants.reload()
-        self.listener = AgentListener(self.config.listen, self.admission, self._handle_agent)
+        self.listener = AgentListener(self.config.listen, self.admission, self._handle_agent,
+                                      self.fdstore.take(handoff.AGENTS))
+        self.fdstore.close_unused()
+        self.fdstore.store(self.listener.sock, handoff.AGENTS)
         self.agent_port = self.listener.address[1]
         self.address = "%s:%d" % self.listener.address
         # Our row exists before our first session does, so no gateway takes us for dead.
@@ -93,20 +102,42 @@ class Server:
                            gevent.spawn(Heartbeat(self).run)]
         return self.listener.address
 
+    def _adopt(self, passed, kept):
+        """Open the doors whose ports the last run passed on, holding for its sessions."""
+        for name, sock in passed.items():
+            row = kept.get(name)
+            if row is None or not self.config.hold_timeout:
+                self.fdstore.remove(handoff.door_name(name))
+                sock.close()
+                if row is not None:
+                    self.events.ended(row, CloseReason.SHUTDOWN, "")
+                continue
+            log.info("subdomain=%s tunnel port %s:%d came through the restart (fd store)",
+                     name, *sock.getsockname()[:2])
+            self.doors[name] = Door(name, sock, self)
+            self.doors[name].hold_for(Inherited(row, self.events), CloseReason.SHUTDOWN, "")
+
     def stop(self, reason=CloseReason.SHUTDOWN):
         """Drain, as HTTP/2 does: no new agents or streams, a GOAWAY to every agent, open
-        streams carry on for up to drain_timeout; then end what is left and the sessions."""
+        streams carry on for up to drain_timeout; then end what is left and the sessions.
+
+        With an fd store the ports stay open in it and the sessions stay active in the
+        registry, so the next run serves the same ports and routes (diglett.handoff)."""
         self.stopping = True
+        handing_on = self.fdstore.enabled
+        self.events.keep_active = handing_on
         gevent.killall(self._greenlets)
         if self.listener is not None:
             self.listener.close()
         for door in list(self.doors.values()):
-            door.close()  # no new visitors, no hold; the sessions carry on with their streams
+            door.close(forget=not handing_on)  # no new visitors; open streams carry on
         sessions = list(self.sessions.values()) + list(self.draining)
         for session in sessions:
             session.drain()
         deadline = time.monotonic() + self.config.drain_timeout
         while any(s.streams_open for s in sessions) and time.monotonic() < deadline:
+            for session in sessions:
+                session.tunnel.reset_idle_streams(DRAIN_IDLE, answered_only=True)
             gevent.sleep(0.05)
         left = sum(s.streams_open for s in sessions)
         if left:
@@ -180,6 +211,7 @@ class Server:
                       crypto.fingerprint(key), exc)
             return authorize.Refusal(ErrorCode.RESOURCE_SHORTAGE, "no free tunnel port")
         door = self.doors[name] = Door(name, listener, self)
+        self.fdstore.store(listener, handoff.door_name(name))
         return name, decision, door
 
     def _held_elsewhere(self, name):

@@ -250,14 +250,21 @@ class Tunnel:
 
     def _reset_idle_streams(self, now):
         """ChannelTimeout: a stream that moved no byte either way for too long is reset."""
-        idle = [pump for pump in self.pumps.values()
-                if now - pump.last_active > self.stream_idle_timeout]
+        count = self.reset_idle_streams(self.stream_idle_timeout, now)
+        if count:
+            log.info("%s reset %d streams idle for %s s", self.label, count,
+                     self.stream_idle_timeout)
+
+    def reset_idle_streams(self, idle_for, now=None, answered_only=False):
+        """Reset the streams that moved no byte either way for ``idle_for`` s (and, with
+        ``answered_only``, whose last bytes went to the local peer); how many."""
+        now = time.monotonic() if now is None else now
+        idle = [pump for pump in self.pumps.values() if now - pump.last_active > idle_for
+                and (pump.answered or not answered_only)]
         for pump in idle:
             pump.abort_idle()
-        if idle:
-            log.info("%s reset %d streams idle for %s s", self.label, len(idle),
-                     self.stream_idle_timeout)
-            self.idle_resets += len(idle)
+        self.idle_resets += len(idle)
+        return len(idle)
 
     # ----- events ---------------------------------------------------------------------
     def _dispatch(self, events):

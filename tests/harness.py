@@ -58,15 +58,22 @@ class Proc:
 
     registry = []  # every Proc started, for the cleanup fixture
 
-    def __init__(self, argv, workdir, label, env=None):
+    def __init__(self, argv, workdir, label, env=None, supervisor=None):
+        """``supervisor``: a tests.fdstore_supervisor.FdStoreSupervisor to run it under."""
         self.label = label
         self.out_path = Path(workdir) / ("%s.out" % label)
         self.err_path = Path(workdir) / ("%s.err" % label)
         self._out = open(self.out_path, "wb")
         self._err = open(self.err_path, "wb")
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        extra = {}
+        if supervisor is not None:
+            argv, place = supervisor.popen_args(argv)
+            full_env.update(supervisor.environment())
+            extra = {"close_fds": False, "preexec_fn": place}
         self.popen = subprocess.Popen(argv, stdout=self._out, stderr=self._err,
-                                      stdin=subprocess.DEVNULL, cwd=workdir, env=full_env)
+                                      stdin=subprocess.DEVNULL, cwd=workdir, env=full_env,
+                                      **extra)
         Proc.registry.append(self)
 
     @property
@@ -127,9 +134,12 @@ class Proc:
 class Gateway:
     """A diglett server with its own config, key and SQLite registry in ``workdir``."""
 
-    def __init__(self, workdir, domain="example.test", sections=None, **options):
+    def __init__(self, workdir, domain="example.test", sections=None, supervisor=None,
+                 **options):
         """``options`` are [server] keys; ``sections`` ({name: {key: value}}) are appended as
-        more sections, e.g. {"hooks": {"enabled": "script"}, "hook:script": {...}}."""
+        more sections, e.g. {"hooks": {"enabled": "script"}, "hook:script": {...}};
+        ``supervisor`` runs the server as systemd would (tests.fdstore_supervisor)."""
+        self.supervisor = supervisor
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.domain = domain
@@ -146,7 +156,7 @@ class Gateway:
 
     def start(self, timeout=15):
         self.proc = Proc(command("diglett-server") + ["-c", str(self.config_path)],
-                         self.workdir, "server")
+                         self.workdir, "server", supervisor=self.supervisor)
         match = self.proc.wait_for(READY, timeout)
         self.agent_address = (match.group(1), int(match.group(2)))
         self.http_address = (match.group(3), int(match.group(4)))
@@ -157,16 +167,20 @@ class Gateway:
     def gateway(self):
         return "%s:%d" % self.agent_address
 
-    def restart(self):
-        """Start again on the same ports (the config is rewritten to pin them)."""
+    def restart(self, graceful=False):
+        """Start again on the same ports (the config is rewritten to pin them); the old
+        process is killed (a crash), or with ``graceful`` stopped by SIGTERM."""
         text = self.config_path.read_text()
         text = re.sub(r"^listen = .*", "listen = %s:%d" % self.agent_address, text, flags=re.M)
         text = re.sub(r"^http = .*", "http = %s:%d" % self.http_address, text, flags=re.M)
         self.config_path.write_text(text)
         old = self.proc
+        if graceful:
+            old.stop(30)
         old.close()
         self.proc = Proc(command("diglett-server") + ["-c", str(self.config_path)],
-                         self.workdir, "server-%d" % len(Proc.registry))
+                         self.workdir, "server-%d" % len(Proc.registry),
+                         supervisor=self.supervisor)
         self.key = self.proc.wait_for(READY, 15).group(5)  # a deleted key file means a new key
         return self
 

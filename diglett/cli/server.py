@@ -15,6 +15,7 @@ import gevent.event  # noqa: E402
 
 from diglett import __version__, config, crypto, hookapi, hookloader, memory, readyfile  # noqa: E402
 from diglett.cli import logs  # noqa: E402
+from diglett.handoff import FdStore  # noqa: E402
 from diglett.httpapi import make_app, make_server  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
 from diglett.server import Server  # noqa: E402
@@ -65,7 +66,7 @@ class Gateway:
         self.sections = sections  # the hooks' config sections, for reloads
         self.log_level_flag = log_level_flag
         self.registry = Registry(cfg.database, create_dirs=True)
-        self.server = Server(cfg, self.registry)
+        self.server = Server(cfg, self.registry, FdStore())
         self.hooks = self._start_hooks(cfg, context, hook_objects)
         self.agent_address = self.server.start()
         app = make_app(self.server, lambda: self.hooks)  # a reload replaces self.hooks
@@ -141,12 +142,15 @@ def main(argv=None):
         readyfile.write(args.ready_file, readyfile.info(
             __version__, gateway.agent_address, gateway.http.address, cfg.domain,
             gateway.server.public_key, aead, cfg.gateway_id))
+    gateway.server.fdstore.notify("READY=1\nSTATUS=serving %d agent ports" % len(
+        gateway.server.doors))
     tidy = memory.keep_tidy()
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(gateway.reload))
     stop.wait()
+    gateway.server.fdstore.notify("STOPPING=1")
     tidy.kill()
     if args.ready_file:
         readyfile.remove(args.ready_file)

@@ -11,6 +11,9 @@ the hold ends), so the route in Traefik never flaps during a reconnect.
 A newer session of the same key takes the door at once (make-before-break): the old one is
 handed over, which reports its end, tells its agent (GOAWAY ``REPLACED``) and lets its open
 streams finish for up to ``drain_timeout``.
+
+A door also survives a server restart when the port came through the fd store
+(diglett.handoff): the new run opens it holding for the session the last run left active.
 """
 
 import collections
@@ -18,6 +21,7 @@ import logging
 
 import gevent
 
+from diglett import handoff
 from diglett.reasons import CloseReason
 from diglett.sockets import close_with_rst
 
@@ -38,6 +42,19 @@ class HoldCounters:
         self.overflow = 0  # reset at once: hold_max_visitors reached
         self.holds = 0  # holds started (a session left and its door kept listening)
         self.resumed = 0  # holds ended by a new session
+
+
+class Inherited:
+    """A session the last server run left active, its port passed on: it counts as a
+    session that left, reported ended when the next one takes the door or the hold ends."""
+
+    def __init__(self, row, events):
+        self.row = row
+        self.events = events
+        self.session_id = row.id
+
+    def report_end(self, reason, traffic):
+        self.events.ended(self.row, reason, traffic)
 
 
 class Door:
@@ -85,6 +102,11 @@ class Door:
             session.report_end(reason, traffic)
             self.close()
             return
+        self.hold_for(session, reason, traffic)
+
+    def hold_for(self, session, reason, traffic):
+        """Hold visitors for ``session``'s name, whose end waits for the next session."""
+        hold = self.server.config.hold_timeout
         self.left = (session, reason, traffic)
         self.server.hold_counters.holds += 1
         log.info("subdomain=%s holding tunnel port %s:%d for %g s (session %s ended: %s)",
@@ -100,11 +122,14 @@ class Door:
                  self.port, len(self.visitors))
         self.close()
 
-    def close(self):
-        """Stop listening, reset held visitors, report a held session's end; idempotent."""
+    def close(self, forget=True):
+        """Stop listening, reset held visitors, report a held session's end; idempotent.
+        ``forget=False`` (a stop that hands the ports on) leaves the port in the fd store."""
         if self.closed:
             return
         self.closed = True
+        if forget:
+            self.server.fdstore.remove(handoff.door_name(self.name))
         if self._expiry is not None and self._expiry is not gevent.getcurrent():
             self._expiry.kill()
         self._accept.kill()

@@ -27,6 +27,8 @@ class SessionEvents:
         self.gateway_id = gateway_id
         self.instance = instance
         self.hook_names = ()  # the enabled hooks: one outbox row each per event
+        self.adopted = set()  # ids of the last run's sessions whose ports came through
+        self.keep_active = False  # stopping with the ports in the fd store: record no ends
 
     def host_of(self, name):
         return "%s.%s" % (name, self.domain)
@@ -53,18 +55,32 @@ class SessionEvents:
                        after=committed)
 
     def ended(self, row, reason, detail):
+        if self.keep_active:
+            # The next run takes the port and this row over; its hooks keep the route.
+            log.info("subdomain=%s session=%s left active for the next run (port %d in the "
+                     "fd store)", row.subdomain, row.id, row.port)
+            return
+        self.adopted.discard(row.id)
         event = self.event(row, EventKind.DISCONNECT, reason)
         self.db.submit(self.registry.record_session_end,
                        (row.id, reason, time.time(), self.deliveries(event), detail),
                        after=lambda: signals.session_ended.send(self, event=event))
 
-    def end_stale(self):
-        """Our previous run's sessions (never other gateways'), ended at start-up."""
+    def end_stale(self, keep=()):
+        """Our previous run's sessions (never other gateways'), ended at start-up, except
+        those of the names in ``keep``: {name: row} of these, adopted by this run."""
         for row, event in self._end(self.registry.end_stale_sessions, self.instance,
-                                    gateway=self.gateway_id):
+                                    gateway=self.gateway_id, keep=tuple(keep)):
             log.info("subdomain=%s session=%s ended reason=stale (port %d)",
                      row.subdomain, row.id, row.port)
             signals.session_ended.send(self, event=event)
+        if not keep:
+            return {}
+        rows = self.db.call(self.registry.active_sessions, self.gateway_id)
+        kept = {row.subdomain: row for row in rows
+                if row.subdomain in keep and row.instance != self.instance}
+        self.adopted.update(row.id for row in kept.values())
+        return kept
 
     def end_dead_gateways(self, stale_after):
         """The sessions of gateways that stopped refreshing their row; our hooks deliver."""
@@ -96,4 +112,4 @@ class SessionEvents:
         """Connect events of this server's active sessions, as the registry holds them."""
         rows = self.db.call(self.registry.active_sessions, self.gateway_id)
         return [self.event(row, EventKind.CONNECT) for row in rows
-                if row.instance == self.instance]
+                if row.instance == self.instance or row.id in self.adopted]

@@ -17,10 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class AgentListener:
-    def __init__(self, address, admission_control, handle):
+    def __init__(self, address, admission_control, handle, inherited=None):
         self.admission = admission_control
         self.handle = handle  # (sock, address, source) -> None, in its own greenlet
-        self.sock = listen(*address)
+        self.sock = inherited if _serves(inherited, address) else listen(*address)
         self.address = self.sock.getsockname()[:2]
         self._loop = None
 
@@ -48,6 +48,20 @@ class AgentListener:
                 gevent.spawn(reject_and_close, sock, RejectCode.BUSY)
                 continue
             gevent.spawn(self.handle, sock, address, source)
+
+
+def _serves(sock, address):
+    """Whether a socket passed from the last run listens on the configured address (a
+    changed ``listen`` binds anew, and the old socket goes)."""
+    if sock is None:
+        return False
+    host, port = sock.getsockname()[:2]
+    if host == address[0] and port == address[1] or address[1] == 0 and host == address[0]:
+        return True
+    log.info("fd store: the agent port passed on listens on %s:%d, not on %s:%d: closing it",
+             host, port, *address)
+    sock.close()
+    return False
 
 
 def reject_and_close(sock, code):

@@ -99,16 +99,21 @@ class SessionTable:
 
         return self._call(select)
 
-    def end_stale_sessions(self, instance, deliveries_of=None, gateway=LEGACY_GATEWAY):
+    def end_stale_sessions(self, instance, deliveries_of=None, gateway=LEGACY_GATEWAY,
+                           keep=()):
         """End (reason 'stale') active sessions of ``gateway`` owned by another server
         instance, i.e. left by this gateway's previous run; return them.
 
-        Other gateways' sessions are never touched. ``deliveries_of(row)`` gives the (hook,
-        event dict) pairs to queue for each, in the same transaction.
+        Other gateways' sessions are never touched, nor the sessions of the names in
+        ``keep`` (their ports came through a restart: the new run takes them over).
+        ``deliveries_of(row)`` gives the (hook, event dict) pairs to queue for each, in the
+        same transaction.
         """
         model = self._sessions
         where = ((model.state == STATE_ACTIVE) & (model.gateway == gateway)
                  & (model.instance != instance))
+        if keep:
+            where &= model.subdomain.not_in(list(keep))
         return self._call(self._end_stale, where, deliveries_of or (lambda row: ()), None)
 
     def end_sessions_of_dead_gateways(self, gateway, stale_after, deliveries_of=None):
