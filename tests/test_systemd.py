@@ -56,7 +56,8 @@ HARDENING = {
     "Restart": "on-failure",
 }
 SERVER_SPECIFIC = {
-    "Type": "simple",
+    "Type": "notify",
+    "FileDescriptorStoreMax": "16384",
     "ExecStart": INSTALLED_BIN + "diglett-server -c /etc/diglett.conf",
     "ExecReload": "/bin/kill -HUP $MAINPID",
     "User": "diglett",
@@ -70,7 +71,7 @@ AGENT_SPECIFIC = {
     "StateDirectory": "diglett-agent/%i",
 }
 # Keys of the server unit that are about running it, not about its sandbox.
-NOT_SANDBOX = {"Type", "ExecStart", "ExecReload", "TimeoutStopSec", "Restart", "RestartSec",
+NOT_SANDBOX = {"Type", "FileDescriptorStoreMax", "ExecStart", "ExecReload", "TimeoutStopSec", "Restart", "RestartSec",
                "User", "Group", "StateDirectory"}
 
 
