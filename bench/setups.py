@@ -112,14 +112,21 @@ def wait_until(predicate, timeout, what):
 class Proc:
     """A child process with stdout and stderr in files of ``folder``."""
 
-    def __init__(self, argv, folder, label, env=None):
+    def __init__(self, argv, folder, label, env=None, supervisor=None):
+        """``supervisor``: run as systemd would, with its fd store (bench/handover.py)."""
         self.label = label
         self.out_path = Path(folder) / ("%s.out" % label)
         self.err_path = Path(folder) / ("%s.err" % label)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        extra = {}
+        if supervisor is not None:
+            argv, place = supervisor.popen_args(argv)
+            env.update(supervisor.environment())
+            extra = {"close_fds": False, "preexec_fn": place}
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.popen = subprocess.Popen(
-                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=folder,
-                env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+                argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=folder, env=env,
+                **extra)
         self.pid = self.popen.pid
 
     def output(self):

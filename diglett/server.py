@@ -134,15 +134,17 @@ class Server:
         sessions = list(self.sessions.values()) + list(self.draining)
         for session in sessions:
             session.drain()
-        deadline = time.monotonic() + self.config.drain_timeout
+        # Handing on, new visitors wait in the backlog while we drain: keep it short.
+        drain, key = ((self.config.restart_drain, "restart_drain") if handing_on
+                      else (self.config.drain_timeout, "drain_timeout"))
+        deadline = time.monotonic() + drain
         while any(s.streams_open for s in sessions) and time.monotonic() < deadline:
             for session in sessions:
                 session.tunnel.reset_idle_streams(DRAIN_IDLE, answered_only=True)
             gevent.sleep(0.05)
         left = sum(s.streams_open for s in sessions)
         if left:
-            log.warning("drain_timeout (%s s) reached: resetting %d open streams",
-                        self.config.drain_timeout, left)
+            log.warning("%s (%s s) reached: resetting %d open streams", key, drain, left)
         for session in sessions:
             session.terminate(reason, ErrorCode.SHUTTING_DOWN, "server shutting down")
         deadline = time.monotonic() + self.config.shutdown_timeout

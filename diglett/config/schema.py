@@ -115,6 +115,8 @@ SERVER = Section(
         "stream_idle_timeout": Key(seconds(False), "900", "idle seconds before a stream closes"),
         "drain_timeout": Key(seconds(False), "30", "seconds open streams may run on after "
                              "SIGTERM before they are reset"),
+        "restart_drain": Key(seconds(False), "2", "seconds open streams may run on after "
+                             "SIGTERM when the ports are handed to the next run (fd store)"),
         "hold_timeout": Key(seconds(False), "10", "seconds a name's tunnel port keeps listening "
                             "and holds new visitors after its agent left (0 = close at once)"),
         "hold_max_visitors": Key(integer(0), "256", "visitors one name holds while no agent "

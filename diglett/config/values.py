@@ -78,6 +78,7 @@ class ServerConfig:
     write_stall_timeout: Seconds
     stream_idle_timeout: Seconds
     drain_timeout: Seconds
+    restart_drain: Seconds
     hold_timeout: Seconds
     hold_max_visitors: int
     shutdown_timeout: Seconds
