@@ -25,8 +25,6 @@ import hashlib
 import http.client
 import json
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ from diglett import readyfile
 from diglett.demo import find_traefik
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.fault_relay import FaultRelay  # noqa: E402
 from tests.fdstore_supervisor import FdStoreSupervisor  # noqa: E402
 
 NAME = "load"
@@ -85,55 +84,6 @@ class QuietServer(ThreadingHTTPServer):
         pass  # a reset stream is what the bench provokes; the client side counts it
 
 
-class Relay:
-    """A TCP relay between the agent and the server whose connections can be reset."""
-
-    def __init__(self, target):
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.pairs = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-                server = socket.create_connection(self.target)
-            except OSError:
-                continue
-            with self.lock:
-                self.pairs.append((client, server))
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source, sink):
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
-        except OSError:  # a reset passes on as a reset, as it would through a router
-            _reset(sink)
-
-    def cut(self):
-        """Reset both sides of every current connection, as a broken path would."""
-        with self.lock:
-            pairs, self.pairs = self.pairs, []
-        for pair in pairs:
-            for sock in pair:
-                _reset(sock)
-
-
-def _reset(sock):
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
-    except OSError:
-        pass
-
-
 class Stand:
     """Traefik, diglett-server, the backend and the relay; agents come and go."""
 
@@ -160,7 +110,7 @@ class Stand:
         self.servers = 0
         ready = self.server()
         self.server_key = ready["key"]
-        self.relay = Relay((ready["agents"]["host"], ready["agents"]["port"]))
+        self.relay = FaultRelay((ready["agents"]["host"], ready["agents"]["port"]))
         self.key_file = self.folder / "agent.key"
         public = _run([str(BIN / "diglett"), "keygen", "--key-file", str(self.key_file)])
         _run([str(BIN / "diglett-admin"), "-c", str(self.config), "grant", NAME, "--key", public])
@@ -186,7 +136,7 @@ class Stand:
 
     def agent(self):
         self.agents += 1
-        proc = Proc([str(BIN / "diglett"), "-g", "127.0.0.1:%d" % self.relay.port, "-n", NAME,
+        proc = Proc([str(BIN / "diglett"), "-g", self.relay.gateway, "-n", NAME,
                      "--key-file", str(self.key_file), "--server-key", self.server_key,
                      "127.0.0.1:%d" % self.backend.server_address[1]],
                     self.folder, "agent-%d" % self.agents)
@@ -292,7 +242,8 @@ def scenario(name, rate, seconds, folder):
             agent.popen.wait(30)
             outcome["old_agent_exit"] = agent.popen.returncode
         elif name == "cut":
-            stand.relay.cut()
+            stand.relay.cut()  # every connection reset, both ways
+            stand.relay.passthrough()  # and the path is back for the redial
         elif name == "server-restart":
             outcome["server_gap_s"] = round(stand.restart_server(), 3)
         outcome["disturbance_s"] = round(time.monotonic() - disturbed, 3)
