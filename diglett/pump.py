@@ -52,7 +52,7 @@ class Pump:
         self._sending = False  # the down greenlet is inside a send with a popped chunk
         self.buffered = 0  # bytes in self.buffer
         self.last_active = time.monotonic()  # last byte moved either way (idle timeout)
-        self.answered = False  # the last bytes moved went to the local peer (it has its answer)
+        self.last_to_local = False  # the last bytes moved went to the local socket
 
     def start(self):
         if self.sock is None:
@@ -130,7 +130,7 @@ class Pump:
                 self._up_finished()
                 return
             self.last_active = time.monotonic()
-            self.answered = False
+            self.last_to_local = False
             tunnel.bytes_up += len(data)
             tunnel.send_soon()
             if len(data) < want:
@@ -224,7 +224,7 @@ class Pump:
         self.buffered -= size
         self.tunnel.buffered -= size
         self.last_active = time.monotonic()
-        self.answered = True
+        self.last_to_local = True
 
     # ----- the end ------------------------------------------------------------------------
     def _close_if_finished(self):

@@ -34,11 +34,6 @@ from diglett.wire import ErrorCode
 
 log = logging.getLogger(__name__)
 
-# While draining, a stream quiet for this long since its visitor got bytes is taken for a
-# client's spare kept-alive connection (an HTTP pool's), which would never end by itself.
-# A visitor still waiting for an answer (a slow query) is not: it spoke last.
-DRAIN_IDLE = 1.0
-
 
 class Server:
     def __init__(self, config, registry, fdstore=None):
@@ -140,7 +135,7 @@ class Server:
         deadline = time.monotonic() + drain
         while any(s.streams_open for s in sessions) and time.monotonic() < deadline:
             for session in sessions:
-                session.tunnel.reset_idle_streams(DRAIN_IDLE, answered_only=True)
+                session.tunnel.reset_spare_streams(answers_go_to_local=True)
             gevent.sleep(0.05)
         left = sum(s.streams_open for s in sessions)
         if left:

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 RECV_SIZE = 256 * 1024  # bytes read from the agent connection per recv
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
 IDLE_SWEEP_MAX = 30.0  # longest pause between two looks for idle streams
+# While draining, a stream this quiet since its last answer is taken for a client's spare
+# kept-alive connection (an HTTP pool's): it would never end by itself, and would only be
+# reset at the end of the drain, maybe with a request on it by then.
+SPARE_IDLE = 1.0
 
 
 class TunnelClosed(Exception):
@@ -255,12 +259,18 @@ class Tunnel:
             log.info("%s reset %d streams idle for %s s", self.label, count,
                      self.stream_idle_timeout)
 
-    def reset_idle_streams(self, idle_for, now=None, answered_only=False):
-        """Reset the streams that moved no byte either way for ``idle_for`` s (and, with
-        ``answered_only``, whose last bytes went to the local peer); how many."""
+    def reset_spare_streams(self, answers_go_to_local):
+        """While draining: reset the streams quiet for SPARE_IDLE s since their last answer,
+        which went to the local socket on the gateway (the visitor), away from it on the
+        agent (from the backend). A peer still waiting for its answer spoke last: kept."""
+        return self.reset_idle_streams(SPARE_IDLE, last_to_local=answers_go_to_local)
+
+    def reset_idle_streams(self, idle_for, now=None, last_to_local=None):
+        """Reset the streams that moved no byte either way for ``idle_for`` s (and, unless
+        ``last_to_local`` is None, whose last bytes went that way); how many."""
         now = time.monotonic() if now is None else now
         idle = [pump for pump in self.pumps.values() if now - pump.last_active > idle_for
-                and (pump.answered or not answered_only)]
+                and last_to_local in (None, pump.last_to_local)]
         for pump in idle:
             pump.abort_idle()
         self.idle_resets += len(idle)

@@ -11,7 +11,6 @@ import array
 import fcntl
 import os
 import socket
-import subprocess
 import threading
 
 MAX_FDS = 64  # per message; diglett sends one
@@ -96,9 +95,3 @@ class FdStoreSupervisor:
         if state.get("READY") == "1":
             self.ready.set()
 
-
-def start(supervisor, argv, cwd, env, stdout, stderr):
-    """Popen ``argv`` under ``supervisor``, ``env`` merged with what systemd would set."""
-    argv, place = supervisor.popen_args(argv)
-    return subprocess.Popen(argv, cwd=cwd, env={**env, **supervisor.environment()},
-                            stdout=stdout, stderr=stderr, close_fds=False, preexec_fn=place)
