@@ -1,6 +1,6 @@
 """End to end, real processes on loopback: who gets a tunnel, and what never gets one.
 
-Refusals and their exit codes (security notes B1, B4, B6), server authentication and pinning
+Refusals and their exit codes (test plan B1, B4, B6), server authentication and pinning
 (B3), handshake replay and a flipped bit (A5), junk on the agent port (A2), and the agent's
 lifecycle: killed, restarted, revoked, replaced, stopped (B5). Every process is a real
 diglett-server, diglett or diglett-admin; the tests talk to them over 127.0.0.1 only.

@@ -2,8 +2,8 @@
 
 Bytes must cross intact both ways (digests compared at both ends), half-closes must pass
 through, real clients (curl, ssh) must work, a stalled stream must not slow its neighbours or
-grow memory without bound, and an abort must never look like a clean EOF. See security notes
-E1-E4, E6 and D3. Every test has a deadline sized to its work, so a hang fails in seconds.
+grow memory without bound, and an abort must never look like a clean EOF. See test plan
+E1-E4, E6 and D3 (docs/testplan.md). Every test has a deadline sized to its work, so a hang fails in seconds.
 """
 
 import concurrent.futures

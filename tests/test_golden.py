@@ -26,7 +26,7 @@ GOLDEN_PATH = Path(__file__).parent / "vectors" / "golden.json"
 DOC_PATH = REPO / "docs" / "protocol.md"
 BACKENDS = available_backends()
 
-# Fixed secrets: test-only, never a configuration option (security.md 3.9).
+# Fixed secrets: test-only, never a configuration option.
 SECRETS = {
     "server_static": "11" * 32,
     "agent_static": "22" * 32,

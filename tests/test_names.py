@@ -1,4 +1,4 @@
-"""diglett.names: the canonical subdomain and domain rules (security.md 5.4, test plan B4)."""
+"""diglett.names: the canonical subdomain and domain rules (test plan B4, docs/testplan.md)."""
 
 import pytest
 

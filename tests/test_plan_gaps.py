@@ -1,4 +1,4 @@
-"""Test plan items that were still missing or partial (security notes §6, docs/testplan.md):
+"""Test plan items that were still missing or partial (docs/testplan.md):
 takeover of a blackholed session (B6), slowloris on the HTTP port (C2 b), an agent that never
 reads its session socket (C5), the server under an address-space limit (C7 b), Traefik down
 when the agent connects (D5 a), diglett-admin during 20 agent connects per second (D6 d), and a

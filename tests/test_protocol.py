@@ -2,7 +2,7 @@
 
 Two real sessions (server and agent) with real TransportCipher records, joined by a fake
 link that moves ``data_to_send()`` of one into ``receive_data()`` of the other, optionally
-one byte at a time (style.md habit 11; security.md 4.2-4.5, A4, A5, A6b, A7). Peer faults
+one byte at a time (test plan A4, A5, A6b, A7 in docs/testplan.md). Peer faults
 are injected by a RawPeer that holds the other end's ciphers and seals hand-built frames.
 """
 

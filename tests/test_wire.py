@@ -1,4 +1,4 @@
-"""diglett.wire: preamble, reject, frame encoding and the decode_frames rules (security.md 3.3, A4, A6c)."""
+"""diglett.wire: preamble, reject, frame encoding and the decode_frames rules (docs/protocol.md; test plan A4, A6c)."""
 
 import json
 import struct
@@ -294,7 +294,7 @@ def test_prologue_binds_the_preamble():
 
 def test_reject_layout_and_round_trip():
     data = wire.encode_reject(wire.RejectCode.UNSUPPORTED_VERSION)
-    assert data == b"digl\x00\x02\x00\x01"  # the advisory reject of security.md 3.3
+    assert data == b"digl\x00\x02\x00\x01"  # the advisory reject (docs/protocol.md)
     assert wire.parse_reject(data) == (2, wire.RejectCode.UNSUPPORTED_VERSION)
     for code in wire.RejectCode:
         server_max, parsed = wire.parse_reject(wire.encode_reject(code, 7))

@@ -1,7 +1,7 @@
 """Session rows, their outbox deliveries and the signals, always in that order.
 
 A session's start or end is one registry transaction holding its row and one outbox
-delivery per enabled hook; the signal goes out only after that commit (style habit 8), so
+delivery per enabled hook; the signal goes out only after that commit, so
 a hook that acts on it finds the row, and a crash in between leaves the delivery to be
 retried. Writes are queued on the database thread in order; nothing here waits for them but
 start-up and the crash cleanup.
