@@ -27,7 +27,7 @@ IDLE_SWEEP_MAX = 30.0  # longest pause between two looks for idle streams
 # While draining, a stream this quiet since its last answer is taken for a client's spare
 # kept-alive connection (an HTTP pool's): it would never end by itself, and would only be
 # reset at the end of the drain, maybe with a request on it by then.
-SPARE_IDLE = 1.0
+SPARE_IDLE = 0.2
 
 
 class TunnelClosed(Exception):
