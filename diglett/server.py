@@ -52,6 +52,7 @@ class Server:
                                     self.instance)
         self.events.hook_names = tuple(config.sections.get("hooks", {}).get("enabled", ()))
         self.grants = GrantCache(self.db, registry)
+        self.events.policy_of = self.grants.policy_of  # events carry the grant's policy
         self.ports = TunnelPorts(config)
         self.budget = MemoryBudget()
         self.sessions = {}  # subdomain -> the AgentSession serving it

@@ -27,6 +27,8 @@ class SessionEvents:
         self.gateway_id = gateway_id
         self.instance = instance
         self.hook_names = ()  # the enabled hooks: one outbox row each per event
+        self.policy_of = lambda subdomain, key: {}  # the grant's policy JSON (the server's
+        # GrantCache.policy_of: read from memory, never from the database)
 
     def host_of(self, name):
         return "%s.%s" % (name, self.domain)
@@ -35,7 +37,8 @@ class SessionEvents:
         return SessionEvent(
             kind=kind, subdomain=row.subdomain, host=self.host_of(row.subdomain),
             listen_host=row.host, listen_port=row.port, agent_key=row.key,
-            session_id=row.id, reason=reason, started=row.started)
+            session_id=row.id, reason=reason, started=row.started,
+            policy=self.policy_of(row.subdomain, row.key))
 
     def deliveries(self, event):
         """One outbox row per enabled hook, written with the session change."""
@@ -57,6 +60,21 @@ class SessionEvents:
         self.db.submit(self.registry.record_session_end,
                        (row.id, reason, time.time(), self.deliveries(event), detail),
                        after=lambda: signals.session_ended.send(self, event=event))
+
+    def updated(self, row):
+        """The grant of a live session changed its policy: queue an update for every hook,
+        then signal; nothing if the session ended meanwhile (its route is gone)."""
+        event = self.event(row, EventKind.UPDATE)
+        queued = {}
+
+        def queue():
+            queued["done"] = self.registry.queue_update(row.id, self.deliveries(event))
+
+        def committed():
+            if queued.get("done"):
+                signals.session_updated.send(self, event=event)
+
+        self.db.submit(queue, (), after=committed)
 
     def end_stale(self):
         """Our previous run's sessions (never other gateways'), ended at start-up."""

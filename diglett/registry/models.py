@@ -21,6 +21,7 @@ class GrantModel(_Base):
     port = peewee.IntegerField(null=True, unique=True)  # NULLs do not collide
     comment = peewee.TextField(default="")
     created = peewee.FloatField()
+    policy = peewee.TextField(null=True, default="{}")  # JSON of diglett.policy.Policy; NULL: {}
 
     class Meta:
         table_name = "grants"

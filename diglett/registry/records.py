@@ -12,6 +12,7 @@ import pwd
 from dataclasses import asdict, dataclass
 
 from diglett import crypto
+from diglett.policy import Policy
 
 STATE_ACTIVE = "active"
 STATE_ENDED = "ended"
@@ -43,6 +44,7 @@ class Grant:
     port: int | None  # pinned tunnel port, or None for any
     comment: str
     created: float  # UNIX seconds
+    policy: Policy = Policy()  # what Traefik does in front of the route (diglett.policy)
 
     def to_json(self):
         return {
@@ -52,6 +54,7 @@ class Grant:
             "port": self.port,
             "comment": self.comment,
             "created": iso_time(self.created),
+            "policy": self.policy.to_json(),
         }
 
 
