@@ -15,8 +15,8 @@ from diglett.registry.records import (
 
 
 class OutboxTable:
-    """Mixed into ``Registry``: uses ``self._outbox``, ``_sessions``, ``_call``, ``_write``, ``_write_query``
-    and ``_log``.
+    """Mixed into ``Registry``: uses ``self._outbox``, ``_sessions`` (an update is queued only
+    for an active session), ``_call``, ``_write``, ``_write_query`` and ``_log``.
 
     The underscore methods run inside ``_call``, which retries and translates errors.
     """
