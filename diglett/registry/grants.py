@@ -10,10 +10,11 @@ import logging
 import time
 
 from diglett import crypto, names
-from diglett.policy import Policy
+from diglett.policy import OPTION_NAMES, Policy
 from diglett.registry.records import Grant, RegistryError, default_actor
 
 log = logging.getLogger(__name__)
+POLICY_FIELDS = frozenset(OPTION_NAMES.values())  # every field of a Policy
 
 MAX_COMMENT_LEN = 200  # characters in a grant comment; one line in `diglett-admin grants`
 PORT_RANGE = (1, 65535)
@@ -90,7 +91,9 @@ class GrantTable:
         updated = []
         with self._write():
             for row in model.select().where(where).order_by(model.key):
-                policy = _policy_of(row).updated(changes, clear)
+                # --clear all starts afresh: the way out of a row that fails its checks
+                start = Policy() if set(clear) >= POLICY_FIELDS else _policy_of(row)
+                policy = start.updated(changes, clear)
                 self._check_aliases_free(subdomain, policy)
                 row.policy = _policy_text(policy)
                 row.save()
@@ -199,8 +202,9 @@ def _policy_of(row):
     try:
         return Policy.from_json(json.loads(row.policy or "{}"))
     except (ValueError, TypeError) as exc:  # PolicyError is a ValueError, as is bad JSON
-        raise RegistryError("the policy stored for %s is invalid (%s); set it again with "
-                            "diglett-admin set" % (row.subdomain, exc)) from None
+        raise RegistryError("the policy stored for %s is invalid (%s); start it afresh with "
+                            "diglett-admin set %s --clear all" % (row.subdomain, exc,
+                                                                  row.subdomain)) from None
 
 
 def _grant_of(row):
