@@ -54,6 +54,11 @@ class GrantCache:
             self.grants[(name, key)] = grant
         return self.grants
 
+    def add(self, grant):
+        """A grant made here (an enrolment): usable at once, before the next poll."""
+        if self.grants is not None:
+            self.grants[(grant.subdomain, grant.key)] = grant
+
     def policy_of(self, name, key):
         """The JSON policy of the grant (name, key), from memory; {} when there is none."""
         grant = (self.grants or {}).get((name, key))
