@@ -40,7 +40,7 @@ def main(argv, default_key_file, known_servers_name):
     try:
         key = _key(key_file)
         pins = known_servers.KnownServers(key_file.parent / known_servers_name)
-        _pin(pins, invite)
+        pinned = _check_pin(pins, invite)
     except (crypto.KeyFileError, known_servers.TrustError, OSError) as exc:
         return _fail(exc)
     gateways = [_host_port(text) for text in invite.gateways.split(",") if text.strip()]
@@ -53,6 +53,8 @@ def main(argv, default_key_file, known_servers_name):
         return _fail(exc, exc.exit_code)
     except (agent.Retry, OSError, gevent.Timeout, agent.ProtocolError) as exc:
         return _fail("cannot enrol at %s: %s" % (invite.gateways, exc or type(exc).__name__), 1)
+    if not pinned:  # only a server that proved the key and took the code gets pinned
+        pins.add(invite.gateways, invite.server_key)
     remember(key_file.parent / ENROLLED_NAME, invite.subdomain, invite.gateways)
     print("enrolled %s with key %s; run: diglett -n %s BACKEND"
           % (info.get("host") or invite.subdomain, crypto.fingerprint(crypto.public_hex(key)),
@@ -70,16 +72,18 @@ def _key(path):
     return key
 
 
-def _pin(pins, invite):
-    """Pin the code's server key for its gateways; a different key pinned already wins."""
+def _check_pin(pins, invite):
+    """True when the code's server key is pinned for its gateways already; a different key
+    pinned there wins (TrustError)."""
     found = pins.lookup(invite.gateways)
     if found is None:
-        pins.add(invite.gateways, invite.server_key)
-    elif found[0] != invite.server_key:
+        return False
+    if found[0] != invite.server_key:
         raise known_servers.TrustError(
             "%s:%d pins another key for %s than this code (%s): a code from another server, "
             "or a tampered one; remove that line if the server's key really changed"
             % (pins.path, found[1], invite.gateways, crypto.fingerprint(invite.server_key)))
+    return True
 
 
 def remember(path, name, gateways):
