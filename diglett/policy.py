@@ -110,6 +110,16 @@ def check_middleware(text):
     return text
 
 
+def check_outside(aliases, domain):
+    """An alias inside the tunnel domain would take another name's route: refused."""
+    domain = (domain or "").lower()
+    for alias in aliases:
+        host = check_host(alias)
+        if domain and (host == domain or host.endswith("." + domain)):
+            raise PolicyError("alias %s is inside the tunnel domain %s; it would take another "
+                              "name's route (aliases are for other domains)" % (host, domain))
+
+
 _LISTS = {  # field -> (check of one item, most items)
     "aliases": (check_host, MAX_ALIASES),
     "basic_auth": (check_basic_auth, MAX_USERS),

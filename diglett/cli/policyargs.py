@@ -53,14 +53,5 @@ def policy_changes(args, domain):
     both = sorted(set(clear) & set(changes))
     if both:
         raise PolicyError("--clear %s and a new value at once; give one" % ", ".join(both))
-    check_aliases(changes.get("aliases", ()), domain)
+    policy.check_outside(changes.get("aliases", ()), domain)
     return changes, clear
-
-
-def check_aliases(aliases, domain):
-    """An alias inside the tunnel domain would take another name's host: refused."""
-    for alias in aliases:
-        host = policy.check_host(alias)
-        if host == domain or host.endswith("." + domain):
-            raise PolicyError("alias %s is inside the tunnel domain %s; it would take another "
-                              "name's route (aliases are for other domains)" % (host, domain))
