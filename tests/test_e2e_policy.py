@@ -1,8 +1,8 @@
-"""Access policy per grant, end to end: a real diglett-server with its Traefik (REST) hook, the
-real Traefik binary, a real agent and backend, and diglett-admin changing the policy of the
-live route. Basic auth, an allow list (two loopback source addresses), forward auth to a small
-real auth server, an alias host, and a change that reaches the route without a reconnect;
-bad input refused before the registry and Traefik.
+"""Access policy per grant, end to end: a real diglett-server with its Traefik hook (REST, and
+etcd with a real etcd), the real Traefik binary, a real agent and backend, and diglett-admin
+changing the policy of the live route. Basic auth, an allow list (two loopback source
+addresses), forward auth to a small real auth server, an alias host, and a change that reaches
+the route without a reconnect; bad input refused before the registry and Traefik.
 """
 
 import base64
@@ -16,7 +16,8 @@ import time
 import pytest
 
 from tests.harness import Gateway, wait_until
-from tests.hookfixtures import HttpBackend, body_for, serve_http, sha256
+from tests.etcdfixture import etcd_server  # noqa: F401 (a fixture)
+from tests.hookfixtures import HttpBackend, Traefik, body_for, serve_http, sha256
 from tests.hookfixtures import traefik  # noqa: F401 (a fixture)
 
 ROUTE_SLACK = 15.0  # seconds for a policy change to reach the live route (grants poll: 1 s)
@@ -209,3 +210,36 @@ def test_an_alias_routes_to_one_name_only(tmp_path):
     assert result.returncode == 1
     assert "alias www.customer.test already routes to foo" in result.stderr
     assert "bar" not in grant_json(gw)
+
+
+@pytest.mark.timeout(150)
+def test_the_etcd_hook_applies_the_policy_and_its_changes_live(tmp_path, etcd_server):  # noqa: F811
+    tf = Traefik(tmp_path / "traefik", etcd=etcd_server.url).start()
+    sections = {"hooks": {"enabled": "traefik-etcd", "retry_max": "1"},
+                "hook:traefik-etcd": {"endpoints": etcd_server.url, "lease_ttl": "5",
+                                      "keepalive": "1", "check_interval": "1",
+                                      "entrypoints": "web"}}
+    gw = Gateway(tmp_path / "gw", sections=sections).start()
+    backend = HttpBackend("foo")
+    try:
+        key_file, key = gw.new_key("foo")
+        gw.grant("foo", key, "--basic-auth", "alice:" + apr1(PASSWORD), "--alias",
+                 "www.customer.test")
+        gw.agent("foo", backend.address, key_file=key_file)
+        session = gw.sessions()[0]["id"]
+        foo = "foo.example.test"
+        wait_status("foo with credentials (etcd)",
+                    lambda: get(tf, foo, auth="alice:" + PASSWORD), 200)
+        assert get(tf, foo)[0] == 401
+        assert served(get(tf, "www.customer.test", auth="alice:" + PASSWORD))
+
+        gw.admin("set", "foo", "--clear", "basic-auth", "--clear", "alias", "--allow",
+                 "127.0.0.1/32")
+        wait_status("foo from %s (etcd)" % OTHER_SOURCE, lambda: get(tf, foo, OTHER_SOURCE),
+                    403)
+        assert served(get(tf, foo))  # no credentials needed any more
+        wait_status("the alias to go (etcd)", lambda: get(tf, "www.customer.test"), 404)
+        assert [s["id"] for s in gw.sessions()] == [session]  # no reconnect
+    finally:
+        backend.close()
+    assert "Traceback" not in gw.proc.stderr()
