@@ -13,8 +13,8 @@ import urllib.error
 import urllib.request
 
 from diglett import crypto, hookapi, hookloader
-from diglett.registry import LEGACY_GATEWAY, iso_time
 from diglett.policy import Policy
+from diglett.registry import LEGACY_GATEWAY, iso_time
 
 HTTP_TIMEOUT = 2  # seconds for each of the server's and Traefik's APIs
 AUDIT_LINES = 10  # latest audit entries shown
