@@ -1,13 +1,14 @@
 """Enrolment end to end with real processes: `diglett-admin invite` prints a code, `diglett
 enroll CODE` in a fresh home directory makes the key, pins the server key and binds the grant,
 and `diglett -n foo BACKEND` then needs no other flag. A used, expired, damaged or forged code
-is refused with the reason, and nothing is granted or pinned for it.
+is refused with the reason (and an admission penalty), and nothing is granted or pinned for it.
 """
 
 import dataclasses
 import json
 import os
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -127,3 +128,25 @@ def test_damaged_and_forged_codes_are_refused(gw, tmp_path):
     assert json.loads(gw.admin("grants", "--json").stdout) == []
     assert enroll(tmp_path / "home-real", code).returncode == 0  # the real one still works
     assert "Traceback" not in gw.proc.stderr()
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_code_counts_toward_admission_penalties(tmp_path):
+    gw = Gateway(tmp_path / "gw", penalty_max="60").start()
+    harness.wait_until(lambda: json.loads(gw.admin("gateways", "--json").stdout), 10,
+                       what="the gateway's row")
+    real = invitecode.decode(invite(gw, "foo"))
+    forged = invitecode.encode(dataclasses.replace(real, secret="ff" * 16))
+    assert penalties(gw) == 0
+    result = enroll(tmp_path / "home", forged)
+    assert result.returncode == EXIT_UNAUTHORIZED and "secret is wrong" in result.stderr
+    assert penalties(gw) == 1
+    assert json.loads(gw.admin("grants", "--json").stdout) == []
+
+
+def penalties(gw):
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % gw.http_address[1],
+                                timeout=5) as answer:
+        text = answer.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("diglett_penalties_total"))
