@@ -27,11 +27,14 @@ class SessionEvents:
         self.gateway_id = gateway_id
         self.instance = instance
         self.hook_names = ()  # the enabled hooks: one outbox row each per event
-        self.policy_of = lambda subdomain, key: {}  # the grant's policy JSON (the server's
-        # GrantCache.policy_of: read from memory, never from the database)
 
     def host_of(self, name):
         return "%s.%s" % (name, self.domain)
+
+    def policy_of(self, subdomain, key):
+        """The grant's policy JSON for the events; the server sets its GrantCache.policy_of
+        here (read from memory, never from the database). By default: none."""
+        return {}
 
     def event(self, row, kind, reason=""):
         return SessionEvent(
