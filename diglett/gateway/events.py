@@ -47,6 +47,21 @@ class SessionEvents:
         """One outbox row per enabled hook, written with the session change."""
         return [(name, event.to_json()) for name in self.hook_names]
 
+    def updated(self, row):
+        """The grant of a live session changed its policy: queue an update for every hook,
+        then signal; nothing if the session ended meanwhile (its route is gone)."""
+        event = self.event(row, EventKind.UPDATE)
+        queued = {}
+
+        def queue():
+            queued["done"] = self.registry.queue_update(row.id, self.deliveries(event))
+
+        def committed():
+            if queued.get("done"):
+                signals.session_updated.send(self, event=event)
+
+        self.db.submit(queue, (), after=committed)
+
     def started(self, row, recorded):
         """Queue the row; ``recorded()`` runs once it is committed, before the signal."""
         event = self.event(row, EventKind.CONNECT)
@@ -63,21 +78,6 @@ class SessionEvents:
         self.db.submit(self.registry.record_session_end,
                        (row.id, reason, time.time(), self.deliveries(event), detail),
                        after=lambda: signals.session_ended.send(self, event=event))
-
-    def updated(self, row):
-        """The grant of a live session changed its policy: queue an update for every hook,
-        then signal; nothing if the session ended meanwhile (its route is gone)."""
-        event = self.event(row, EventKind.UPDATE)
-        queued = {}
-
-        def queue():
-            queued["done"] = self.registry.queue_update(row.id, self.deliveries(event))
-
-        def committed():
-            if queued.get("done"):
-                signals.session_updated.send(self, event=event)
-
-        self.db.submit(queue, (), after=committed)
 
     def end_stale(self):
         """Our previous run's sessions (never other gateways'), ended at start-up."""
