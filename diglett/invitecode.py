@@ -87,9 +87,29 @@ def _parse(body):
     if len(gateways) != gateways_len or not gateways:
         raise InvalidCode("the code's gateway list is truncated or empty")
     try:
-        return Invite(gateways=gateways.decode("ascii"),
+        return Invite(gateways=_check_gateways(gateways.decode("ascii")),
                       server_key=crypto.normalize_public_key(key.hex()),
                       subdomain=names.validate_subdomain(name.decode("ascii")),
                       invite_id=invite_id.hex(), secret=secret.hex())
     except (UnicodeDecodeError, crypto.KeyFormatError, names.InvalidName) as exc:
         raise InvalidCode("the code holds a bad value: %s" % exc) from None
+
+
+def gateway_addresses(text):
+    """[(host, port)] of a gateways text (``host:port,[v6]:port``); ValueError if bad."""
+    found = []
+    for entry in text.split(","):
+        host, _, port = entry.strip().rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("bad gateway address %r (HOST:PORT)" % entry)
+        found.append((host, int(port)))
+    return found
+
+
+def _check_gateways(text):
+    try:
+        gateway_addresses(text)
+    except ValueError as exc:
+        raise InvalidCode("the code holds a bad value: %s" % exc) from None
+    return text

@@ -145,3 +145,13 @@ def test_the_enrolled_file_remembers_one_gateway_per_name(tmp_path):
     assert enroll_cli.gateway_of(path, "foo") == "gw4:20000"
     assert enroll_cli.gateway_of(path, "bar") == "gw2:20000,gw3:20000"
     assert path.read_text().count("foo") == 1
+
+
+def test_a_code_naming_a_bad_gateway_is_refused():
+    for gateways in ("gw.test", "gw.test:0", "gw.test:99999", "gw.test:1,", ":20000"):
+        forged = invitecode.encode(invitecode.Invite(gateways, VECTOR["server_key"], "foo",
+                                                     VECTOR["invite_id"], VECTOR["secret"]))
+        with pytest.raises(invitecode.InvalidCode, match="bad gateway address"):
+            invitecode.decode(forged)
+    assert invitecode.gateway_addresses("[::1]:20000,gw.test:20001") == [
+        ("::1", 20000), ("gw.test", 20001)]

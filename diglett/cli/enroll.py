@@ -43,7 +43,7 @@ def main(argv, default_key_file, known_servers_name):
         pinned = _check_pin(pins, invite)
     except (crypto.KeyFileError, known_servers.TrustError, OSError) as exc:
         return _fail(exc)
-    gateways = [_host_port(text) for text in invite.gateways.split(",") if text.strip()]
+    gateways = invitecode.gateway_addresses(invite.gateways)  # checked by decode()
     enrolling = agent.Agent(gateways, invite.subdomain, key, invite.server_key, None,
                             extra_config={"enroll": {"invite": invite.invite_id,
                                                      "secret": invite.secret}})
@@ -108,13 +108,6 @@ def _lines(path):
                 if line.strip() and not line.startswith("#")]
     except FileNotFoundError:
         return []
-
-
-def _host_port(text):
-    host, _, port = text.strip().rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(_fail("the code names a bad gateway address %r" % text))
-    return host.strip("[]"), int(port)
 
 
 def _fail(message, code=agent.EXIT_USAGE):
