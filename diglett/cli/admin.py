@@ -14,7 +14,7 @@ import sys
 import time
 
 from diglett import __version__, config, crypto, hookloader, invitecode
-from diglett.cli import explain, logs
+from diglett.cli import explain, invites, logs
 from diglett.cli.policyargs import add_policy_options, policy_changes
 from diglett.names import InvalidName, validate_subdomain
 from diglett.policy import PolicyError
@@ -48,14 +48,6 @@ def since_time(text):
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
-
-
-def duration(text):
-    """``90s``, ``30m``, ``1h``, ``2d`` -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if not (text[:-1].isdigit() and text[-1:] in units and int(text[:-1]) > 0):
-        raise argparse.ArgumentTypeError("use a duration like 90s, 30m, 1h or 2d")
-    return int(text[:-1]) * units[text[-1]]
 
 
 def port_number(text):
@@ -99,29 +91,7 @@ def build_parser():
     set_policy.add_argument("--key", metavar="HEX", help="only the grant to this key")
     add_policy_options(set_policy, clearable=True)
 
-    invite = commands.add_parser(
-        "invite", help="print a one-time enrolment code for a name (diglett enroll CODE)",
-        description="Print one line, an enrolment code holding the gateway address(es), the "
-        "server's public key and a one-time secret. On the agent's machine `diglett enroll "
-        "CODE` makes the key, pins the server key and binds NAME's grant (with the options "
-        "given here) to that key. The code works once and expires after --ttl.")
-    invite.add_argument("name", metavar="NAME")
-    invite.add_argument("--ttl", type=duration, default="1h", metavar="AGE",
-                        help="how long the code stays valid: 30m, 1h, 2d (default 1h)")
-    invite.add_argument("--gateway", action="append", metavar="HOST:PORT",
-                        help="the agent port agents dial (repeatable; default: the live "
-                        "gateways' listen addresses)")
-    invite.add_argument("--port", type=port_number, metavar="N",
-                        help="pin the tunnel to this port")
-    invite.add_argument("--comment", default="", metavar="TEXT", help="a note for the grant")
-    add_policy_options(invite)
-    invites = commands.add_parser("invites", help="list enrolment invites: open, used, expired",
-                                  description="List enrolment invites (their secrets are not "
-                                  "stored, so no code can be printed again).")
-    invites.add_argument("--json", action="store_true", help="print JSON only, on stdout")
-    uninvite = commands.add_parser("uninvite", help="withdraw an invite by its id",
-                                   description="Withdraw an invite (see `invites` for ids).")
-    uninvite.add_argument("invite_id", metavar="ID")
+    invites.add_parsers(commands, port_number)
 
     revoke = commands.add_parser(
         "revoke", help="remove a grant; %s" % REVOKE_NOTICE,
@@ -189,7 +159,7 @@ def main(argv=None):
         applied = registry.migrate()
         COMMANDS[args.command](args, cfg, registry, applied)
     except (config.ConfigError, RegistryError, InvalidName, crypto.KeyFormatError,
-            PolicyError, invitecode.InvalidCode, AdminError) as exc:
+            PolicyError, invitecode.InvalidCode, invites.InviteError, AdminError) as exc:
         print("%s: error: %s" % (PROG, exc), file=sys.stderr)
         return EXIT_ERROR
     finally:
@@ -262,59 +232,6 @@ def cmd_set(args, cfg, registry, applied):
         print("%s key %s: %s" % (grant.subdomain, crypto.fingerprint(grant.key),
                                  grant.policy.summary()))
     print("the running server applies it to the live route within a few seconds")
-
-
-def cmd_invite(args, cfg, registry, applied):
-    server_key, problem = server_public_key(cfg.key)
-    if server_key is None:
-        raise AdminError("the server key is %s" % problem)
-    gateways = invite_gateways(args.gateway, cfg, registry)
-    changes, _ = policy_changes(args, cfg.domain)
-    row, secret = registry.create_invite(args.name, args.ttl, changes, port=args.port,
-                                         comment=args.comment, actor=actor())
-    code = invitecode.encode(invitecode.Invite(gateways, server_key, row.subdomain, row.id,
-                                               secret))
-    print(code)
-    warn("invite %s for %s.%s via %s, valid until %s UTC, works once; on the agent: "
-         "diglett enroll CODE" % (row.id, row.subdomain, cfg.domain, gateways,
-                                  short_time(row.expires)))
-
-
-def invite_gateways(given, cfg, registry):
-    """The --gateway addresses, checked, or the live gateways' agent listeners."""
-    if given:
-        for text in given:
-            host, _, port = text.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536 or "," in text:
-                raise AdminError("--gateway must be HOST:PORT, got %r" % text)
-        return ",".join(given)
-    now = time.time()
-    live = [g.address for g in registry.gateways()
-            if now - g.last_seen <= cfg.gateway_stale_after]
-    wildcard = [a for a in live if a.rpartition(":")[0] in ("0.0.0.0", "::", "[::]", "")]
-    if not live or wildcard:
-        raise AdminError("no gateway address for the code: %s; pass --gateway HOST:PORT "
-                         "(the address agents dial)" % (
-                             "%s listens on every address" % wildcard[0] if wildcard
-                             else "no live gateway has reported its address"))
-    return ",".join(sorted(live))
-
-
-def cmd_invites(args, cfg, registry, applied):
-    invites = registry.invites()
-    now = time.time()
-    if args.json:
-        return print_json([row.to_json(now) for row in invites])
-    rows = [(i.id, i.subdomain, i.state(now), short_time(i.expires),
-             crypto.fingerprint(i.used_by) if i.used_by else "-", i.policy.summary())
-            for i in invites]
-    print_table(("ID", "NAME", "STATE", "EXPIRES (UTC)", "KEY", "POLICY"), rows, "no invites")
-
-
-def cmd_uninvite(args, cfg, registry, applied):
-    if not registry.delete_invite(args.invite_id.lower(), actor=actor()):
-        raise AdminError("no invite %s (see: %s invites)" % (args.invite_id, PROG))
-    print("withdrew invite %s" % args.invite_id)
 
 
 def cmd_revoke(args, cfg, registry, applied):
@@ -437,9 +354,7 @@ def cmd_migrate(args, cfg, registry, applied):
 COMMANDS = {
     "grant": cmd_grant,
     "set": cmd_set,
-    "invite": cmd_invite,
-    "invites": cmd_invites,
-    "uninvite": cmd_uninvite,
+    **invites.COMMANDS,
     "revoke": cmd_revoke,
     "grants": cmd_grants,
     "sessions": cmd_sessions,
