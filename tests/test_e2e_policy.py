@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -113,6 +114,16 @@ def rest_router(tf, name="foo"):
     return routers[0] if routers else None
 
 
+def tcp_router(tf, name="foo"):
+    try:
+        with urllib.request.urlopen(tf.api + "/api/tcp/routers", timeout=5) as answer:
+            routers = json.loads(answer.read())
+    except OSError:  # HTTPError included: no tcp configuration yet
+        return None
+    found = [r for r in routers if r["name"] == "diglett-%s@rest" % name]
+    return found[0] if found else None
+
+
 @pytest.mark.timeout(150)
 def test_policy_follows_the_grant_on_the_live_route(policy_gateway):
     gw, tf, backend, auth = policy_gateway
@@ -153,6 +164,14 @@ def test_policy_follows_the_grant_on_the_live_route(policy_gateway):
     gw.admin("set", "foo", "--clear", "all")
     wait_status("foo without any policy", lambda: get(tf, foo, OTHER_SOURCE), 200)
     assert rest_router(tf)["rule"] == "Host(`foo.example.test`)"
+
+    # a grant of the other mode: its route moves to Traefik's tcp routers, allow list kept
+    gw.admin("set", "foo", "--mode", "tcp", "--allow", "127.0.0.1/32")
+    wait_until(lambda: tcp_router(tf) is not None and rest_router(tf) is None, ROUTE_SLACK,
+               interval=0.1, what="foo's route to become a tcp router")
+    router = tcp_router(tf)
+    assert router["rule"] == "HostSNI(`foo.example.test`)" and router["status"] == "enabled"
+    assert router["middlewares"] == ["diglett-allow-foo@rest"], router
 
     # none of this reconnected the agent
     assert [s["id"] for s in gw.sessions()] == [session]
