@@ -128,6 +128,10 @@ def test_post_an_invite_then_list_and_delete_it(gw):
     assert call(gw, "POST", "/api/invites", {"subdomain": "api4", "ttl": 0})[0] == 409
     assert call(gw, "POST", "/api/invites", {"subdomain": "api4",
                                              "gateway": ["nope"]})[0] == 400
+    for bad in ({"port": "x"}, {"port": 70000}, {"ttl": "soon"}, {"comment": "a\nb"},
+                {"policy": {"mode": 5}}, {"policy": {"aliases": [5]}}, {"clear": [5]}):
+        status, answer = call(gw, "POST", "/api/invites", dict({"subdomain": "api4"}, **bad))
+        assert status in (400, 409), (bad, status, answer)
     assert call(gw, "DELETE", "/api/invites/" + invite.invite_id)[0] == 200
     assert call(gw, "DELETE", "/api/invites/" + invite.invite_id)[0] == 404
 

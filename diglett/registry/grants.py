@@ -36,8 +36,8 @@ class GrantTable:
         """
         subdomain = names.validate_subdomain(subdomain)
         key = crypto.normalize_public_key(key)
-        _check_port(port)
-        _check_comment(comment)
+        check_port(port)
+        check_comment(comment)
         Policy().updated(changes, clear)  # refuse bad input before touching the database
         actor = actor or default_actor()
         return self._call(self._grant, subdomain, key, port, comment or "", actor,
@@ -174,7 +174,7 @@ class GrantTable:
         return (connection, data_version, self._writes)
 
 
-def _check_port(port):
+def check_port(port):
     if port is None:
         return
     low, high = PORT_RANGE
@@ -182,7 +182,7 @@ def _check_port(port):
         raise RegistryError("port must be a number from %d to %d, got %r" % (*PORT_RANGE, port))
 
 
-def _check_comment(comment):
+def check_comment(comment):
     if comment is None:
         return
     if len(comment) > MAX_COMMENT_LEN or not comment.isprintable():

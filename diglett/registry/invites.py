@@ -16,6 +16,7 @@ import time
 from diglett import crypto, names
 from diglett.invitecode import INVITE_ID_SIZE, SECRET_SIZE
 from diglett.policy import Policy
+from diglett.registry.grants import check_comment, check_port
 from diglett.registry.records import InviteRefused, InviteRow, RegistryError, default_actor
 
 DEFAULT_TTL = 3600  # seconds an invite stays redeemable when --ttl is not given
@@ -32,6 +33,8 @@ class InviteTable:
         subdomain = names.validate_subdomain(subdomain)
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL:
             raise RegistryError("ttl must be between 1 s and %d days" % (MAX_TTL // 86400))
+        check_port(port)  # the grant's checks, now: a redemption must not fail on them later
+        check_comment(comment)
         policy = Policy().updated(changes)
         invite_id, secret = secrets.token_hex(INVITE_ID_SIZE), secrets.token_hex(SECRET_SIZE)
         now = time.time()
