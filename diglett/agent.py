@@ -96,7 +96,7 @@ def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.unifor
 class Agent:
     def __init__(self, gateway, name, key, server_key, backend, *, on_mismatch=None,
                  out=sys.stdout, backoff_cap=BACKOFF_CAP, proxy_protocol=False,
-                 drain_timeout=STOP_DRAIN):
+                 drain_timeout=STOP_DRAIN, extra_config=None):
         # (host, port), or a list of them: a fleet. Each attempt after a failure or a
         # disconnect goes to the next address, so a dead gateway costs one attempt.
         self.gateways = [gateway] if isinstance(gateway[0], str) else list(gateway)
@@ -111,6 +111,7 @@ class Agent:
         self.out = out
         self.backoff_cap = backoff_cap
         self.drain_timeout = drain_timeout  # seconds open streams may finish after a stop
+        self.extra_config = dict(extra_config or {})  # more CONFIG fields (enroll: §9.5)
         self.tunnel = None
         self._handshaking = None  # the socket of a handshake in progress, for stop()
         self._stopping = gevent.event.Event()
@@ -196,6 +197,19 @@ class Agent:
             self._handshaking = None
             sock.close()
 
+    def enroll_once(self):
+        """One session that only proves an invite (``extra_config``): the server's OK means
+        the grant is bound to our key; we say GOAWAY NO_ERROR at once and return its OK."""
+        sock = self._connect()
+        try:
+            with gevent.Timeout(HANDSHAKE_TIMEOUT):
+                session, info, _ = self._handshake(sock)
+                session.goaway(ErrorCode.NO_ERROR, "enrolled")
+                sock.sendall(session.data_to_send())
+            return info
+        finally:
+            sock.close()
+
     def _connect(self):
         """Connect to the gateways' addresses in turn, starting one further each attempt: a
         refused connect moves on at once, and a gateway that accepts but then fails (paused,
@@ -243,7 +257,7 @@ class Agent:
         session = protocol.Session(protocol.AGENT, handshake.send_cipher, handshake.recv_cipher,
                                    window=None, guard=protocol.FloodGuard(time.monotonic))
         session.send_config({"subdomain": self.name, "agent": "diglett/%s" % __version__,
-                             "features": sorted(protocol.FEATURES)})
+                             "features": sorted(protocol.FEATURES), **self.extra_config})
         sock.sendall(act_three + session.data_to_send())
         events = []
         while not events:

@@ -49,6 +49,10 @@ class Hook:
         """A session ended (``event.reason`` says why); raising is a failure, retried."""
         raise NotImplementedError
 
+    def session_updated(self, event):
+        """A live session's access policy (``event.policy``) changed; by default nothing
+        to do. Raising is a failure, retried."""
+
     def metrics(self):
         """``[(name, "counter" | "gauge", documentation, value)]`` for /metrics."""
         return []
@@ -79,6 +83,9 @@ class Adapted(Hook):
 
     def session_ended(self, event):
         self.inner.session_ended(event)
+
+    def session_updated(self, event):
+        _call_if_present(self.inner, "session_updated", event)
 
     def metrics(self):
         return _call_if_present(self.inner, "metrics") or []

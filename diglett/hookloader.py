@@ -140,6 +140,7 @@ class Hooks:
         self._receivers.append(wake)
         signals.session_started.connect(wake, weak=False)
         signals.session_ended.connect(wake, weak=False)
+        signals.session_updated.connect(wake, weak=False)
         if self.dispatchers:
             self._pruner = gevent.spawn(self._prune_loop)
 
@@ -167,6 +168,7 @@ class Hooks:
         for receiver in self._receivers:
             signals.session_started.disconnect(receiver)
             signals.session_ended.disconnect(receiver)
+            signals.session_updated.disconnect(receiver)
         for dispatcher in self.dispatchers:
             dispatcher.stop()
 
@@ -235,8 +237,8 @@ class Dispatcher:
         for subdomain, row in heads.items():
             if subdomain in self._in_flight or row.next_attempt > now or self._pool.full():
                 continue
-            skip = (self.hook.skip_ended_connects and row.kind == signals.EventKind.CONNECT
-                    and row.session in disconnected)
+            skip = (self.hook.skip_ended_connects and row.session in disconnected
+                    and row.kind in (signals.EventKind.CONNECT, signals.EventKind.UPDATE))
             self._in_flight[subdomain] = self._pool.spawn(self._deliver, row, skip)
 
     def _deliver(self, row, skip):

@@ -1,6 +1,8 @@
-"""The server's HTTP listener: /info, /healthz, /metrics, /api/tunnels, the status page at /.
+"""The server's HTTP listener: /info, /healthz, /metrics, /api/tunnels, the status page at /,
+and the grants and invites API (/api/grants, /api/invites: diglett.httpwrite).
 
-A small WSGI app over the running Server; it only reads the server's state. /info is public by
+A small WSGI app over the running Server; besides the grants and invites API it only reads
+the server's state. /info is public by
 design (it tells agents the server key to pin) and so is /healthz. Everything else shows the
 tunnel inventory, so who may see it depends on the bind (``[server] http``): on a loopback
 address everything is served without a token; on any other address (0.0.0.0 and :: included:
@@ -17,7 +19,8 @@ import resource
 import gevent.pool
 from gevent.pywsgi import WSGIServer
 
-from diglett import __version__, metrics, statuspage, wire
+from diglett import __version__, httpwrite, metrics, statusgrants, statuspage, wire
+from diglett.registry import RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,8 @@ def make_app(server, hooks=None):
         "/debug/stats": lambda: _json(200, server.stats()),
         "/metrics": lambda: (200, metrics.CONTENT_TYPE, metrics.render(registry)),
         "/api/tunnels": lambda: _json(200, tunnels(server)),
-        "/": lambda: (200, "text/html; charset=utf-8",
-                      statuspage.render(server, tunnels(server)).encode()),
+        "/": lambda: (200, "text/html; charset=utf-8", statuspage.render(
+            server, tunnels(server), extra=statusgrants.render(grants(server))).encode()),
     }
 
     def access(environ):
@@ -105,9 +108,19 @@ def make_app(server, hooks=None):
             return None
         return _json(401, {"error": "missing or wrong bearer token"})
 
+    def _write_refusal(environ):
+        if environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            return None
+        refusal = httpwrite.write_refusal(environ, open_bind)
+        return None if refusal is None else _json(refusal[0], {"error": refusal[1]})
+
     def app(environ, start_response):
-        handler = routes.get(environ.get("PATH_INFO", ""))
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+        path = environ.get("PATH_INFO", "")
+        handler = routes.get(path)
+        if httpwrite.handles(path):  # grants and invites: read and write, same token rule
+            answer = access(environ) or _write_refusal(environ)
+            handler = lambda: _json(*httpwrite.handle(server, environ))  # noqa: E731
+        elif environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             answer = _json(405, {"error": "method not allowed"})
         else:
             answer = access(environ)
@@ -124,8 +137,19 @@ def make_app(server, hooks=None):
     return app
 
 
+def grants(server):
+    """The grants for the status page; none (and a note) when the registry cannot answer."""
+    try:
+        return [grant.to_json() for grant in server.db.call(server.registry.grants)]
+    except RegistryError as exc:
+        log.warning("status page: cannot read the grants: %s", exc)
+        return None
+
+
 def _json(status, body):
     return status, "application/json", (json.dumps(body, indent=1) + "\n").encode()
 
 
-_REASONS = {200: "OK", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+            413: "Payload Too Large", 415: "Unsupported Media Type"}

@@ -18,7 +18,7 @@ import gevent
 
 from diglett import admission, config, crypto, handoff, metrics, wire
 from diglett.dbworker import DatabaseWorker
-from diglett.gateway import authorize
+from diglett.gateway import authorize, enrol
 from diglett.gateway.agent_session import AgentSession
 from diglett.gateway.doors import Door, HoldCounters, Inherited
 from diglett.gateway.events import SessionEvents
@@ -52,6 +52,7 @@ class Server:
                                     self.instance)
         self.events.hook_names = tuple(config.sections.get("hooks", {}).get("enabled", ()))
         self.grants = GrantCache(self.db, registry)
+        self.events.policy_of = self.grants.policy_of  # events carry the grant's policy
         self.ports = TunnelPorts(config)
         self.budget = MemoryBudget()
         self.sessions = {}  # subdomain -> the AgentSession serving it
@@ -188,6 +189,9 @@ class Server:
         of the same key is not ended here: the new one takes its door (make-before-break)."""
         key, request = completed.key, completed.request
         name = authorize.requested_name(request)
+        refused = None if self.stopping else enrol.redeem(self, name, key, request)
+        if refused is not None:  # an invite in CONFIG that did not become a grant
+            return refused
         grants = self.grants.grants
         elsewhere = ()
         if isinstance(name, str) and not self.stopping:

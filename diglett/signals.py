@@ -15,7 +15,7 @@ import blinker
 from diglett.reasons import CloseReason
 
 __all__ = ["CloseReason", "EventKind", "SessionEvent", "session_started", "session_ended",
-           "signal_of", "method_of"]
+           "session_updated", "signal_of", "method_of"]
 
 bus = blinker.Namespace()
 
@@ -26,18 +26,24 @@ session_started = bus.signal("session-started")
 #: Sent with ``event=SessionEvent(kind=EventKind.DISCONNECT)``.
 session_ended = bus.signal("session-ended")
 
+#: A live session's grant changed its access policy (``diglett-admin set``): routes are
+#: rendered again, the agent stays connected. Sent with ``event=SessionEvent(kind=UPDATE)``.
+session_updated = bus.signal("session-updated")
+
 
 class EventKind(enum.StrEnum):
     """The two events, by the name stored in the outbox and given to scripts as DIGLETT_EVENT."""
 
     CONNECT = "connect"
     DISCONNECT = "disconnect"
+    UPDATE = "update"
 
 
 # The one table of an event's other names: its signal and the hook method it calls.
 _NAMES = {
     EventKind.CONNECT: (session_started, "session_started"),
     EventKind.DISCONNECT: (session_ended, "session_ended"),
+    EventKind.UPDATE: (session_updated, "session_updated"),
 }
 
 
@@ -63,6 +69,9 @@ class SessionEvent:
     time: float = field(default_factory=time.time)
     started: float = 0.0  # when the session began (which of two sessions is newer)
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # the grant's access policy (diglett.policy.Policy.to_json(), checked by the server);
+    # empty: the hook's own settings. Not in fields(): scripts and webhooks see no secrets.
+    policy: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         object.__setattr__(self, "kind", EventKind(self.kind))  # a typo fails here, not later

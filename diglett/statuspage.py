@@ -125,8 +125,9 @@ _SCRIPT = """
 """
 
 
-def render(server, tunnels, now=None):
-    """The whole page for ``tunnels`` (the objects of /api/tunnels)."""
+def render(server, tunnels, now=None, extra=""):
+    """The whole page for ``tunnels`` (the objects of /api/tunnels); ``extra`` is more HTML
+    for the end of the page, already escaped (the grants panel of diglett.statusgrants)."""
     now = time.time() if now is None else now
     esc = html.escape
     config = server.config
@@ -143,7 +144,8 @@ def render(server, tunnels, now=None):
         agent_port=esc(str(server.agent_port)), style=_STYLE, heads=heads, rows=rows,
         count=len(tunnels), streams=sum(t["streams_open"] for t in tunnels),
         traffic=esc("%s / %s" % (_size(bytes_in), _size(bytes_out))),
-        rendered=esc(time.strftime("%H:%M:%S", time.localtime(now))), script=script)
+        rendered=esc(time.strftime("%H:%M:%S", time.localtime(now))), script=script,
+        extra=extra)
 
 
 def _row(tunnel, now):
@@ -213,6 +215,7 @@ _PAGE = """<!DOCTYPE html>
 <tbody id="tunnels">{rows}</tbody>
 </table>
 <footer id="updated" data-refreshes="0"><span class="live"></span><span id="stamp">rendered at {rendered}</span></footer>
+{extra}
 </main>
 <script>{script}</script>
 </body>

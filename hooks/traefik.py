@@ -7,6 +7,7 @@ although the PUT answers 200), and every ``check_interval`` seconds it compares 
 routers with the sessions and pushes again when they differ (Traefik restarted).
 """
 
+import collections
 import json
 import logging
 import time
@@ -23,6 +24,13 @@ log = logging.getLogger(__name__)
 ROUTER_PREFIX = "diglett-"  # routers and services are named diglett-NAME
 RESPONSE_LIMIT = 1 << 20  # bytes read from Traefik's API answers
 SETTLE_POLL = 0.2  # seconds between reads of Traefik's routers while a change settles
+MODES = ("http", "tcp")
+# A grant's own middlewares are named PREFIX + NAME: no prefix is a prefix of another, so no
+# two names (nor a router's name) ever produce the same middleware name.
+ALLOW_PREFIX = "diglett-allow-"  # ipAllowList
+FORWARD_AUTH_PREFIX = "diglett-fwd-"  # forwardAuth
+BASIC_AUTH_PREFIX = "diglett-auth-"  # basicAuth
+MIDDLEWARE_PREFIXES = (ALLOW_PREFIX, FORWARD_AUTH_PREFIX, BASIC_AUTH_PREFIX)
 
 
 class TraefikFailed(Exception):
@@ -35,43 +43,103 @@ ROUTE_OPTIONS = {
                                     "(default: the server's bind address)"),
     "entrypoints": ("list", "", "Traefik entrypoints of the routers (default: all)"),
     "cert_resolver": ("string", "", "certificate resolver: routers get TLS with it"),
-    "middlewares": ("list", "", "middlewares added to every router"),
-    "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough)"),
+    "middlewares": ("list", "", "middlewares added to every http router, before the "
+                                "grant's own (diglett-admin grant --basic-auth ...)"),
+    "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough); a grant's "
+                               "--mode overrides it"),
 }
 
 
-class Routes:
-    """What a session becomes in Traefik, from the ROUTE_OPTIONS: one router and one service,
-    both named diglett-NAME, in Traefik's dynamic-configuration form."""
+class PolicyNotApplicable(Exception):
+    """A grant's policy that this route cannot carry; the route is not published at all."""
 
-    def __init__(self, options):
+
+# What a session becomes in Traefik: its mode, its router and service (both named
+# diglett-NAME) and its own middlewares ({name: definition}), in dynamic-configuration form.
+Route = collections.namedtuple("Route", "mode name router service middlewares")
+
+
+class Routes:
+    """Routes from the ROUTE_OPTIONS and each grant's policy (``event.policy``, checked by the
+    server with diglett.policy before it reached an event)."""
+
+    def __init__(self, options, domain=""):
         self.mode = options["mode"]
-        if self.mode not in ("http", "tcp"):
+        if self.mode not in MODES:
             raise ValueError("mode must be http or tcp, got %r" % self.mode)
         self.upstream_host = options["upstream_host"]
         self.entrypoints = list(options["entrypoints"])
         self.cert_resolver = options["cert_resolver"]
         self.middlewares = list(options["middlewares"])
+        self.domain = (domain or "").lower()
+
+    def mode_of(self, event):
+        return (event.policy or {}).get("mode") or self.mode
 
     def render(self, event):
-        """(name, router, service) for one session's connect event."""
+        """The Route of one session's connect (or update) event; PolicyNotApplicable when
+        its policy needs HTTP but the route is TCP (never published without its auth)."""
+        policy = event.policy or {}
+        mode = self.mode_of(event)
         name = ROUTER_PREFIX + event.subdomain
         host = _bracketed(self.upstream_host or event.listen_host)
         router = {"service": name}
         if self.entrypoints:
             router["entryPoints"] = self.entrypoints
-        if self.mode == "tcp":
-            router["rule"] = "HostSNI(`%s`)" % event.host
-            router["tls"] = {"passthrough": True}
-            server = {"address": "%s:%d" % (host, event.listen_port)}
-        else:
-            router["rule"] = "Host(`%s`)" % event.host
-            if self.middlewares:
-                router["middlewares"] = self.middlewares
-            if self.cert_resolver:
-                router["tls"] = {"certResolver": self.cert_resolver}
-            server = {"url": "http://%s:%d" % (host, event.listen_port)}
-        return name, router, {"loadBalancer": {"servers": [server]}}
+        hosts = [event.host] + self._aliases(policy)
+        if mode == "tcp":
+            return self._tcp(event, policy, name, router, hosts, host)
+        router["rule"] = " || ".join("Host(`%s`)" % h for h in hosts)
+        middlewares = _http_middlewares(event.subdomain, policy)
+        chain = self.middlewares + list(middlewares) + list(policy.get("middlewares", ()))
+        if chain:
+            router["middlewares"] = chain
+        if self.cert_resolver:  # every Host of the rule gets its certificate
+            router["tls"] = {"certResolver": self.cert_resolver}
+        service = {"loadBalancer": {"servers": [
+            {"url": "http://%s:%d" % (host, event.listen_port)}]}}
+        return Route(mode, name, router, service, middlewares)
+
+    def _tcp(self, event, policy, name, router, hosts, host):
+        needs_http = [option for option in ("basic_auth", "forward_auth", "middlewares")
+                      if policy.get(option)]
+        if needs_http:
+            raise PolicyNotApplicable(
+                "%s: the grant asks for %s but the route is tcp (TLS passthrough); set the "
+                "grant's mode to http" % (event.subdomain, ", ".join(needs_http)))
+        router["rule"] = " || ".join("HostSNI(`%s`)" % h for h in hosts)
+        router["tls"] = {"passthrough": True}
+        middlewares = {}
+        if policy.get("allow"):
+            middlewares[ALLOW_PREFIX + event.subdomain] = {
+                "ipAllowList": {"sourceRange": list(policy["allow"])}}
+            router["middlewares"] = list(middlewares)
+        service = {"loadBalancer": {"servers": [
+            {"address": "%s:%d" % (host, event.listen_port)}]}}
+        return Route("tcp", name, router, service, middlewares)
+
+    def _aliases(self, policy):
+        """The grant's aliases, never one inside the tunnel domain (diglett-admin refuses
+        those; a hand-edited row must not take another name's host either)."""
+        return [alias for alias in policy.get("aliases", ())
+                if not (self.domain and (alias == self.domain
+                                         or alias.endswith("." + self.domain)))]
+
+
+def _http_middlewares(subdomain, policy):
+    """{name: definition} of the grant's own HTTP middlewares, in the order they run: the
+    allow list refuses cheapest, forward auth then basic auth ask for credentials."""
+    middlewares = {}
+    if policy.get("allow"):
+        middlewares[ALLOW_PREFIX + subdomain] = {
+            "ipAllowList": {"sourceRange": list(policy["allow"])}}
+    if policy.get("forward_auth"):
+        middlewares[FORWARD_AUTH_PREFIX + subdomain] = {
+            "forwardAuth": {"address": policy["forward_auth"]}}
+    if policy.get("basic_auth"):
+        middlewares[BASIC_AUTH_PREFIX + subdomain] = {
+            "basicAuth": {"users": list(policy["basic_auth"])}}
+    return middlewares
 
 
 class TraefikHook(Hook):
@@ -91,7 +159,7 @@ class TraefikHook(Hook):
         self.api = options["api"].rstrip("/")
         if not self.api.startswith(("http://", "https://")):
             raise ValueError("api must be an http:// or https:// URL, got %r" % self.api)
-        self.routes = Routes(options)
+        self.routes = Routes(options, getattr(context, "domain", ""))
         self.mode = self.routes.mode
         self.check_interval = options["check_interval"]
         self.timeout = options["timeout"]
@@ -113,13 +181,20 @@ class TraefikHook(Hook):
     def session_ended(self, event):
         self.sync()
 
+    def session_updated(self, event):
+        self.sync()  # the grant's policy changed: the whole configuration is rendered again
+
     def describe(self, name):
         """The router and service Traefik serves for ``name`` now, read from its API."""
-        base = "/api/%s/" % self.mode
-        try:
-            router = self._call("GET", base + "routers/%s%s@rest" % (ROUTER_PREFIX, name))
-        except TraefikFailed as exc:
-            return {"route": None, "detail": str(exc)}
+        modes = [self.mode] + [mode for mode in MODES if mode != self.mode]
+        for mode in modes:  # a grant's --mode may differ from the hook's
+            base = "/api/%s/" % mode
+            try:
+                router = self._call("GET", base + "routers/%s%s@rest" % (ROUTER_PREFIX, name))
+                break
+            except TraefikFailed as exc:
+                if mode == modes[-1]:
+                    return {"route": None, "detail": str(exc)}
         try:
             service = self._call("GET", base + "services/%s%s@rest" % (ROUTER_PREFIX, name))
         except TraefikFailed:
@@ -127,6 +202,7 @@ class TraefikHook(Hook):
         servers = (service or {}).get("loadBalancer", {}).get("servers", [])
         return {"route": router.get("rule"), "status": router.get("status"),
                 "entrypoints": router.get("entryPoints"),
+                "middlewares": router.get("middlewares") or [],
                 "servers": [s.get("url") or s.get("address") for s in servers],
                 "errors": router.get("error") or []}
 
@@ -135,11 +211,22 @@ class TraefikHook(Hook):
         """The whole dynamic configuration for ``sessions`` (connect events of active ones).
 
         Empty maps are explicit: Traefik ignores a PUT of ``{}`` and would keep old routes.
+        The hook's mode is always there; the other mode, and middlewares, only when used.
+        A session whose policy cannot apply is left out (fail closed) and logged.
         """
-        routers, services = {}, {}
+        desired = {self.mode: {"routers": {}, "services": {}}}
         for event in sessions:
-            name, routers[name], services[name] = self.routes.render(event)
-        return {self.mode: {"routers": routers, "services": services}}
+            try:
+                route = self.routes.render(event)
+            except PolicyNotApplicable as exc:
+                log.error("hook=traefik subdomain=%s not published: %s", event.subdomain, exc)
+                continue
+            section = desired.setdefault(route.mode, {"routers": {}, "services": {}})
+            section["routers"][route.name] = route.router
+            section["services"][route.name] = route.service
+            if route.middlewares:
+                section.setdefault("middlewares", {}).update(route.middlewares)
+        return desired
 
     # ----- talking to Traefik -----------------------------------------------------------
     def sync(self):
@@ -158,10 +245,15 @@ class TraefikHook(Hook):
 
     def _refused(self, desired):
         """Routers Traefik does not serve as we sent them, with Traefik's reason."""
-        wanted = set(desired[self.mode]["routers"])
+        problems = []
+        for mode, section in desired.items():
+            problems += self._refused_of(mode, set(section["routers"]))
+        return problems
+
+    def _refused_of(self, mode, wanted):
         problems = []
         seen = set()
-        for router in self._routers():
+        for router in self._routers(mode):
             name = router.get("name", "").rsplit("@", 1)[0]
             if not router.get("name", "").endswith("@rest") or name not in wanted:
                 continue
@@ -171,15 +263,18 @@ class TraefikHook(Hook):
         problems.extend("%s: missing" % name for name in sorted(wanted - seen))
         return problems
 
-    def _routers(self):
-        return self._call("GET", "/api/%s/routers" % self.mode) or []
+    def _routers(self, mode=None):
+        return self._call("GET", "/api/%s/routers" % (mode or self.mode)) or []
 
     def out_of_step(self):
         """True when Traefik's REST routers are not the ones the sessions call for."""
-        desired = set(self.render(self.context.active_sessions())[self.mode]["routers"])
-        present = {r.get("name", "").rsplit("@", 1)[0] for r in self._routers()
-                   if r.get("name", "").endswith("@rest")}
-        return present != desired
+        desired = self.render(self.context.active_sessions())
+        for mode, section in desired.items():
+            present = {r.get("name", "").rsplit("@", 1)[0] for r in self._routers(mode)
+                       if r.get("name", "").endswith("@rest")}
+            if present != set(section["routers"]):
+                return True
+        return False
 
     def _check_loop(self):
         failing = False

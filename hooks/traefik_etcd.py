@@ -26,7 +26,9 @@ import gevent.event
 
 from diglett import etcd
 from diglett.hookapi import Hook
-from diglett.hooks.traefik import ROUTE_OPTIONS, ROUTER_PREFIX, Routes
+from diglett.hooks.traefik import (
+    MIDDLEWARE_PREFIXES, MODES, ROUTE_OPTIONS, ROUTER_PREFIX, PolicyNotApplicable, Routes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class TraefikEtcdHook(Hook):
                              "one lost refresh does not lose the lease"
                              % (self.keepalive, self.ttl))
         self.check_interval = options["check_interval"]
-        self.routes = Routes(options)
+        self.routes = Routes(options, getattr(context, "domain", ""))
         self.gateway_id = getattr(context, "gateway_id", None) or socket.gethostname()
         self.lease = None
         self._lease_ready = gevent.event.Event()
@@ -104,6 +106,9 @@ class TraefikEtcdHook(Hook):
 
     def session_ended(self, event):
         self.release(event)
+
+    def session_updated(self, event):
+        self.claim(event)  # the same session: it still owns the name, its keys are replaced
 
     def describe(self, name):
         """The owner of ``name`` and the route keys etcd holds for it now."""
@@ -138,19 +143,37 @@ class TraefikEtcdHook(Hook):
         return "%s/owner/%s" % (self.namespace, subdomain)
 
     def route_prefixes(self, subdomain):
-        base = "%s/%s/" % (self.root, self.routes.mode)
-        return [base + "routers/%s%s/" % (ROUTER_PREFIX, subdomain),
-                base + "services/%s%s/" % (ROUTER_PREFIX, subdomain)]
+        """Every prefix a route of ``subdomain`` may write, in either mode (a grant's --mode
+        may change while it is live): router, service and the grant's own middlewares."""
+        prefixes = []
+        for mode in MODES:
+            base = "%s/%s/" % (self.root, mode)
+            prefixes += [base + "routers/%s%s/" % (ROUTER_PREFIX, subdomain),
+                         base + "services/%s%s/" % (ROUTER_PREFIX, subdomain)]
+            prefixes += [base + "middlewares/%s%s/" % (prefix, subdomain)
+                         for prefix in MIDDLEWARE_PREFIXES]
+        return prefixes
 
     def route_keys(self, event):
-        """{key: value} of one route: the REST hook's router and service, flattened the way
-        Traefik's KV providers read them (keys are case-insensitive, lists are indexed)."""
-        router_prefix, service_prefix = self.route_prefixes(event.subdomain)
-        _, router, service = self.routes.render(event)
+        """{key: value} of one route: the REST hook's router, service and middlewares,
+        flattened the way Traefik's KV providers read them (keys are case-insensitive, lists
+        are indexed)."""
+        route = self.routes.render(event)
+        base = "%s/%s/" % (self.root, route.mode)
         keys = {}
-        _flatten(router_prefix.rstrip("/"), router, keys)
-        _flatten(service_prefix.rstrip("/"), service, keys)
+        _flatten(base + "routers/" + route.name, route.router, keys)
+        _flatten(base + "services/" + route.name, route.service, keys)
+        for name, definition in route.middlewares.items():
+            _flatten(base + "middlewares/" + name, definition, keys)
         return keys
+
+    def stale_keys(self, event, wanted):
+        """Keys of ``event``'s name in etcd that its route no longer has (a policy change:
+        basic auth dropped, mode switched): deleted in the claim's transaction, one by one
+        (etcd refuses a range delete that overlaps a put of the same transaction)."""
+        present = {key.decode() for prefix in self.route_prefixes(event.subdomain)
+                   for key, _, _ in self.client.range(prefix, prefix=True)}
+        return sorted(present - set(wanted))
 
     def owner_value(self, event):
         return json.dumps({"gateway": self.gateway_id, "session": event.session_id,
@@ -162,10 +185,18 @@ class TraefikEtcdHook(Hook):
         lease = self._wait_lease()
         key = self.owner_key(event.subdomain)
         mine = self.owner_value(event)
-        writes = [etcd.put(key, mine, lease)] + [
-            etcd.put(k, v, lease) for k, v in self.route_keys(event).items()]
+        try:
+            route = self.route_keys(event)
+        except PolicyNotApplicable as exc:  # fail closed: no route rather than one unguarded
+            self.release(event)
+            raise etcd.EtcdError("not published: %s" % exc) from None
         current = self.client.range(key)
         for _ in range(CLAIM_ATTEMPTS):
+            # read after the owner key: a change of the route keys changes its revision too
+            writes = [etcd.put(key, mine, lease)] + [
+                etcd.put(k, v, lease) for k, v in route.items()] + [
+                {"request_delete_range": {"key": etcd._b64(k)}}
+                for k in self.stale_keys(event, route)]
             revision = 0
             if current:
                 _, value, revision = current[0]

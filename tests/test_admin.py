@@ -75,7 +75,7 @@ def test_grants_table_is_aligned_with_fingerprints(conf):
     ok(conf, "grant", "foo", "--key", KEY, "--comment", "first")
     ok(conf, "grant", "a-much-longer-name", "--key", OTHER_KEY, "--port", "30002")
     lines = ok(conf, "grants").stdout.splitlines()
-    assert lines[0].split() == ["NAME", "KEY", "PORT", "CREATED", "(UTC)", "COMMENT"]
+    assert lines[0].split() == ["NAME", "KEY", "PORT", "CREATED", "(UTC)", "COMMENT", "POLICY"]
     assert len(lines) == 3
     key_column = lines[0].index("KEY")
     assert lines[1][key_column:].startswith(crypto.fingerprint(OTHER_KEY))

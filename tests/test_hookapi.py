@@ -71,7 +71,7 @@ def test_every_builtin_hook_derives_from_hook():
 
 def test_the_event_table_names_each_method():
     assert [signals.method_of(kind) for kind in signals.EventKind] == [
-        "session_started", "session_ended"]
+        "session_started", "session_ended", "session_updated"]
     assert signals.method_of("connect") == "session_started"
     for kind in signals.EventKind:
         assert callable(getattr(hookapi.Hook, signals.method_of(kind)))

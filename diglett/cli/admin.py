@@ -13,9 +13,11 @@ import pwd
 import sys
 import time
 
-from diglett import __version__, config, crypto, hookloader
-from diglett.cli import explain, logs
+from diglett import __version__, config, crypto, hookloader, invitecode
+from diglett.cli import explain, invites, logs
+from diglett.cli.policyargs import add_policy_options, policy_changes
 from diglett.names import InvalidName, validate_subdomain
+from diglett.policy import PolicyError
 from diglett.registry import Registry, RegistryError, default_actor, iso_time
 
 PROG = "diglett-admin"
@@ -77,6 +79,19 @@ def build_parser():
     grant.add_argument("--port", type=port_number, metavar="N",
                        help="pin the tunnel to this port (unique among grants)")
     grant.add_argument("--comment", default="", metavar="TEXT", help="a note, e.g. the owner")
+    add_policy_options(grant)
+
+    set_policy = commands.add_parser(
+        "set", help="change the access policy of a name's grants (live, no reconnect)",
+        description="Change the access policy of NAME's grants (of KEY only, with --key) "
+        "without re-granting: an option given replaces that option (repeat a list option "
+        "for several values), --clear empties one. The running server notices within 2 s "
+        "and the Traefik hooks update the live route; the agent stays connected.")
+    set_policy.add_argument("name", metavar="NAME")
+    set_policy.add_argument("--key", metavar="HEX", help="only the grant to this key")
+    add_policy_options(set_policy, clearable=True)
+
+    invites.add_parsers(commands, port_number)
 
     revoke = commands.add_parser(
         "revoke", help="remove a grant; %s" % REVOKE_NOTICE,
@@ -144,7 +159,7 @@ def main(argv=None):
         applied = registry.migrate()
         COMMANDS[args.command](args, cfg, registry, applied)
     except (config.ConfigError, RegistryError, InvalidName, crypto.KeyFormatError,
-            AdminError) as exc:
+            PolicyError, invitecode.InvalidCode, invites.InviteError, AdminError) as exc:
         print("%s: error: %s" % (PROG, exc), file=sys.stderr)
         return EXIT_ERROR
     finally:
@@ -195,11 +210,28 @@ def actor():
 
 
 def cmd_grant(args, cfg, registry, applied):
+    changes, clear = policy_changes(args, cfg.domain)
     grant = registry.grant(args.name, args.key, port=args.port, comment=args.comment,
-                           actor=actor())
+                           actor=actor(), changes=changes, clear=clear)
     pinned = " on port %d" % grant.port if grant.port is not None else ""
     print("granted %s.%s to key %s%s" % (grant.subdomain, cfg.domain,
                                          crypto.fingerprint(grant.key), pinned))
+    if grant.policy.summary() != "-":
+        print("policy: %s" % grant.policy.summary())
+
+
+def cmd_set(args, cfg, registry, applied):
+    changes, clear = policy_changes(args, cfg.domain)
+    if not changes and not clear:
+        raise AdminError("nothing to change: give a policy option or --clear (see: %s set "
+                         "--help)" % PROG)
+    updated = registry.set_policy(args.name, args.key, changes, clear, actor=actor())
+    if not updated:
+        raise AdminError("no grant of %s to change (see: %s grants)" % (args.name.lower(), PROG))
+    for grant in updated:
+        print("%s key %s: %s" % (grant.subdomain, crypto.fingerprint(grant.key),
+                                 grant.policy.summary()))
+    print("the running server applies it to the live route within a few seconds")
 
 
 def cmd_revoke(args, cfg, registry, applied):
@@ -218,8 +250,9 @@ def cmd_grants(args, cfg, registry, applied):
     if args.json:
         return print_json([grant.to_json() for grant in grants])
     rows = [(g.subdomain, crypto.fingerprint(g.key), "-" if g.port is None else str(g.port),
-             short_time(g.created), g.comment) for g in grants]
-    print_table(("NAME", "KEY", "PORT", "CREATED (UTC)", "COMMENT"), rows, "no grants")
+             short_time(g.created), g.comment or "-", g.policy.summary()) for g in grants]
+    print_table(("NAME", "KEY", "PORT", "CREATED (UTC)", "COMMENT", "POLICY"), rows,
+                "no grants")
 
 
 def cmd_sessions(args, cfg, registry, applied):
@@ -320,6 +353,8 @@ def cmd_migrate(args, cfg, registry, applied):
 
 COMMANDS = {
     "grant": cmd_grant,
+    "set": cmd_set,
+    **invites.COMMANDS,
     "revoke": cmd_revoke,
     "grants": cmd_grants,
     "sessions": cmd_sessions,

@@ -20,7 +20,7 @@ from diglett.cli import logs
 
 DEFAULT_KEY_FILE = Path("~/.config/diglett/agent.key")
 KNOWN_SERVERS_NAME = "known_servers"  # default file, next to the key file
-SUBCOMMANDS = ("keygen", "pubkey", "demo")
+SUBCOMMANDS = ("keygen", "pubkey", "demo", "enroll")
 OPTIONS = ("gateway", "name", "key-file", "server-key", "info-url", "known-servers",
            "backend", "log-level", "proxy-protocol")  # also the keys of the [agent] section
 
@@ -81,9 +81,15 @@ def demo(argv):
     return local_demo.main(argv)
 
 
+def enroll(argv):
+    from diglett.cli import enroll as enrolment
+
+    return enrolment.main(argv, DEFAULT_KEY_FILE, KNOWN_SERVERS_NAME)
+
+
 def run_parser():
     parser = argparse.ArgumentParser(
-        prog="diglett", usage="diglett [options] BACKEND | diglett {keygen,pubkey} [--key-file F] | diglett demo",
+        prog="diglett", usage="diglett [options] BACKEND | diglett {keygen,pubkey} [--key-file F] | diglett demo | diglett enroll CODE",
         description="Expose BACKEND (HOST:PORT of a local service) as NAME.DOMAIN through a "
         "diglett server. Exit codes: 0 stopped, 2 bad arguments/config/key file, 3 no grant, "
         "4 invalid name, 5 server key mismatch, 6 revoked, 7 replaced by another agent with "
@@ -118,6 +124,12 @@ def settings(args):
         flag = getattr(args, option.replace("-", "_"))
         if flag is not None:
             values[option] = flag
+    if not values.get("gateway") and values.get("name"):  # `diglett enroll` remembered it
+        from diglett.cli import enroll as enrolment
+
+        key_file = Path(values.get("key-file") or DEFAULT_KEY_FILE).expanduser()
+        values["gateway"] = enrolment.gateway_of(key_file.parent / enrolment.ENROLLED_NAME,
+                                                 values["name"].lower())
     for required in ("gateway", "name", "backend"):
         if not values.get(required):
             raise UsageError("missing %s (give it on the command line or in the [agent] "
@@ -135,7 +147,8 @@ def settings(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
-        return {"keygen": keygen, "pubkey": pubkey, "demo": demo}[argv[0]](argv[1:])
+        return {"keygen": keygen, "pubkey": pubkey, "demo": demo,
+                "enroll": enroll}[argv[0]](argv[1:])
     args = run_parser().parse_args(argv)
     try:
         values = settings(args)

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 
 from diglett import crypto, hookapi, hookloader
+from diglett.policy import Policy
 from diglett.registry import LEGACY_GATEWAY, iso_time
 
 HTTP_TIMEOUT = 2  # seconds for each of the server's and Traefik's APIs
@@ -105,8 +106,9 @@ def print_status(report):
     print("\ngrants:")
     for grant in report["grants"] or [None]:
         print("  (none: no key may serve this name)" if grant is None else
-              "  key %s  port %s  %s  %s" % (grant["fingerprint"], grant["port"] or "-",
-                                             grant["created"], grant["comment"]))
+              "  key %s  port %s  %s  %s%s" % (grant["fingerprint"], grant["port"] or "-",
+                                               grant["created"], grant["comment"],
+                                               _policy_line(grant)))
     session = report["session"]
     print("\nsession:")
     if session is None:
@@ -150,3 +152,9 @@ def _print_published(found):
     for key, value in sorted(found.items()):
         if key not in ("route", "servers", "status", "errors", "entrypoints", "detail"):
             print("  %s: %s" % (key, json.dumps(value, sort_keys=True)))
+
+
+def _policy_line(grant):
+    """The grant's policy as `grants` shows it, on its own line; nothing without one."""
+    summary = Policy.from_json(grant.get("policy") or {}).summary()
+    return "" if summary == "-" else "\n    policy: %s" % summary

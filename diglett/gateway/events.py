@@ -33,15 +33,36 @@ class SessionEvents:
     def host_of(self, name):
         return "%s.%s" % (name, self.domain)
 
+    def policy_of(self, subdomain, key):
+        """The grant's policy JSON for the events; the server sets its GrantCache.policy_of
+        here (read from memory, never from the database). By default: none."""
+        return {}
+
     def event(self, row, kind, reason=""):
         return SessionEvent(
             kind=kind, subdomain=row.subdomain, host=self.host_of(row.subdomain),
             listen_host=row.host, listen_port=row.port, agent_key=row.key,
-            session_id=row.id, reason=reason, started=row.started)
+            session_id=row.id, reason=reason, started=row.started,
+            policy=self.policy_of(row.subdomain, row.key))
 
     def deliveries(self, event):
         """One outbox row per enabled hook, written with the session change."""
         return [(name, event.to_json()) for name in self.hook_names]
+
+    def updated(self, row):
+        """The grant of a live session changed its policy: queue an update for every hook,
+        then signal; nothing if the session ended meanwhile (its route is gone)."""
+        event = self.event(row, EventKind.UPDATE)
+        queued = {}
+
+        def queue():
+            queued["done"] = self.registry.queue_update(row.id, self.deliveries(event))
+
+        def committed():
+            if queued.get("done"):
+                signals.session_updated.send(self, event=event)
+
+        self.db.submit(queue, (), after=committed)
 
     def started(self, row, recorded):
         """Queue the row; ``recorded()`` runs once it is committed, before the signal."""

@@ -54,6 +54,16 @@ class GrantCache:
             self.grants[(name, key)] = grant
         return self.grants
 
+    def add(self, grant):
+        """A grant made here (an enrolment): usable at once, before the next poll."""
+        if self.grants is not None:
+            self.grants[(grant.subdomain, grant.key)] = grant
+
+    def policy_of(self, name, key):
+        """The JSON policy of the grant (name, key), from memory; {} when there is none."""
+        grant = (self.grants or {}).get((name, key))
+        return grant.policy.to_json() if grant is not None else {}
+
 
 class RegistryPoller:
     def __init__(self, server):
@@ -71,12 +81,20 @@ class RegistryPoller:
                 self.prune_audit()
 
     def revoke_ungranted(self):
+        """Reload the grants: end the sessions whose grant went, and tell the hooks of those
+        whose grant changed its policy (the route changes, the agent stays connected)."""
         cache = self.server.grants
+        before = {id(s): cache.policy_of(s.subdomain, s.key)
+                  for s in self.server.sessions.values()}
         if not cache.reload():
             return
         for session in list(self.server.sessions.values()):
             if (session.subdomain, session.key) not in cache.grants:
                 session.terminate(CloseReason.REVOKED, ErrorCode.REVOKED, "grant revoked")
+            elif before.get(id(session), {}) != cache.policy_of(
+                    session.subdomain, session.key):
+                log.info("%s policy changed: updating its routes", session.label)
+                self.server.events.updated(session.row())
 
     def handle_kicks(self):
         server = self.server

@@ -18,18 +18,19 @@ from diglett.registry.audit import AuditTable
 from diglett.registry.database import Connection
 from diglett.registry.gateways import GatewayTable
 from diglett.registry.grants import GrantTable
+from diglett.registry.invites import InviteTable
 from diglett.registry.kicks import KickTable
 from diglett.registry.migrate import Migrations
 from diglett.registry.models import (
-    AuditLogModel, GatewayModel, GrantModel, KickModel, OutboxModel, SchemaVersionModel,
-    SessionModel, bind,
+    AuditLogModel, GatewayModel, GrantModel, InviteModel, KickModel, OutboxModel,
+    SchemaVersionModel, SessionModel, bind,
 )
 from diglett.registry.outbox import OutboxTable
 from diglett.registry.sessions import SessionTable
 
 
-class Registry(GrantTable, SessionTable, GatewayTable, KickTable, AuditTable, OutboxTable,
-               Migrations, Connection):
+class Registry(GrantTable, InviteTable, SessionTable, GatewayTable, KickTable, AuditTable,
+               OutboxTable, Migrations, Connection):
     """Grants, sessions, gateways, kicks, the audit trail and the hook outbox in one database.
 
     Every method is synchronous and thread-agnostic; ``Connection`` says how threads, locks
@@ -45,6 +46,7 @@ class Registry(GrantTable, SessionTable, GatewayTable, KickTable, AuditTable, Ou
         self._outbox = bind(OutboxModel, self.db)
         self._kicks = bind(KickModel, self.db)
         self._gateways = bind(GatewayModel, self.db)
+        self._invites = bind(InviteModel, self.db)
         self._writes = 0  # bumped after each own commit: invalidates the grant snapshot cache
         self._local = threading.local()  # per-connection snapshot cache (like peewee's state)
         if migrate:

@@ -5,10 +5,16 @@ and the checks on what an operator may store. It must not decide admission: the 
 decides from the snapshot.
 """
 
+import json
+import logging
 import time
 
 from diglett import crypto, names
+from diglett.policy import OPTION_NAMES, Policy
 from diglett.registry.records import Grant, RegistryError, default_actor
+
+log = logging.getLogger(__name__)
+POLICY_FIELDS = frozenset(OPTION_NAMES.values())  # every field of a Policy
 
 MAX_COMMENT_LEN = 200  # characters in a grant comment; one line in `diglett-admin grants`
 PORT_RANGE = (1, 65535)
@@ -22,16 +28,22 @@ class GrantTable:
     The underscore methods run inside ``_call``, which retries and translates errors.
     """
 
-    def grant(self, subdomain, key, port=None, comment="", actor=None):
-        """Create or update the grant (subdomain, key); returns it."""
+    def grant(self, subdomain, key, port=None, comment="", actor=None, changes=None, clear=()):
+        """Create or update the grant (subdomain, key); returns it.
+
+        ``changes`` ({Policy field: value}) and ``clear`` (fields to empty) edit its policy;
+        the options not named keep their value on an existing grant.
+        """
         subdomain = names.validate_subdomain(subdomain)
         key = crypto.normalize_public_key(key)
-        _check_port(port)
-        _check_comment(comment)
+        check_port(port)
+        check_comment(comment)
+        Policy().updated(changes, clear)  # refuse bad input before touching the database
         actor = actor or default_actor()
-        return self._call(self._grant, subdomain, key, port, comment or "", actor)
+        return self._call(self._grant, subdomain, key, port, comment or "", actor,
+                          changes, tuple(clear))
 
-    def _grant(self, subdomain, key, port, comment, actor):
+    def _grant(self, subdomain, key, port, comment, actor, changes=None, clear=()):
         model = self._grants
         this = (model.subdomain == subdomain) & (model.key == key)
         with self._write():
@@ -44,18 +56,62 @@ class GrantTable:
                         % (port, holder.subdomain, crypto.fingerprint(holder.key))
                     )
             row = model.get_or_none(this)
+            policy = _policy_of(row).updated(changes, clear)
+            self._check_aliases_free(subdomain, policy)
             if row is None:
                 action = "grant"
                 row = model.create(
-                    subdomain=subdomain, key=key, port=port, comment=comment, created=time.time()
+                    subdomain=subdomain, key=key, port=port, comment=comment, created=time.time(),
+                    policy=_policy_text(policy),
                 )
             else:
                 action = "regrant"
-                row.port, row.comment = port, comment
+                row.port, row.comment, row.policy = port, comment, _policy_text(policy)
                 row.save()
-            self._log(actor, action, subdomain, key, "port=%s comment=%r" % (port, comment))
+            self._log(actor, action, subdomain, key, "port=%s comment=%r policy=%s"
+                      % (port, comment, policy.summary()))
         self._writes += 1
         return _grant_of(row)
+
+    def set_policy(self, subdomain, key=None, changes=None, clear=(), actor=None):
+        """Edit the policy of ``subdomain``'s grants (of ``key`` only, if given), keeping
+        their keys, ports and comments; returns the updated grants (none: no such grant)."""
+        subdomain = names.validate_subdomain(subdomain)
+        if key is not None:
+            key = crypto.normalize_public_key(key)
+        Policy().updated(changes, clear)
+        return self._call(self._set_policy, subdomain, key, changes, tuple(clear),
+                          actor or default_actor())
+
+    def _set_policy(self, subdomain, key, changes, clear, actor):
+        model = self._grants
+        where = model.subdomain == subdomain
+        if key is not None:
+            where &= model.key == key
+        updated = []
+        with self._write():
+            for row in model.select().where(where).order_by(model.key):
+                # --clear all starts afresh: the way out of a row that fails its checks
+                start = Policy() if set(clear) >= POLICY_FIELDS else _policy_of(row)
+                policy = start.updated(changes, clear)
+                self._check_aliases_free(subdomain, policy)
+                row.policy = _policy_text(policy)
+                row.save()
+                self._log(actor, "policy", subdomain, row.key, policy.summary())
+                updated.append(_grant_of(row))
+        self._writes += 1
+        return updated
+
+    def _check_aliases_free(self, subdomain, policy):
+        """An alias routes to one name only: refuse one another name's grant holds."""
+        if not policy.aliases:
+            return
+        model = self._grants
+        for row in model.select().where(model.subdomain != subdomain):
+            taken = set(policy.aliases) & set(_policy_of(row).aliases)
+            if taken:
+                raise RegistryError("alias %s already routes to %s; remove it there first"
+                                    % (", ".join(sorted(taken)), row.subdomain))
 
     def revoke(self, subdomain, key=None, actor=None):
         """Remove the grant of ``subdomain`` to ``key`` (or to every key); returns how many."""
@@ -79,7 +135,7 @@ class GrantTable:
     def grants(self):
         model = self._grants
         query = model.select().order_by(model.subdomain, model.key)
-        return self._call(lambda: [_grant_of(row) for row in query])
+        return self._call(lambda: [g for g in map(_grant_of, query) if g is not None])
 
     def find_grant(self, subdomain, key):
         subdomain = names.validate_subdomain(subdomain)
@@ -102,7 +158,8 @@ class GrantTable:
         stamp = self._stamp()
         if cache is not None and stamp is not None and cache[0] == stamp:
             return cache[1]
-        grants = {(g.subdomain, g.key): g for g in map(_grant_of, self._grants.select())}
+        grants = {(g.subdomain, g.key): g for g in map(_grant_of, self._grants.select())
+                  if g is not None}
         self._local.snapshot = (stamp, grants)
         return grants
 
@@ -117,7 +174,7 @@ class GrantTable:
         return (connection, data_version, self._writes)
 
 
-def _check_port(port):
+def check_port(port):
     if port is None:
         return
     low, high = PORT_RANGE
@@ -125,7 +182,7 @@ def _check_port(port):
         raise RegistryError("port must be a number from %d to %d, got %r" % (*PORT_RANGE, port))
 
 
-def _check_comment(comment):
+def check_comment(comment):
     if comment is None:
         return
     if len(comment) > MAX_COMMENT_LEN or not comment.isprintable():
@@ -134,5 +191,29 @@ def _check_comment(comment):
         )
 
 
+def _policy_text(policy):
+    return json.dumps(policy.to_json(), sort_keys=True, separators=(",", ":"))
+
+
+def _policy_of(row):
+    """The row's policy, checked again; a row that fails (edited by hand) raises."""
+    if row is None:
+        return Policy()
+    try:
+        return Policy.from_json(json.loads(row.policy or "{}"))
+    except (ValueError, TypeError) as exc:  # PolicyError is a ValueError, as is bad JSON
+        raise RegistryError("the policy stored for %s is invalid (%s); start it afresh with "
+                            "diglett-admin set %s --clear all" % (row.subdomain, exc,
+                                                                  row.subdomain)) from None
+
+
 def _grant_of(row):
-    return Grant(row.subdomain, row.key, row.port, row.comment, row.created)
+    """A grant whose stored policy fails its checks fails closed: the server refuses the
+    key (a route without its basic auth or allow list must never be published)."""
+    try:
+        policy = _policy_of(row)
+    except RegistryError as exc:
+        log.error("%s; ignoring the grant of %s to key %s", exc, row.subdomain,
+                  crypto.fingerprint(row.key))
+        return None
+    return Grant(row.subdomain, row.key, row.port, row.comment, row.created, policy)

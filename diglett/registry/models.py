@@ -21,6 +21,7 @@ class GrantModel(_Base):
     port = peewee.IntegerField(null=True, unique=True)  # NULLs do not collide
     comment = peewee.TextField(default="")
     created = peewee.FloatField()
+    policy = peewee.TextField(null=True, default="{}")  # JSON of diglett.policy.Policy; NULL: {}
 
     class Meta:
         table_name = "grants"
@@ -118,8 +119,27 @@ class GatewayModel(_Base):
         table_name = "gateways"
 
 
+class InviteModel(_Base):
+    """One-time enrolment codes; a redeemed one keeps the key it was bound to."""
+
+    id = peewee.CharField(max_length=16, primary_key=True)  # hex of the code's invite id
+    subdomain = peewee.CharField(max_length=63)
+    secret_hash = peewee.CharField(max_length=64)  # SHA-256 hex: the secret is never stored
+    policy = peewee.TextField(default="{}")  # the grant's policy, as grants.policy
+    port = peewee.IntegerField(null=True)
+    comment = peewee.TextField(default="")
+    actor = peewee.TextField()
+    created = peewee.FloatField()
+    expires = peewee.FloatField()
+    used = peewee.FloatField(null=True)
+    used_by = peewee.CharField(max_length=66, null=True)
+
+    class Meta:
+        table_name = "invites"
+
+
 MODELS = (GrantModel, SessionModel, AuditLogModel, OutboxModel, KickModel,
-          GatewayModel)  # the migrations
+          GatewayModel, InviteModel)  # the migrations
 
 
 def bind(model, db):

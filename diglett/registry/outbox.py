@@ -10,13 +10,13 @@ import json
 import time
 
 from diglett.registry.records import (
-    DELIVERY_DEAD, DELIVERY_DONE, DELIVERY_PENDING, LEGACY_GATEWAY, Delivery,
+    DELIVERY_DEAD, DELIVERY_DONE, DELIVERY_PENDING, LEGACY_GATEWAY, STATE_ACTIVE, Delivery,
 )
 
 
 class OutboxTable:
-    """Mixed into ``Registry``: uses ``self._outbox``, ``_call``, ``_write``, ``_write_query``
-    and ``_log``.
+    """Mixed into ``Registry``: uses ``self._outbox``, ``_sessions`` (an update is queued only
+    for an active session), ``_call``, ``_write``, ``_write_query`` and ``_log``.
 
     The underscore methods run inside ``_call``, which retries and translates errors.
     """
@@ -72,6 +72,21 @@ class OutboxTable:
         model = self._outbox
         query = model.delete().where((model.state != DELIVERY_PENDING) & (model.created < before))
         return self._call(self._write_query, query)
+
+    def queue_update(self, session_id, deliveries):
+        """Queue ``deliveries`` (an update event) for the session ``session_id`` while it is
+        still active; False (nothing queued) once it ended: its route is gone anyway."""
+        return self._call(self._queue_update, session_id, deliveries)
+
+    def _queue_update(self, session_id, deliveries):
+        sessions = self._sessions
+        with self._write():
+            row = sessions.get_or_none((sessions.id == session_id)
+                                       & (sessions.state == STATE_ACTIVE))
+            if row is None:
+                return False
+            self._queue(row, deliveries)
+        return True
 
     def _queue(self, row, deliveries, gateway=None):
         """Outbox rows for the hooks of ``gateway`` (default: the session's own gateway)."""

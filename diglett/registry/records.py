@@ -9,9 +9,11 @@ and the default audit actor. It must not import peewee or open a database: reade
 import datetime
 import os
 import pwd
+import time
 from dataclasses import asdict, dataclass
 
 from diglett import crypto
+from diglett.policy import Policy
 
 STATE_ACTIVE = "active"
 STATE_ENDED = "ended"
@@ -24,6 +26,11 @@ DELIVERY_DEAD = "dead"  # gave up after too many attempts or too long
 
 class RegistryError(Exception):
     """The registry cannot do what was asked; the message is meant for an operator."""
+
+
+class InviteRefused(RegistryError):
+    """An invite that cannot be redeemed (unknown, wrong secret, used, expired, another
+    name); the message is meant for the agent's operator and names no secret."""
 
 
 def iso_time(seconds):
@@ -43,6 +50,7 @@ class Grant:
     port: int | None  # pinned tunnel port, or None for any
     comment: str
     created: float  # UNIX seconds
+    policy: Policy = Policy()  # what Traefik does in front of the route (diglett.policy)
 
     def to_json(self):
         return {
@@ -52,7 +60,36 @@ class Grant:
             "port": self.port,
             "comment": self.comment,
             "created": iso_time(self.created),
+            "policy": self.policy.to_json(),
         }
+
+
+@dataclass(frozen=True)
+class InviteRow:
+    """One enrolment invite as listed; its secret exists only in the printed code."""
+
+    id: str  # 16 hex digits
+    subdomain: str
+    policy: Policy
+    port: int | None
+    comment: str
+    actor: str
+    created: float
+    expires: float
+    used: float | None
+    used_by: str | None  # the agent key the grant was bound to
+
+    def state(self, now):
+        return "used" if self.used is not None else "expired" if now >= self.expires else "open"
+
+    def to_json(self, now=None):
+        data = asdict(self)
+        data["policy"] = self.policy.to_json()
+        for name in ("created", "expires", "used"):
+            data[name] = iso_time(data[name])
+        data["fingerprint"] = crypto.fingerprint(self.used_by) if self.used_by else None
+        data["state"] = self.state(time.time() if now is None else now)
+        return data
 
 
 @dataclass(frozen=True)
