@@ -87,7 +87,7 @@ class QuietServer(ThreadingHTTPServer):
 class Stand:
     """Traefik, diglett-server, the backend and the relay; agents come and go."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, reuse=True):
         self.folder = Path(folder)
         self.procs = []
         self.backend = QuietServer(("127.0.0.1", 0), Backend)
@@ -105,7 +105,7 @@ class Stand:
             "database = registry.db\nhold_timeout = 10\ndrain_timeout = 10\n\n"
             "[hooks]\nenabled = traefik\n\n"
             "[hook:traefik]\napi = http://127.0.0.1:%d\ncheck_interval = 1\n"
-            % (DOMAIN, self.api_port))
+            "reuse_connections = %s\n" % (DOMAIN, self.api_port, "yes" if reuse else "no"))
         self.supervisor = FdStoreSupervisor(self.folder)
         self.servers = 0
         ready = self.server()
@@ -217,14 +217,14 @@ def long_stream(port, outcome):
         outcome["stream_error"] = str(exc)
 
 
-def scenario(name, rate, seconds, folder):
-    stand = Stand(folder)
+def scenario(name, rate, seconds, folder, reuse=True):
+    stand = Stand(folder, reuse)
     try:
         agent = stand.agent()
         wait_until(stand.routed, 20, "the route through Traefik")
         load = Load(stand.web_port, rate, seconds)
         loader = threading.Thread(target=load.run)
-        outcome = {"scenario": name, "rate": rate, "seconds": seconds}
+        outcome = {"scenario": name, "rate": rate, "seconds": seconds, "reuse": reuse}
         loader.start()
         time.sleep(seconds * DISTURB_AT)
         disturbed = time.monotonic()
@@ -265,13 +265,15 @@ def main(argv=None):
     parser.add_argument("--scenario", choices=SCENARIOS + ("all",), default="all")
     parser.add_argument("--rate", type=float, default=50, help="requests per second")
     parser.add_argument("--seconds", type=float, default=20, help="length of the load")
+    parser.add_argument("--no-reuse", action="store_true", help="[hook:traefik] "
+                        "reuse_connections = no: Traefik opens a connection per request")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     names = SCENARIOS if args.scenario == "all" else (args.scenario,)
     results = []
     for name in names:
         with tempfile.TemporaryDirectory(prefix="diglett-handover-") as folder:
-            results.append(scenario(name, args.rate, args.seconds, folder))
+            results.append(scenario(name, args.rate, args.seconds, folder, not args.no_reuse))
         print(json.dumps(results[-1]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -47,6 +47,8 @@ ROUTE_OPTIONS = {
                                 "grant's own (diglett-admin grant --basic-auth ...)"),
     "mode": ("string", "http", "http (Host rule) or tcp (HostSNI, TLS passthrough); a grant's "
                                "--mode overrides it"),
+    "reuse_connections": ("boolean", "yes", "Traefik reuses its connections to tunnel ports "
+                                            "(no: one per request, so restarts cut none)"),
 }
 
 
@@ -56,7 +58,12 @@ class PolicyNotApplicable(Exception):
 
 # What a session becomes in Traefik: its mode, its router and service (both named
 # diglett-NAME) and its own middlewares ({name: definition}), in dynamic-configuration form.
-Route = collections.namedtuple("Route", "mode name router service middlewares")
+Route = collections.namedtuple("Route", "mode name router service middlewares transports")
+# reuse_connections = no: an HTTP route's own serversTransport, which keeps no idle connection. A
+# TCP proxy cannot tell a pooled connection between two requests from a busy one, so a
+# draining agent or server can only cut it, maybe under a request; without the pool every
+# stream ends with its response and a drain takes a moment (docs/operations.md).
+NO_POOL = {"maxIdleConnsPerHost": -1}
 
 
 class Routes:
@@ -71,6 +78,7 @@ class Routes:
         self.entrypoints = list(options["entrypoints"])
         self.cert_resolver = options["cert_resolver"]
         self.middlewares = list(options["middlewares"])
+        self.reuse = options.get("reuse_connections", True)
         self.domain = (domain or "").lower()
 
     def mode_of(self, event):
@@ -98,7 +106,11 @@ class Routes:
             router["tls"] = {"certResolver": self.cert_resolver}
         service = {"loadBalancer": {"servers": [
             {"url": "http://%s:%d" % (host, event.listen_port)}]}}
-        return Route(mode, name, router, service, middlewares)
+        transports = {}
+        if not self.reuse:
+            transports[name] = dict(NO_POOL)
+            service["loadBalancer"]["serversTransport"] = name
+        return Route(mode, name, router, service, middlewares, transports)
 
     def _tcp(self, event, policy, name, router, hosts, host):
         needs_http = [option for option in ("basic_auth", "forward_auth", "middlewares")
@@ -116,7 +128,7 @@ class Routes:
             router["middlewares"] = list(middlewares)
         service = {"loadBalancer": {"servers": [
             {"address": "%s:%d" % (host, event.listen_port)}]}}
-        return Route("tcp", name, router, service, middlewares)
+        return Route("tcp", name, router, service, middlewares, {})
 
     def _aliases(self, policy):
         """The grant's aliases, never one inside the tunnel domain (diglett-admin refuses
@@ -226,6 +238,8 @@ class TraefikHook(Hook):
             section["services"][route.name] = route.service
             if route.middlewares:
                 section.setdefault("middlewares", {}).update(route.middlewares)
+            if route.transports:
+                section.setdefault("serversTransports", {}).update(route.transports)
         return desired
 
     # ----- talking to Traefik -----------------------------------------------------------

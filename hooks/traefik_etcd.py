@@ -152,6 +152,7 @@ class TraefikEtcdHook(Hook):
                          base + "services/%s%s/" % (ROUTER_PREFIX, subdomain)]
             prefixes += [base + "middlewares/%s%s/" % (prefix, subdomain)
                          for prefix in MIDDLEWARE_PREFIXES]
+            prefixes.append(base + "serversTransports/%s%s/" % (ROUTER_PREFIX, subdomain))
         return prefixes
 
     def route_keys(self, event):
@@ -165,6 +166,8 @@ class TraefikEtcdHook(Hook):
         _flatten(base + "services/" + route.name, route.service, keys)
         for name, definition in route.middlewares.items():
             _flatten(base + "middlewares/" + name, definition, keys)
+        for name, definition in route.transports.items():
+            _flatten(base + "serversTransports/" + name, definition, keys)
         return keys
 
     def stale_keys(self, event, wanted):

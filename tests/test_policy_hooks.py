@@ -128,3 +128,22 @@ def test_etcd_refuses_to_publish_a_route_without_its_auth(etcd_server):  # noqa:
     with pytest.raises(etcd.EtcdError, match="not published"):
         hook.claim(with_policy(plain, Policy(basic_auth=("alice:" + APR1,))))
     assert not [k for k in keys(etcd_server, "traefik/") if "foo" in k]  # released
+
+
+# ----- reuse_connections = no: no pooled connection for a restart to cut ---------------------
+def test_rest_without_reuse_gives_each_http_route_a_transport_keeping_no_idle_connection(
+        tmp_path):
+    hook = traefik_hook(tmp_path, reuse_connections="no")
+    http = hook.render([event("foo", port=4001)])["http"]
+    assert http["services"]["diglett-foo"]["loadBalancer"]["serversTransport"] == "diglett-foo"
+    assert http["serversTransports"] == {"diglett-foo": {"maxIdleConnsPerHost": -1}}
+    default = traefik_hook(tmp_path / "b").render([event("foo", port=4001)])["http"]
+    assert "serversTransports" not in default
+
+
+def test_etcd_without_reuse_writes_the_transport_with_the_route(etcd_server):  # noqa: F811
+    hook = gateway(etcd_server, "gw1", reuse_connections=False)
+    written = hook.route_keys(etcd_event("foo", 4001, started=1.0))
+    assert written["traefik/http/serversTransports/diglett-foo/maxidleconnsperhost"] == "-1"
+    assert written["traefik/http/services/diglett-foo/loadbalancer/serverstransport"] == \
+        "diglett-foo"
