@@ -1,0 +1,103 @@
+"""The gateway's tls:// and wss:// listeners: the outer layer comes off here, and the
+connection then takes exactly the path of a raw one (server._handle_agent: the handshake,
+admission, the session), as a spliced socket (diglett.reach.splice).
+
+Admission is the same AgentListener accept loop, so a flood through port 443 meets the same
+limits. The outer handshake (TLS, or the HTTP upgrade) runs in the connection's greenlet under
+handshake_timeout; a failure is one log line naming the peer and what it sent, an admission
+penalty for junk, and a closed socket. The Noise handshake, its deadline, and server-key
+pinning are not touched: the outer layer is only for getting through.
+"""
+
+import logging
+import ssl
+
+import gevent
+from gevent import ssl as gevent_ssl
+
+from diglett.gateway.listener import AgentListener
+from diglett.reach import certificate
+from diglett.reach.splice import splice
+from diglett.reach.websocket import WebSocketRefused, WebSocketStream
+
+log = logging.getLogger(__name__)
+
+
+class OuterTimeout(Exception):
+    pass
+
+
+def start(config, admission_control, handle):
+    """The configured transport listeners, started; ``handle(sock, address, source)`` is the
+    server's own agent handler. Returns the listeners (each has ``kind`` and ``address``)."""
+    listeners = []
+    if config.listen_tls is not None:
+        context = server_context(*certificate.files(config))
+        listeners.append(TransportListener("tls", config.listen_tls, admission_control, handle,
+                                           lambda sock: _tls(context, sock), config))
+    if config.listen_ws is not None:
+        path = config.ws_path
+        listeners.append(TransportListener("ws", config.listen_ws, admission_control, handle,
+                                           lambda sock: _ws(sock, path), config))
+    for listener in listeners:
+        listener.start()
+        log.info("agents over %s on %s:%d", listener.kind, *listener.address)
+    return listeners
+
+
+def server_context(cert_path, key_path):
+    context = gevent_ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+class TransportListener(AgentListener):
+    def __init__(self, kind, address, admission_control, handle, unwrap, config):
+        super().__init__(address, admission_control, self._outer)
+        self.kind = kind  # "tls" or "ws", for log lines
+        self.unwrap = unwrap  # plain socket -> the outer layer (recv/sendall/close)
+        self.inner_handle = handle
+        self.config = config
+        self.failures = 0  # outer handshakes that failed
+
+    def _outer(self, sock, address, source):
+        peer = "%s:%d" % address[:2]
+        try:
+            with gevent.Timeout(self.config.handshake_timeout, OuterTimeout):
+                outer = self.unwrap(sock)
+        except (OuterTimeout, OSError, ValueError) as exc:
+            self.failures += 1
+            log.info("agent=%s %s handshake failed: %s", peer, self.kind,
+                     _describe(exc, self.config.handshake_timeout))
+            # No penalty: behind Traefik every source is Traefik's address, and one scanner's
+            # junk must not lock out the agents that share it.
+            self.admission.release(source)  # the Noise handshake would have released it
+            sock.close()
+            return
+        self.inner_handle(splice(outer, "agent=%s" % peer), address, source)
+
+
+def _tls(context, sock):
+    tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    try:
+        tls.do_handshake()
+    except BaseException:
+        tls.close()
+        raise
+    tls.settimeout(None)
+    return tls
+
+
+def _ws(sock, path):
+    return WebSocketStream.accept(sock, path)
+
+
+def _describe(exc, timeout):
+    if isinstance(exc, OuterTimeout):
+        return "no TLS or upgrade within %s s" % timeout
+    if isinstance(exc, WebSocketRefused):
+        return str(exc)
+    if isinstance(exc, ssl.SSLError):
+        return "TLS: %s" % (exc.reason or exc)
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
