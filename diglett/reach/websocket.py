@@ -84,7 +84,10 @@ class WebSocketStream:
             received += len(data)
             if received > MAX_UPGRADE:
                 raise WebSocketRefused("upgrade longer than %d bytes" % MAX_UPGRADE)
-            self.ws.receive_data(data)
+            try:
+                self.ws.receive_data(data)
+            except RemoteProtocolError as exc:
+                raise WebSocketRefused(str(exc)) from None
 
     def _reject(self, status):
         try:
