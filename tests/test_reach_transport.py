@@ -158,3 +158,8 @@ def test_splice_hides_the_websocket_from_the_tunnel_code():
     assert agent_side.recv(100) == b"reply"
     agent_side.close()  # the tunnel's close ends the outer connection and the far side sees EOF
     assert gateway_side.recv(100) == b""
+
+
+def test_a_proxy_that_cannot_reach_the_gateway_is_retried_not_refused():
+    with pytest.raises(ProxyFailed, match="could not reach gw.example.com:443: 502 Bad Gateway"):
+        connect_through("http://proxy:3128", 502, b"Bad Gateway")

@@ -27,12 +27,16 @@ class OuterTimeout(Exception):
     pass
 
 
+class WrongName(ValueError):
+    """The TLS client asked for a server name that is not ours."""
+
+
 def start(config, admission_control, handle):
     """The configured transport listeners, started; ``handle(sock, address, source)`` is the
     server's own agent handler. Returns the listeners (each has ``kind`` and ``address``)."""
     listeners = []
     if config.listen_tls is not None:
-        context = server_context(*certificate.files(config))
+        context = server_context(*certificate.files(config), domain=config.domain)
         listeners.append(TransportListener("tls", config.listen_tls, admission_control, handle,
                                            lambda sock: _tls(context, sock), config))
     if config.listen_ws is not None:
@@ -45,11 +49,24 @@ def start(config, admission_control, handle):
     return listeners
 
 
-def server_context(cert_path, key_path):
+def server_context(cert_path, key_path, domain):
+    """TLS for agents: the certificate is never checked by them, but the server name is
+    checked here, so a client that meant another site learns at once (an alert) and the log
+    names what it asked for."""
     context = gevent_ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_path, key_path)
+    context.sni_callback = lambda sock, name, _context: _check_name(sock, name, domain)
     return context
+
+
+def _check_name(sock, name, domain):
+    """SNI must be ``domain`` or a name under it (tunnel.example.com); no SNI (an agent that
+    dialled an IP address) is fine."""
+    if name is None or name == domain or name.endswith("." + domain):
+        return None
+    sock.refused_name = "server name %r is not %s or a name under it" % (name[:100], domain)
+    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
 
 
 class TransportListener(AgentListener):
@@ -82,6 +99,10 @@ def _tls(context, sock):
     tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     try:
         tls.do_handshake()
+    except ssl.SSLError as exc:
+        tls.close()
+        refused = getattr(tls, "refused_name", None)
+        raise (WrongName(refused) if refused else exc) from None
     except BaseException:
         tls.close()
         raise
@@ -96,7 +117,7 @@ def _ws(sock, path):
 def _describe(exc, timeout):
     if isinstance(exc, OuterTimeout):
         return "no TLS or upgrade within %s s" % timeout
-    if isinstance(exc, WebSocketRefused):
+    if isinstance(exc, (WebSocketRefused, WrongName)):
         return str(exc)
     if isinstance(exc, ssl.SSLError):
         return "TLS: %s" % (exc.reason or exc)

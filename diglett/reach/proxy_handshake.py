@@ -1,9 +1,10 @@
 """Opening a tunnel through a proxy on an already connected socket: HTTP CONNECT (h11 reads the
 proxy's answer) or SOCKS5 (RFC 1928, with RFC 1929 user/password), under the caller's deadline.
 
-A proxy that answers no is a ProxyRefused carrying its answer (``403 Forbidden``), which the
-agent turns into an exit code; a proxy that breaks the exchange is a ProxyFailed (an OSError,
-retried like any failed connect). Nothing here knows diglett's protocol.
+A proxy that answers no is a ProxyRefused carrying its answer (``403 Forbidden``, ``407``),
+which the agent turns into an exit code; a proxy that breaks the exchange, or cannot reach the
+gateway (``502``, SOCKS "host unreachable"), is a ProxyFailed (an OSError, retried like any
+failed connect). Nothing here knows diglett's protocol.
 """
 
 import base64
@@ -22,6 +23,7 @@ SOCKS_VERSION = 5
 SOCKS_NO_AUTH, SOCKS_USER_PASS, SOCKS_NO_METHOD = 0x00, 0x02, 0xFF
 SOCKS_CONNECT = 1
 SOCKS_IPV4, SOCKS_NAME, SOCKS_IPV6 = 1, 3, 4
+SOCKS_PERMANENT = (2, 7, 8)  # the ruleset or the protocol says no; the rest may heal
 SOCKS_REPLIES = {  # RFC 1928 section 6
     1: "general SOCKS server failure", 2: "connection not allowed by ruleset",
     3: "network unreachable", 4: "host unreachable", 5: "connection refused",
@@ -70,6 +72,8 @@ def http_connect(sock, proxy, host, port):
     response = _read_response(sock, client, proxy)
     if not 200 <= response.status_code < 300:
         answer = "%d %s" % (response.status_code, response.reason.decode("latin-1"))
+        if response.status_code >= 500:  # 502, 503, 504: the gateway is down or far away
+            raise ProxyFailed(proxy, "could not reach %s: %s" % (target, answer))
         if response.status_code == 407:
             answer += (" (the proxy wants credentials: give them as http://USER:PASSWORD@HOST:PORT"
                        if not proxy.username else " (the proxy did not accept the credentials")
@@ -114,6 +118,9 @@ def socks5_connect(sock, proxy, host, port):
     sock.sendall(struct.pack("!BBB", SOCKS_VERSION, SOCKS_CONNECT, 0)
                  + _socks5_address(proxy, host) + struct.pack("!H", port))
     version, reply, _reserved, kind = recv_exact(sock, 4)
+    if reply != 0 and reply not in SOCKS_PERMANENT:
+        raise ProxyFailed(proxy, "could not reach %s:%d: SOCKS reply %d (%s)"
+                          % (host, port, reply, SOCKS_REPLIES.get(reply, "unknown")))
     if reply != 0:
         raise ProxyRefused(proxy, "%s:%d" % (host, port),
                            "SOCKS reply %d (%s)" % (reply, SOCKS_REPLIES.get(reply, "unknown")))
