@@ -36,6 +36,15 @@ def reach_gateway(workdir, **options):
     return gateway
 
 
+def restart_reach_gateway(gateway):
+    """Restart on the same ports, the TLS and WebSocket ones included (Traefik points there)."""
+    text = gateway.config_path.read_text()
+    for key, port in (("listen_tls", gateway.tls_port), ("listen_ws", gateway.ws_port)):
+        text = re.sub(r"^%s = .*" % key, "%s = 127.0.0.1:%d" % (key, port), text, flags=re.M)
+    gateway.config_path.write_text(text)
+    return gateway.restart()
+
+
 def start_agent(gateway, name, url, backend, env=None, extra=(), grant=(), wait=True):
     """An agent for ``name`` dialling ``url`` (a gateway URL, or several comma-separated)."""
     key_file, public = gateway.new_key(name)

@@ -14,7 +14,8 @@ import pytest
 
 from tests import harness
 from tests.reachfixtures import (
-    DOMAIN, Edge, Site, TinyProxy, agent_with_key, reach_gateway, start_agent,
+    DOMAIN, Edge, Site, TinyProxy, agent_with_key, reach_gateway, restart_reach_gateway,
+    start_agent,
 )
 
 BULK = 8 * 1024 * 1024  # bytes each way per transport check
@@ -124,7 +125,9 @@ def test_an_agent_behind_a_proxy_that_allows_connect_to_443_only(
 def test_failover_between_a_wss_and_a_tcp_gateway(tmp_path, gateway, echo_backend):
     edge = Edge(tmp_path / "edge").start(ws_port=gateway.ws_port)
     second = harness.Gateway(tmp_path / "gw2", domain=DOMAIN)
-    second.workdir.joinpath("server.key").write_bytes((gateway.workdir / "server.key").read_bytes())
+    shared_key = second.workdir / "server.key"  # one fleet, one server key to pin
+    shared_key.write_bytes((gateway.workdir / "server.key").read_bytes())
+    shared_key.chmod(0o600)
     second.start()
     key_file, public = gateway.new_key("fo")
     gateway.grant("fo", public)
@@ -137,7 +140,7 @@ def test_failover_between_a_wss_and_a_tcp_gateway(tmp_path, gateway, echo_backen
     check_bytes_both_ways(agent.port, 1 << 20)
     assert [row["subdomain"] for row in second.sessions()] == ["fo"]
     second.proc.kill()  # and back: the wss gateway returns, the tcp one is gone
-    gateway.restart()
+    restart_reach_gateway(gateway)
     agent.wait_up(60, count=3)
     check_bytes_both_ways(agent.port, 1 << 20)
 
@@ -151,11 +154,7 @@ def test_bad_input_on_the_new_listeners_is_one_log_line_each(tmp_path, gateway, 
     status, _ = edge.https_get("127.0.0.1", "/diglett")
     assert status == 400
     gateway.proc.wait_for(r"agent=127\.0\.0\.1:\d+ ws handshake failed: not a WebSocket upgrade")
-    # 2. another path under the route: 404
-    assert edge.https_get("127.0.0.1", "/diglett-not")[0] == 404
-    gateway.proc.wait_for(r"ws handshake failed: upgrade for path|"
-                          r"ws handshake failed: not a WebSocket upgrade")
-    # 3. a TLS client naming another server: through Traefik it never reaches the gateway
+    # 2. a TLS client naming another server: through Traefik it never reaches the gateway
     # (Traefik's own 404), and straight at the TLS listener it gets an alert and a log line
     assert edge.https_get("wrong.example.org", server_name="wrong.example.org")[0] == 404
     context = ssl.create_default_context()
@@ -166,7 +165,7 @@ def test_bad_input_on_the_new_listeners_is_one_log_line_each(tmp_path, gateway, 
             pass
     gateway.proc.wait_for(r"tls handshake failed: server name 'wrong.example.org' is not "
                           r"localhost or a name under it")
-    # 4. TLS with a good name but junk inside: the Noise handshake's own log line
+    # 3. TLS with a good name but junk inside: the Noise handshake's own log line
     with context.wrap_socket(harness.connect(gateway.tls_port), server_hostname=DOMAIN) as sock:
         sock.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 64)
         sock.settimeout(10)
@@ -174,7 +173,7 @@ def test_bad_input_on_the_new_listeners_is_one_log_line_each(tmp_path, gateway, 
             sock.recv(100)
         except OSError:
             pass
-    gateway.proc.wait_for(r"handshake failed: bad preamble")
+    gateway.proc.wait_for(r"agent=127\.0\.0\.1:\d+ handshake failed: bad magic")
     # nothing else disturbed: the agent's tunnel carries on, and a new agent gets in
     check_bytes_both_ways(agent.port, 1 << 20)
     start_agent(gateway, "later", edge.tls_url, echo_backend.address, extra=["--proxy", "none"])
