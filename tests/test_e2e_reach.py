@@ -85,12 +85,18 @@ def test_bytes_intact_both_ways_and_the_backend_may_speak_first(
         url = edge.tls_url if transport == "tls" else edge.wss_url
     agent = start_agent(gateway, "t", url, echo_backend.address, extra=["--proxy", "none"])
     check_bytes_both_ways(agent.port)
-    streams = [threading.Thread(target=check_bytes_both_ways, args=(agent.port, 1 << 20, b"s%d" % n))
-               for n in range(4)]  # several streams over the one outer connection
-    for stream in streams:
-        stream.start()
-    for stream in streams:
-        stream.join(30)
+    done = []  # several streams at once over the one outer connection
+
+    def stream(seed):
+        check_bytes_both_ways(agent.port, 1 << 20, seed)
+        done.append(seed)
+
+    threads = [threading.Thread(target=stream, args=(b"s%d" % n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(done) == 4
 
 
 @pytest.mark.timeout(120)
