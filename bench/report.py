@@ -136,6 +136,62 @@ def target_rows(results, name):
 
 
 # ----- sections -----------------------------------------------------------------------------
+TRANSPORTS_HEADING = "## Transports: tcp, tls, ws and wss (issue 11)"
+TRANSPORT_TLS_TARGET = 0.8  # TLS throughput within 0.8x of plain TCP
+TRANSPORTS_NOTE = """\
+`python bench/run.py --transports` (results in `bench/transports.json`, %(date)s, %(mib)d MiB
+per transfer, median of %(reps)d): the same agent and server over raw TCP, `tls://` and `ws://`
+straight to the server's listeners, and `wss://` through a Traefik on its own port that
+terminates TLS and forwards the upgrade (Traefik's CPU is charged to that setup). The outer
+layers run in a relay beside the unchanged tunnel code (diglett/reach/splice.py): one more
+local copy per chunk and one more greenlet hop each way, on top of the TLS or WebSocket work.
+
+"""
+
+
+def transports_section(results):
+    """The transports table and the TLS target, from bench/transports.json."""
+    bulk, latency = results["bulk"], results["latency"]
+    tcp = next(name for name in results["setups"] if name.startswith("diglett ("))
+    rows = []
+    for name in results["setups"]:
+        down, up = bulk[name]["download"], bulk[name]["upload"]
+        kept = latency[name]["kept"]
+        reference = bulk[tcp]
+        rows.append([name, "%.3f" % down["gbps"],
+                     ratio(down["gbps"], reference["download"]["gbps"]),
+                     "%.3f" % up["gbps"], ratio(up["gbps"], reference["upload"]["gbps"]),
+                     "%.2f" % down["cpu_s_per_gb"], "%s / %s" % (ms(kept["p50_ms"]),
+                                                                  ms(kept["p99_ms"]))])
+    out = [TRANSPORTS_NOTE % {"date": results["date"][:10], "reps": results["plan"]["reps"],
+                              "mib": results["bulk_bytes"] // MiB},
+           table(["setup", "download GB/s", "× tcp", "upload GB/s", "× tcp",
+                  "CPU-s/GB down", "kept round trip p50 / p99 ms"], rows)]
+    tls = next((n for n in results["setups"] if n.startswith("diglett tls")), None)
+    if tls is not None:
+        worst = min(bulk[tls][d]["gbps"] / bulk[tcp][d]["gbps"] for d in ("download", "upload"))
+        out.append("\nTarget: TLS throughput within %.1f× of plain TCP: the slower direction "
+                   "is %.2f×, %s.\n" % (TRANSPORT_TLS_TARGET, worst,
+                                        verdict(worst, TRANSPORT_TLS_TARGET, True)))
+    return "".join(out)
+
+
+def write_transports(results, docs):
+    """Put the transports section into docs/benchmarks.md (replacing an older one), before
+    "How it is measured", leaving the rest of the page as the last full run wrote it."""
+    path = Path(docs) / "benchmarks.md"
+    text = path.read_text()
+    section = "\n%s\n\n%s" % (TRANSPORTS_HEADING, transports_section(results))
+    if TRANSPORTS_HEADING in text:
+        before, rest = text.split("\n" + TRANSPORTS_HEADING, 1)
+        after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
+        text = before + section + ("\n## " + after if after else "")
+    else:
+        before, after = text.split("\n## How it is measured", 1)
+        text = before + section + "\n## How it is measured" + after
+    path.write_text(text)
+
+
 def machine_section(results):
     m = results["machine"]
     plan = results["plan"]
@@ -507,6 +563,12 @@ def write(results, docs):
         parts += ["**Native view** (perf: which code the CPU ran)\n\n", native, "\n"]
     if python:
         parts += ["**Python view** (py-spy: the Python frame on top of the stack)\n\n", python]
+    transports = Path(__file__).resolve().parent / "transports.json"
+    if transports.exists():
+        import json
+
+        parts += ["\n%s\n\n" % TRANSPORTS_HEADING,
+                  transports_section(json.loads(transports.read_text()))]
     parts += [
         "\n", METHOD,
     ]
