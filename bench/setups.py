@@ -390,7 +390,7 @@ class DiglettTransport(Diglett):
     def _traefik(self, ws_port):
         """Traefik on its own port terminating TLS and forwarding the upgrade: wss as run."""
         port = free_port()
-        dynamic = self.folder / "traefik.yml"  # JSON is YAML
+        dynamic = self.folder / "routes.yml"  # JSON is YAML; not traefik.yml: its static file
         dynamic.write_text(json.dumps({"http": {
             "routers": {"agents": {"entryPoints": ["websecure"], "tls": {}, "service": "ws",
                                    "rule": "PathPrefix(`/diglett`)"}},
@@ -400,7 +400,8 @@ class DiglettTransport(Diglett):
                         % port, "--providers.file.filename=%s" % dynamic, "--log.level=ERROR"],
                        self.folder, "traefik")
         self.procs.append(traefik)  # charged too: it is part of the path on a real gateway
-        wait_until(lambda: listening(port), START_TIMEOUT, "traefik to listen")
+        # a connect, not /proc/net/tcp: a Go listener may not show there under gVisor
+        wait_until(lambda: _connects(port), START_TIMEOUT, "traefik to listen")
         time.sleep(1.0)  # the file provider loads its routes just after the listen
         return "wss://127.0.0.1:%d/diglett" % port
 
@@ -411,6 +412,16 @@ class DiglettTransport(Diglett):
             super().verify_aead()
         finally:
             self.procs += traefik
+
+
+def _connects(port):
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _has_ready_file(source):
