@@ -1,6 +1,7 @@
 """The gateway's tls:// and wss:// listeners: the outer layer comes off here, and the
 connection then takes exactly the path of a raw one (server._handle_agent: the handshake,
-admission, the session), as a spliced socket (diglett.reach.splice).
+admission, the session): TLS as a TlsSocket the tunnel drives itself, a WebSocket as a
+spliced socket (diglett.reach.splice).
 
 Admission is the same AgentListener accept loop, so a flood through port 443 meets the same
 limits. The outer handshake (TLS, or the HTTP upgrade) runs in the connection's greenlet under
@@ -18,6 +19,7 @@ from gevent import ssl as gevent_ssl
 from diglett.gateway.listener import AgentListener
 from diglett.reach import certificate
 from diglett.reach.splice import splice
+from diglett.reach.tls_socket import TlsSocket
 from diglett.reach.websocket import WebSocketRefused, WebSocketStream
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ def server_context(cert_path, key_path, domain):
     context = gevent_ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_path, key_path)
+    context.num_tickets = 0  # no resumption (agents reconnect rarely), and no post-handshake
+    # bytes that the splice's look at the kernel (FIONREAD) could mistake for data
     context.sni_callback = lambda sock, name, _context: _check_name(sock, name, domain)
     return context
 
@@ -73,7 +77,7 @@ class TransportListener(AgentListener):
     def __init__(self, kind, address, admission_control, handle, unwrap, config):
         super().__init__(address, admission_control, self._outer)
         self.kind = kind  # "tls" or "ws", for log lines
-        self.unwrap = unwrap  # plain socket -> the outer layer (recv/sendall/close)
+        self.unwrap = unwrap  # plain socket -> a socket-like the tunnel code can drive
         self.inner_handle = handle
         self.config = config
         self.failures = 0  # outer handshakes that failed
@@ -82,7 +86,7 @@ class TransportListener(AgentListener):
         peer = "%s:%d" % address[:2]
         try:
             with gevent.Timeout(self.config.handshake_timeout, OuterTimeout):
-                outer = self.unwrap(sock)
+                inner = self.unwrap(sock)
         except (OuterTimeout, OSError, ValueError) as exc:
             self.failures += 1
             log.info("agent=%s %s handshake failed: %s", peer, self.kind,
@@ -92,7 +96,7 @@ class TransportListener(AgentListener):
             self.admission.release(source)  # the Noise handshake would have released it
             sock.close()
             return
-        self.inner_handle(splice(outer, "agent=%s" % peer), address, source)
+        self.inner_handle(inner, address, source)
 
 
 def _tls(context, sock):
@@ -107,11 +111,12 @@ def _tls(context, sock):
         tls.close()
         raise
     tls.settimeout(None)
-    return tls
+    return TlsSocket(tls)
 
 
 def _ws(sock, path):
-    return WebSocketStream.accept(sock, path)
+    peer = "%s:%d" % sock.getpeername()[:2]
+    return splice(WebSocketStream.accept(sock, path), "agent=%s" % peer)
 
 
 def _describe(exc, timeout):

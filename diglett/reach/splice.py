@@ -8,7 +8,10 @@ of the tunnel and handshake code the same on every transport, for one local copy
 An end of either side ends the other: an EOF is passed on as an EOF, an error as a close.
 """
 
+import fcntl
 import logging
+import struct
+import termios
 
 import gevent
 from gevent import socket
@@ -34,22 +37,44 @@ def splice(outer, label):
 def _inward(outer, theirs, label):
     """outer -> the tunnel's socket. The outer EOF becomes an EOF (a write shutdown), and the
     tunnel's own close then ends _outward; an outer error closes both sides at once."""
-    pending = getattr(outer, "pending", None)
     try:
         while True:
             data = outer.recv(RELAY_SIZE)
             if not data:
                 theirs.shutdown(socket.SHUT_WR)
                 return
-            if pending is not None and pending():  # a TLS read returns one record at most
-                chunks = [data]
-                while pending():
-                    chunks.append(outer.recv(pending()))
-                data = b"".join(chunks)
-            theirs.sendall(data)
+            theirs.sendall(_and_what_follows(outer, data))
     except (OSError, ValueError) as exc:  # ssl errors are OSErrors; ValueError: closed
         log.debug("%s outer connection ended: %s", label, exc)
         _close(theirs, outer)
+
+
+def _and_what_follows(outer, data):
+    """``data`` and whatever more ``outer`` can give at once, up to RELAY_SIZE: a TLS read
+    returns one record (16 KiB) at most, and a write into the socketpair per record would
+    cost a syscall and a wake-up of the tunnel each."""
+    pending = getattr(outer, "pending", None)
+    if pending is None:
+        return data
+    chunks, total = [data], len(data)
+    while total < RELAY_SIZE:
+        size = pending() or _kernel_bytes(outer)
+        if not size:
+            break
+        more = outer.recv(min(size, RELAY_SIZE - total))
+        if not more:
+            break  # EOF: the next recv in _inward sees it again
+        chunks.append(more)
+        total += len(more)
+    return b"".join(chunks) if len(chunks) > 1 else data
+
+
+def _kernel_bytes(sock):
+    """Bytes waiting in the kernel for ``sock`` (FIONREAD); 0 when none or unknown."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
 
 
 def _outward(theirs, outer, label):

@@ -12,6 +12,7 @@ from gevent import socket, ssl
 
 from diglett.reach.proxy_handshake import ProxyFailed, ProxyRefused, open_tunnel
 from diglett.reach.splice import splice
+from diglett.reach.tls_socket import TlsSocket
 from diglett.reach.websocket import WebSocketRefused, WebSocketStream
 
 __all__ = ["ProxyFailed", "ProxyRefused", "WebSocketRefused", "dial"]
@@ -32,14 +33,15 @@ def dial(gateway, proxy, timeout):
             return sock
         if gateway.tls:
             base = client_tls(sock, gateway.host)
-        outer = base
-        if gateway.websocket:
-            outer = WebSocketStream.connect(base, host_header(gateway), gateway.path)
+        if not gateway.websocket:
+            base.settimeout(None)  # from here the tunnel's keepalive watches the connection
+            return TlsSocket(base)  # the tunnel drives TLS itself: no relay, no extra copy
+        outer = WebSocketStream.connect(base, host_header(gateway), gateway.path)
     except BaseException:
         base.close()
         sock.close()
         raise
-    base.settimeout(None)  # from here the tunnel's keepalive watches the connection
+    base.settimeout(None)
     return splice(outer, "gateway=%s" % gateway)
 
 
