@@ -21,6 +21,7 @@ from diglett.reach import certificate
 from diglett.reach.splice import splice
 from diglett.reach.tls_socket import TlsSocket
 from diglett.reach.websocket import WebSocketRefused, WebSocketStream
+from diglett.sockets import enable_keepalive, set_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class TransportListener(AgentListener):
 
     def _outer(self, sock, address, source):
         peer = "%s:%d" % address[:2]
+        set_nodelay(sock)  # here: behind a splice the server's own calls reach a socketpair
+        enable_keepalive(sock)
         try:
             with gevent.Timeout(self.config.handshake_timeout, OuterTimeout):
                 inner = self.unwrap(sock)

@@ -14,6 +14,7 @@ from diglett.reach.proxy_handshake import ProxyFailed, ProxyRefused, open_tunnel
 from diglett.reach.splice import splice
 from diglett.reach.tls_socket import TlsSocket
 from diglett.reach.websocket import WebSocketRefused, WebSocketStream
+from diglett.sockets import enable_keepalive, set_nodelay
 
 __all__ = ["ProxyFailed", "ProxyRefused", "WebSocketRefused", "dial"]
 
@@ -26,6 +27,10 @@ def dial(gateway, proxy, timeout):
     sock = socket.create_connection(proxy and (proxy.host, proxy.port) or gateway.address,
                                     timeout=timeout)
     base = sock  # the socket object that owns the file descriptor (the TLS one, once wrapped)
+    # On the TCP socket itself: behind a splice the tunnel's own calls reach only a socketpair
+    # (without NODELAY, Nagle and delayed ACKs cost fresh streams 40 ms).
+    set_nodelay(sock)
+    enable_keepalive(sock)
     try:
         if proxy is not None:
             open_tunnel(sock, proxy, gateway.host, gateway.port)
