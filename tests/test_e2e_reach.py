@@ -14,7 +14,13 @@ import pytest
 
 from tests import harness
 from tests.reachfixtures import (
-    DOMAIN, Edge, Site, TinyProxy, agent_with_key, reach_gateway, restart_reach_gateway,
+    DOMAIN,
+    Edge,
+    Site,
+    TinyProxy,
+    agent_with_key,
+    reach_gateway,
+    restart_reach_gateway,
     start_agent,
 )
 

@@ -14,7 +14,7 @@ import logging
 import ssl
 
 import gevent
-from gevent import ssl as gevent_ssl
+from gevent import monkey
 
 from diglett.gateway.listener import AgentListener
 from diglett.reach import certificate
@@ -56,8 +56,11 @@ def server_context(cert_path, key_path, domain):
     """TLS for agents: the certificate is never checked by them, but the server name is
     checked here, so a client that meant another site learns at once (an alert) and the log
     names what it asked for."""
-    context = gevent_ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # The stdlib class even when monkey-patched: gevent's wraps sni_callback for its own ssl
+    # sockets, and TlsSocket's memory BIOs need none of gevent's I/O.
+    context = monkey.get_original("ssl", "SSLContext")(ssl.PROTOCOL_TLS_SERVER)
+    # TLS 1.2 at least is the default; setting minimum_version on the original class would
+    # recurse under monkey-patching (its property looks up the patched ssl.SSLContext).
     context.load_cert_chain(cert_path, key_path)
     context.num_tickets = 0  # no resumption (agents reconnect rarely), and no post-handshake
     # bytes that the splice's look at the kernel (FIONREAD) could mistake for data
@@ -103,18 +106,13 @@ class TransportListener(AgentListener):
 
 
 def _tls(context, sock):
-    tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_side=True)
     try:
-        tls.do_handshake()
+        return TlsSocket(sock, tls, incoming, outgoing).handshake()
     except ssl.SSLError as exc:
-        tls.close()
         refused = getattr(tls, "refused_name", None)
         raise (WrongName(refused) if refused else exc) from None
-    except BaseException:
-        tls.close()
-        raise
-    tls.settimeout(None)
-    return TlsSocket(tls)
 
 
 def _ws(sock, path):

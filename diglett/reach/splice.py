@@ -1,17 +1,14 @@
-"""Hands the tunnel code a plain socket for a connection whose bytes live inside TLS or a
-WebSocket: a socketpair, one end returned, the other relayed to and from the outer layer by two
-greenlets.
+"""Hands the tunnel code a plain socket for a connection whose bytes live inside a WebSocket:
+a socketpair, one end returned, the other relayed to and from the outer layer by two greenlets.
 
 diglett.tunnel drives its socket with raw watchers, MSG_DONTWAIT scatter-gather writes and
-zero timeouts, none of which an ssl socket or a WebSocket supports; the splice keeps every line
-of the tunnel and handshake code the same on every transport, for one local copy per chunk.
+zero timeouts, which a WebSocket cannot offer; the splice keeps every line of the tunnel and
+handshake code the same, for one local copy per chunk. (TLS alone needs no splice:
+diglett.reach.tls_socket gives the tunnel its calls directly.)
 An end of either side ends the other: an EOF is passed on as an EOF, an error as a close.
 """
 
-import fcntl
 import logging
-import struct
-import termios
 
 import gevent
 from gevent import socket
@@ -23,8 +20,8 @@ PAIR_BUFFER = 1024 * 1024  # socketpair buffers: room for a few TLS reads in fli
 
 
 def splice(outer, label):
-    """A socket standing for ``outer`` (anything with recv/sendall/close; an ssl socket's
-    pending() bytes are taken too). ``label`` names the connection in log lines."""
+    """A socket standing for ``outer`` (anything with recv/sendall/close: a WebSocketStream).
+    ``label`` names the connection in log lines."""
     ours, theirs = socket.socketpair()
     for sock in (ours, theirs):
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -43,38 +40,10 @@ def _inward(outer, theirs, label):
             if not data:
                 theirs.shutdown(socket.SHUT_WR)
                 return
-            theirs.sendall(_and_what_follows(outer, data))
+            theirs.sendall(data)
     except (OSError, ValueError) as exc:  # ssl errors are OSErrors; ValueError: closed
         log.debug("%s outer connection ended: %s", label, exc)
         _close(theirs, outer)
-
-
-def _and_what_follows(outer, data):
-    """``data`` and whatever more ``outer`` can give at once, up to RELAY_SIZE: a TLS read
-    returns one record (16 KiB) at most, and a write into the socketpair per record would
-    cost a syscall and a wake-up of the tunnel each."""
-    pending = getattr(outer, "pending", None)
-    if pending is None:
-        return data
-    chunks, total = [data], len(data)
-    while total < RELAY_SIZE:
-        size = pending() or _kernel_bytes(outer)
-        if not size:
-            break
-        more = outer.recv(min(size, RELAY_SIZE - total))
-        if not more:
-            break  # EOF: the next recv in _inward sees it again
-        chunks.append(more)
-        total += len(more)
-    return b"".join(chunks) if len(chunks) > 1 else data
-
-
-def _kernel_bytes(sock):
-    """Bytes waiting in the kernel for ``sock`` (FIONREAD); 0 when none or unknown."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
 
 
 def _outward(theirs, outer, label):

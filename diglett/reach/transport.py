@@ -7,8 +7,9 @@ the connection safe, and a TLS certificate check would only add a second, weaker
 """
 
 import ipaddress
+import ssl
 
-from gevent import socket, ssl
+from gevent import socket
 
 from diglett.reach.proxy_handshake import ProxyFailed, ProxyRefused, open_tunnel
 from diglett.reach.splice import splice
@@ -40,7 +41,7 @@ def dial(gateway, proxy, timeout):
             base = client_tls(sock, gateway.host)
         if not gateway.websocket:
             base.settimeout(None)  # from here the tunnel's keepalive watches the connection
-            return TlsSocket(base)  # the tunnel drives TLS itself: no relay, no extra copy
+            return base  # a TlsSocket: the tunnel drives TLS itself, no relay, no extra copy
         outer = WebSocketStream.connect(base, host_header(gateway), gateway.path)
     except BaseException:
         base.close()
@@ -57,7 +58,7 @@ def client_tls(sock, host):
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.set_alpn_protocols(["http/1.1"])  # WebSocket upgrades are HTTP/1.1
-    return context.wrap_socket(sock, server_hostname=None if _is_ip(host) else host)
+    return TlsSocket.client(context, sock, None if _is_ip(host) else host)
 
 
 def host_header(gateway):
