@@ -5,8 +5,8 @@ spliced socket (diglett.reach.splice).
 
 Admission is the same AgentListener accept loop, so a flood through port 443 meets the same
 limits. The outer handshake (TLS, or the HTTP upgrade) runs in the connection's greenlet under
-handshake_timeout; a failure is one log line naming the peer and what it sent, an admission
-penalty for junk, and a closed socket. The Noise handshake, its deadline, and server-key
+handshake_timeout; a failure is one log line naming the peer and what it sent, and a closed
+socket (no admission penalty: behind Traefik the source is Traefik's address). The Noise handshake, its deadline, and server-key
 pinning are not touched: the outer layer is only for getting through.
 """
 
@@ -62,8 +62,7 @@ def server_context(cert_path, key_path, domain):
     # TLS 1.2 at least is the default; setting minimum_version on the original class would
     # recurse under monkey-patching (its property looks up the patched ssl.SSLContext).
     context.load_cert_chain(cert_path, key_path)
-    context.num_tickets = 0  # no resumption (agents reconnect rarely), and no post-handshake
-    # bytes that the splice's look at the kernel (FIONREAD) could mistake for data
+    context.num_tickets = 0  # no resumption (agents reconnect rarely): no tickets to send
     context.sni_callback = lambda sock, name, _context: _check_name(sock, name, domain)
     return context
 
