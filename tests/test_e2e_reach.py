@@ -3,10 +3,14 @@ passthrough by SNI, WebSocket by Host + path) while the same port serves an HTTP
 a tunnel; agents behind tinyproxy that lets CONNECT out to that port only, with and without
 proxy authentication; failover between a wss:// and a tcp:// gateway; and bad input on the new
 listeners (a non-diglett client on the WebSocket path, a TLS client naming another server, a
-proxy that closes mid-handshake), each one log line while the tunnels carry on."""
+proxy that closes mid-handshake), each one log line while the tunnels carry on; and SOCKS5
+through OpenSSH's dynamic forward."""
 
+import getpass
 import hashlib
 import os
+import re
+import shutil
 import ssl
 import threading
 
@@ -23,6 +27,7 @@ from tests.reachfixtures import (
     restart_reach_gateway,
     start_agent,
 )
+from tests.test_e2e_data import start_sshd
 
 BULK = 8 * 1024 * 1024  # bytes each way per transport check
 BANNER = b"220 backend speaks first\r\n"
@@ -227,3 +232,36 @@ def test_a_proxy_that_closes_mid_handshake_is_logged_and_retried(tmp_path, gatew
         closing.backend.close()
 
 
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd") or not shutil.which("ssh"),
+                    reason="needs openssh-server and ssh")
+@pytest.mark.timeout(90)
+def test_an_agent_through_a_real_socks5_proxy(tmp_path, gateway, echo_backend):
+    """OpenSSH's dynamic forward (ssh -D) is the SOCKS5 proxy; socks5h: it resolves the name."""
+    edge = Edge(tmp_path / "edge").start(gateway.tls_port, gateway.ws_port)
+    sshd_port, client_key = start_sshd(tmp_path / "ssh")
+    socks_port = harness.free_port()
+    socks = harness.Proc([
+        "ssh", "-v", "-F", "/dev/null", "-N", "-D", "127.0.0.1:%d" % socks_port,
+        "-p", str(sshd_port), "-i", str(client_key), "-o", "IdentitiesOnly=yes",
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "ExitOnForwardFailure=yes", "%s@127.0.0.1" % getpass.getuser()],
+        tmp_path, "ssh-socks")
+    harness.wait_until(lambda: _connects(socks_port, socks), 20, what="ssh -D to listen")
+    agent = start_agent(gateway, "sox", edge.tls_url, echo_backend.address,
+                        env={"all_proxy": "socks5h://127.0.0.1:%d" % socks_port})
+    check_bytes_both_ways(agent.port, 2 << 20)
+    # ssh -v names each SOCKS request it served: the agent's connection went through it
+    assert re.search(r"forwarding to socks port", socks.stderr())
+
+
+def _connects(port, proc):
+    if proc.popen.poll() is not None:
+        raise AssertionError("ssh exited: %s" % proc.stderr())
+    try:
+        harness.connect(port, 1).close()
+        return True
+    except OSError:
+        return False
