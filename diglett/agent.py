@@ -109,6 +109,7 @@ class Agent:
         self.proxy = proxy  # --proxy as given (None: the environment decides; "none": direct)
         self.gateway = self.gateways[0]  # the one of the current or last attempt
         self._turn = 0
+        self._resolved = set()  # tcp addresses from DNS: their name needed no proxy
         self.proxy_protocol = proxy_protocol  # write a PROXY v2 header to every backend socket
         self.name = name
         self.key = key
@@ -215,13 +216,20 @@ class Agent:
         for step in range(len(addresses)):
             self.gateway = addresses[(start + step) % len(addresses)]
             try:
-                return transport.dial(self.gateway, proxies.choose(self.gateway, self.proxy),
+                return transport.dial(self.gateway, self._proxy_for(self.gateway),
                                       CONNECT_TIMEOUT)
             except transport.ProxyRefused as exc:
                 raise Fatal(EXIT_PROXY_REFUSED, str(exc)) from None
             except OSError as exc:
                 error = exc
         raise error
+
+    def _proxy_for(self, gateway):
+        """The Proxy to dial ``gateway`` through, or None. An address resolved from a name was
+        resolved because the name needed none (no_proxy matches names, not their addresses)."""
+        if gateway in self._resolved:
+            return None
+        return proxies.choose(gateway, self.proxy)
 
     def _addresses(self):
         addresses = []
@@ -239,6 +247,7 @@ class Agent:
             # sorted: a DNS server that rotates its answers must not undo our own rotation
             found = sorted({(info[4][0], port) for info in infos}) or [(host, port)]
             found = [gateway_url.GatewayUrl("tcp", *address) for address in found]
+            self._resolved.update(found)
             addresses.extend(a for a in found if a not in addresses)
         return addresses
 

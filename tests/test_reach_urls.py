@@ -93,3 +93,20 @@ def test_the_flag_wins_over_the_environment_and_none_turns_proxies_off():
     assert str(proxy.choose(TCP, "socks5://s:9050", environ=env)) == "socks5://s:9050"
     assert proxy.choose(WSS, "none", environ=env) is None
     assert proxy.choose(WSS, "socks5://s:9050", environ={"no_proxy": "*"}) is None
+
+
+def test_an_agent_dials_a_name_that_no_proxy_exempts_directly_by_its_addresses(monkeypatch):
+    """no_proxy matches the gateway's name; the addresses DNS gives for it stay direct, while
+    a tls:// gateway keeps its name (SNI) and takes the proxy."""
+    from diglett.agent import Agent
+
+    monkeypatch.setenv("all_proxy", "socks5h://corp:1080")
+    monkeypatch.setenv("no_proxy", "localhost")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    fleet = gateway_url.parse_list("localhost:20000, tls://gw.example.com")
+    agent = Agent(fleet, "foo", None, "02" + "ab" * 32, ("127.0.0.1", 8080))
+    addresses = agent._addresses()
+    direct = [a for a in addresses if a.scheme == "tcp"]
+    assert direct and all(a.host in ("127.0.0.1", "::1") for a in direct)
+    assert all(agent._proxy_for(a) is None for a in direct)
+    assert str(agent._proxy_for(fleet[1])) == "socks5h://corp:1080"
