@@ -90,7 +90,8 @@ class Server:
         # Our row exists before our first session does, so no gateway takes us for dead.
         self.db.call(self.registry.gateway_seen, self.gateway_id, self.instance, self.address)
         self.listener.start()
-        self.transports = transports.start(self.config, self.admission, self._handle_agent)
+        self.transports = transports.start(self.config, self.admission, self._handle_agent,
+                                           self.handshakes.failures)
         self._greenlets = [gevent.spawn(RegistryPoller(self).run),
                            gevent.spawn(Heartbeat(self).run)]
         return self.listener.address

@@ -191,6 +191,8 @@ def test_bad_input_on_the_new_listeners_is_one_log_line_each(tmp_path, gateway, 
         except OSError:
             pass
     gateway.proc.wait_for(r"agent=127\.0\.0\.1:\d+ handshake failed: bad magic")
+    failures = gateway.http_get("/debug/stats")["handshake_failures"]  # the metric's counts
+    assert failures.get("websocket upgrade") == 1 and failures.get("tls handshake") == 1, failures
     # nothing else disturbed: the agent's tunnel carries on, and a new agent gets in
     check_bytes_both_ways(agent.port, 1 << 20)
     start_agent(gateway, "later", edge.tls_url, echo_backend.address, extra=["--proxy", "none"])

@@ -5,9 +5,10 @@ spliced socket (diglett.reach.splice).
 
 Admission is the same AgentListener accept loop, so a flood through port 443 meets the same
 limits. The outer handshake (TLS, or the HTTP upgrade) runs in the connection's greenlet under
-handshake_timeout; a failure is one log line naming the peer and what it sent, and a closed
-socket (no admission penalty: behind Traefik the source is Traefik's address). The Noise handshake, its deadline, and server-key
-pinning are not touched: the outer layer is only for getting through.
+handshake_timeout; a failure is one log line naming the peer and what it sent, a count in the
+handshake_failures metric, and a closed socket (no admission penalty: behind Traefik the
+source is Traefik's address). The Noise handshake, its deadline, and server-key pinning are
+not touched: the outer layer is only for getting through.
 """
 
 import logging
@@ -26,6 +27,9 @@ from diglett.sockets import enable_keepalive, set_nodelay
 log = logging.getLogger(__name__)
 
 
+OUTER_FAILURE = {"tls": "tls handshake", "ws": "websocket upgrade"}  # handshake_failures labels
+
+
 class OuterTimeout(Exception):
     pass
 
@@ -34,18 +38,19 @@ class WrongName(ValueError):
     """The TLS client asked for a server name that is not ours."""
 
 
-def start(config, admission_control, handle):
+def start(config, admission_control, handle, failures):
     """The configured transport listeners, started; ``handle(sock, address, source)`` is the
-    server's own agent handler. Returns the listeners (each has ``kind`` and ``address``)."""
+    server's own agent handler, ``failures`` the handshake failure counts (the metric's), where
+    outer failures count as OUTER_FAILURE[kind]. Returns the listeners (``kind``, ``address``)."""
     listeners = []
     if config.listen_tls is not None:
         context = server_context(*certificate.files(config), domain=config.domain)
         listeners.append(TransportListener("tls", config.listen_tls, admission_control, handle,
-                                           lambda sock: _tls(context, sock), config))
+                                           lambda sock: _tls(context, sock), config, failures))
     if config.listen_ws is not None:
         path = config.ws_path
         listeners.append(TransportListener("ws", config.listen_ws, admission_control, handle,
-                                           lambda sock: _ws(sock, path), config))
+                                           lambda sock: _ws(sock, path), config, failures))
     for listener in listeners:
         listener.start()
         log.info("agents over %s on %s:%d", listener.kind, *listener.address)
@@ -77,13 +82,13 @@ def _check_name(sock, name, domain):
 
 
 class TransportListener(AgentListener):
-    def __init__(self, kind, address, admission_control, handle, unwrap, config):
+    def __init__(self, kind, address, admission_control, handle, unwrap, config, failures):
         super().__init__(address, admission_control, self._outer)
         self.kind = kind  # "tls" or "ws", for log lines
         self.unwrap = unwrap  # plain socket -> a socket-like the tunnel code can drive
         self.inner_handle = handle
         self.config = config
-        self.failures = 0  # outer handshakes that failed
+        self.failures = failures  # label -> count, shared with the Noise handshakes
 
     def _outer(self, sock, address, source):
         peer = "%s:%d" % address[:2]
@@ -93,7 +98,8 @@ class TransportListener(AgentListener):
             with gevent.Timeout(self.config.handshake_timeout, OuterTimeout):
                 inner = self.unwrap(sock)
         except (OuterTimeout, OSError, ValueError) as exc:
-            self.failures += 1
+            label = OUTER_FAILURE[self.kind]
+            self.failures[label] = self.failures.get(label, 0) + 1
             log.info("agent=%s %s handshake failed: %s", peer, self.kind,
                      _describe(exc, self.config.handshake_timeout))
             # No penalty: behind Traefik every source is Traefik's address, and one scanner's
