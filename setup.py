@@ -26,6 +26,9 @@ setup(
         "peewee>=3.17",
         "blinker>=1.7",
         "prometheus_client>=0.17",
+        # reach: the WebSocket transport (sans-IO) and the HTTP CONNECT answer's parser
+        "wsproto>=1.2",
+        "h11>=0.14",
     ],
     extras_require={
         # The OpenSSL AEAD is ~8x faster than pycryptodome's; used automatically when present.

@@ -3,6 +3,8 @@
     python bench/run.py            # the full run (~5 minutes on 2 cores)
     python bench/run.py --quick    # 128 MiB transfers, fewer round trips (~2.5 minutes)
     python bench/run.py --report   # rewrite docs/benchmarks.md and the chart from results.json
+    python bench/run.py --transports  # diglett over tcp, tls, ws and wss (Traefik): bulk and
+                                      # kept round trips only, into bench/transports.json
 
 It installs what it lacks (socat and openssh-server with apt-get; matplotlib, cryptography
 and py-spy with pip),
@@ -37,6 +39,8 @@ import load  # noqa: E402
 import setups  # noqa: E402
 
 RESULTS = BENCH / "results.json"
+TRANSPORTS = BENCH / "transports.json"  # --transports: written apart, shown in its own section
+TRANSPORT_AEAD = "cryptography"  # the transports are compared on the fast record layer
 NOFILE = 65536  # descriptors for this process and every process it starts (10,000 streams)
 MiB = 1 << 20
 SETTLE = 1.0  # seconds for a stalled stream to fill its buffers, and before memory readings
@@ -468,6 +472,50 @@ def run(plan, quick, folder, profiling=False, rev=None):
         backend.stop()
 
 
+def run_transports(plan, folder):
+    """Bulk and round trips of diglett over each transport, beside direct and raw tcp."""
+    nofile = raise_nofile()
+    backend = setups.Proc([sys.executable, str(BENCH / "backend.py")], folder, "backend")
+    port = int(backend.wait_for(r"listening (\d+)").group(1))
+    BACKEND_PIDS[:] = [backend.pid]
+    all_setups = [setups.Direct(folder, port), setups.Diglett(folder, port, TRANSPORT_AEAD)]
+    all_setups += [setups.DiglettTransport(folder, port, TRANSPORT_AEAD, transport)
+                   for transport in ("tls", "ws", "wss")]
+    started = time.monotonic()
+    try:
+        for setup in all_setups:
+            setup.start()
+            log("started %-26s port %d, processes %s", setup.name, setup.port, setup.roots())
+        results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                   "plan": plan, "machine": machine(all_setups, nofile),
+                   "setups": [setup.name for setup in all_setups]}
+        results["bulk"], results["bulk_bytes"] = bulk(all_setups, plan)
+        results["latency"] = latency(all_setups, plan)
+        results["elapsed_s"] = time.monotonic() - started
+        return results
+    finally:
+        for setup in reversed(all_setups):
+            setup.stop()
+        backend.stop()
+
+
+def transports_main(args):
+    import report
+
+    plan = dict(QUICK, reps=args.reps or QUICK["reps"])
+    folder = Path(tempfile.mkdtemp(prefix="diglett-bench-"))
+    log("working in %s", folder)
+    try:
+        results = run_transports(plan, folder)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    TRANSPORTS.write_text(json.dumps(results, indent=1) + "\n")
+    log("raw results in %s (%.0f s)", TRANSPORTS.relative_to(ROOT), results["elapsed_s"])
+    report.write_transports(results, ROOT / "docs")
+    log("wrote the transports section of docs/benchmarks.md")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="128 MiB transfers, fewer samples")
@@ -481,7 +529,12 @@ def main(argv=None):
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip sampling diglett's processes with py-spy during bulk "
                         "transfers (otherwise py-spy is installed into the venv if missing)")
+    parser.add_argument("--transports", action="store_true",
+                        help="only compare diglett's transports (tcp, tls, ws, wss through "
+                        "Traefik): bulk and round trips, into bench/transports.json")
     args = parser.parse_args(argv)
+    if args.transports:  # needs none of the other setups' tools, nor matplotlib
+        return transports_main(args)
     ensure_tools()
     import report
 

@@ -7,6 +7,7 @@ its output in files, and ended by its PID.
 """
 
 import getpass
+import json
 import os
 import re
 import signal
@@ -316,8 +317,16 @@ class Diglett(Setup):
             raise RuntimeError("%s:\n%s" % (exc, server.output()[-3000:])) from None
         return ready["key"], "%s:%d" % (ready["agents"]["host"], ready["agents"]["port"])
 
+    def server_options(self):
+        """Extra [server] keys of this setup (a transport's listener)."""
+        return {}
+
+    def agent_gateway(self, gateway):
+        """What the agent's -g says, given the server's raw agent address."""
+        return gateway
+
     def start(self):
-        self.write_config()
+        self.write_config(**self.server_options())
         server_key, gateway = self._start_server()
         key_file = self.folder / "agent.key"
         if not key_file.exists():
@@ -328,8 +337,8 @@ class Diglett(Setup):
             subprocess.run([str(BIN / "diglett-admin"), "-c", str(self.config), "grant", "bench",
                             "--key", public.stdout.strip()], capture_output=True, timeout=30,
                            check=True, env=env)
-        agent = Proc([str(BIN / "diglett"), "-g", gateway, "-n", "bench", "--key-file",
-                      str(key_file), "--server-key", server_key,
+        agent = Proc([str(BIN / "diglett"), "-g", self.agent_gateway(gateway), "-n", "bench",
+                      "--proxy", "none", "--key-file", str(key_file), "--server-key", server_key,
                       "127.0.0.1:%d" % self.backend_port], self.folder, "agent", self.env)
         self.procs.append(agent)
         self.port = int(agent.wait_for(TUNNEL_UP).group(2))
@@ -355,6 +364,71 @@ class Diglett(Setup):
 
     def describe(self):
         return {"aead": self.aead}
+
+
+class DiglettTransport(Diglett):
+    """diglett with the agent on another transport (issue 11): ``tls`` or ``ws`` straight to
+    the server's listener, or ``wss`` through a Traefik that terminates TLS, as deployed."""
+
+    ENDPOINT = re.compile(r"agents over (tls|ws) on 127\.0\.0\.1:(\d+)")
+
+    def __init__(self, folder, backend_port, aead, transport):
+        super().__init__(folder, backend_port, aead)
+        self.transport = transport
+        self.name = "diglett %s (%s)" % (transport, aead)
+        self.folder = Path(folder) / self.name.replace(" ", "_")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config = self.folder / "server.conf"
+
+    def server_options(self):
+        return {"listen_tls": "127.0.0.1:0", "listen_ws": "127.0.0.1:0"}
+
+    def agent_gateway(self, gateway):
+        server = self.procs[0]
+        wait_until(lambda: len(self.ENDPOINT.findall(server.output())) == 2, START_TIMEOUT,
+                   "the server's transport listeners")
+        ports = dict(self.ENDPOINT.findall(server.output()))
+        if self.transport == "tls":
+            return "tls://127.0.0.1:%s" % ports["tls"]
+        if self.transport == "ws":
+            return "ws://127.0.0.1:%s/diglett" % ports["ws"]
+        return self._traefik(int(ports["ws"]))
+
+    def _traefik(self, ws_port):
+        """Traefik on its own port terminating TLS and forwarding the upgrade: wss as run."""
+        port = free_port()
+        dynamic = self.folder / "routes.yml"  # JSON is YAML; not traefik.yml: its static file
+        dynamic.write_text(json.dumps({"http": {
+            "routers": {"agents": {"entryPoints": ["websecure"], "tls": {}, "service": "ws",
+                                   "rule": "PathPrefix(`/diglett`)"}},
+            "services": {"ws": {"loadBalancer": {
+                "servers": [{"url": "http://127.0.0.1:%d" % ws_port}]}}}}}))
+        traefik = Proc([str(BIN / "traefik"), "--entrypoints.websecure.address=127.0.0.1:%d"
+                        % port, "--providers.file.filename=%s" % dynamic, "--log.level=ERROR"],
+                       self.folder, "traefik")
+        self.procs.append(traefik)  # charged too: it is part of the path on a real gateway
+        # a connect, not /proc/net/tcp: a Go listener may not show there under gVisor
+        wait_until(lambda: _connects(port), START_TIMEOUT, "traefik to listen")
+        time.sleep(1.0)  # the file provider loads its routes just after the listen
+        return "wss://127.0.0.1:%d/diglett" % port
+
+    def verify_aead(self):
+        self.procs, traefik = [p for p in self.procs if p.label != "traefik"], \
+            [p for p in self.procs if p.label == "traefik"]
+        try:
+            super().verify_aead()
+        finally:
+            self.procs += traefik
+
+
+def _connects(port):
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _has_ready_file(source):

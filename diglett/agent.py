@@ -18,6 +18,8 @@ import gevent.event
 from gevent import socket
 
 from diglett import __version__, crypto, noise, protocol, proxyproto, wire
+from diglett.reach import gateway_url, transport
+from diglett.reach import proxy as proxies
 from diglett.reasons import CloseReason
 from diglett.sockets import enable_keepalive, recv_exact, set_nodelay
 from diglett.tunnel import Tunnel
@@ -33,9 +35,10 @@ EXIT_SERVER_KEY_MISMATCH = 5  # the server is not the one whose key is pinned
 EXIT_REVOKED = 6  # the grant was revoked while connected
 EXIT_REPLACED = 7  # another agent with the same key took the name over
 EXIT_VERSION = 8  # the server does not speak this agent's wire version
+EXIT_PROXY_REFUSED = 9  # the proxy refused the CONNECT (403, 407) or its SOCKS equivalent
 # Answers about one gateway rather than about the agent: with several gateways the agent
 # exits only when every one of them gave one.
-PER_GATEWAY_EXITS = (EXIT_SERVER_KEY_MISMATCH, EXIT_VERSION)
+PER_GATEWAY_EXITS = (EXIT_SERVER_KEY_MISMATCH, EXIT_VERSION, EXIT_PROXY_REFUSED)
 
 CONNECT_TIMEOUT = 10  # seconds to reach the server
 HANDSHAKE_TIMEOUT = 15  # seconds from connect to the server's OK
@@ -96,12 +99,17 @@ def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.unifor
 class Agent:
     def __init__(self, gateway, name, key, server_key, backend, *, on_mismatch=None,
                  out=sys.stdout, backoff_cap=BACKOFF_CAP, proxy_protocol=False,
-                 drain_timeout=STOP_DRAIN, extra_config=None):
-        # (host, port), or a list of them: a fleet. Each attempt after a failure or a
-        # disconnect goes to the next address, so a dead gateway costs one attempt.
-        self.gateways = [gateway] if isinstance(gateway[0], str) else list(gateway)
+                 drain_timeout=STOP_DRAIN, extra_config=None, proxy=None):
+        # A GatewayUrl or (host, port), or a list of them: a fleet. Each attempt after a
+        # failure or a disconnect goes to the next address, so a dead gateway costs one attempt.
+        gateways = [gateway] if isinstance(gateway, gateway_url.GatewayUrl) or isinstance(
+            gateway[0], str) else list(gateway)
+        self.gateways = [g if isinstance(g, gateway_url.GatewayUrl)
+                         else gateway_url.GatewayUrl("tcp", *g) for g in gateways]
+        self.proxy = proxy  # --proxy as given (None: the environment decides; "none": direct)
         self.gateway = self.gateways[0]  # the one of the current or last attempt
         self._turn = 0
+        self._resolved = set()  # tcp addresses from DNS: their name needed no proxy
         self.proxy_protocol = proxy_protocol  # write a PROXY v2 header to every backend socket
         self.name = name
         self.key = key
@@ -167,7 +175,7 @@ class Agent:
                     # now; only failures spread reconnects out (and a server that keeps
                     # draining at once gets the backoff, not a tight loop).
                     last_at_once = started
-                    log.warning("%s:%d: %s; reconnecting now", *self.gateway, why)
+                    log.warning("%s: %s; reconnecting now", self.gateway, why)
                     attempt = 0
                     continue
             except (OSError, ProtocolError, noise.HandshakeError) as exc:
@@ -180,7 +188,7 @@ class Agent:
                 attempt = 0
             delay = max(min_delay, backoff_delay(attempt, cap=self.backoff_cap))
             attempt += 1
-            log.warning("%s:%d: %s; reconnecting in %.1f s", *self.gateway, why, delay)
+            log.warning("%s: %s; reconnecting in %.1f s", self.gateway, why, delay)
             self._stopping.wait(delay)
         return EXIT_OK
 
@@ -222,20 +230,38 @@ class Agent:
         for step in range(len(addresses)):
             self.gateway = addresses[(start + step) % len(addresses)]
             try:
-                return socket.create_connection(self.gateway, timeout=CONNECT_TIMEOUT)
+                return transport.dial(self.gateway, self._proxy_for(self.gateway),
+                                      CONNECT_TIMEOUT)
+            except transport.ProxyRefused as exc:
+                raise Fatal(EXIT_PROXY_REFUSED, str(exc)) from None
             except OSError as exc:
                 error = exc
         raise error
 
+    def _proxy_for(self, gateway):
+        """The Proxy to dial ``gateway`` through, or None. An address resolved from a name was
+        resolved because the name needed none (no_proxy matches names, not their addresses)."""
+        if gateway in self._resolved:
+            return None
+        return proxies.choose(gateway, self.proxy)
+
     def _addresses(self):
         addresses = []
-        for host, port in self.gateways:
+        for gateway in self.gateways:
+            if gateway.scheme != "tcp" or proxies.choose(gateway, self.proxy) is not None:
+                # TLS and WebSocket need the name (SNI, Host), and a proxy resolves it itself
+                if gateway not in addresses:
+                    addresses.append(gateway)
+                continue
+            host, port = gateway.address
             try:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except socket.gaierror:
                 infos = []
             # sorted: a DNS server that rotates its answers must not undo our own rotation
             found = sorted({(info[4][0], port) for info in infos}) or [(host, port)]
+            found = [gateway_url.GatewayUrl("tcp", *address) for address in found]
+            self._resolved.update(found)
             addresses.extend(a for a in found if a not in addresses)
         return addresses
 

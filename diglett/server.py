@@ -18,7 +18,7 @@ import gevent
 
 from diglett import admission, config, crypto, handoff, metrics, wire
 from diglett.dbworker import DatabaseWorker
-from diglett.gateway import authorize, enrol
+from diglett.gateway import authorize, enrol, transports
 from diglett.gateway.agent_session import AgentSession
 from diglett.gateway.doors import Door, HoldCounters, Inherited
 from diglett.gateway.events import SessionEvents
@@ -60,6 +60,7 @@ class Server:
         self.draining = set()  # AgentSessions handed over to a newer one, finishing streams
         self.hold_counters = HoldCounters()
         self.listener = None
+        self.transports = []  # the tls:// and wss:// listeners (diglett.gateway.transports)
         self.address = self.agent_port = None
         self.stopping = False
         self.counters = metrics.Counters()  # refusals, and what ended sessions leave behind
@@ -94,6 +95,8 @@ class Server:
         # Our row exists before our first session does, so no gateway takes us for dead.
         self.db.call(self.registry.gateway_seen, self.gateway_id, self.instance, self.address)
         self.listener.start()
+        self.transports = transports.start(self.config, self.admission, self._handle_agent,
+                                           self.handshakes.failures)
         self._greenlets = [gevent.spawn(RegistryPoller(self).run),
                            gevent.spawn(Heartbeat(self).run)]
         return self.listener.address
@@ -125,6 +128,8 @@ class Server:
         gevent.killall(self._greenlets)
         if self.listener is not None:
             self.listener.close()
+        for listener in self.transports:
+            listener.close()
         for door in list(self.doors.values()):
             door.close(forget=not handing_on)  # no new visitors; open streams carry on
         sessions = list(self.sessions.values()) + list(self.draining)

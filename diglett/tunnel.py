@@ -92,6 +92,8 @@ class Tunnel:
         self._greenlets = [gevent.spawn(self._guard, loop)
                            for loop in (self._write_loop, self._keepalive_loop)]
         self._read_watcher.start(self._readable)
+        if getattr(self.sock, "pending", None) and self.sock.pending():
+            loop.run_callback(self._readable)  # TLS bytes already decrypted: no fd event comes
         self.wake()
 
     def wait(self):

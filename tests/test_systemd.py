@@ -173,7 +173,7 @@ def test_the_agent_waits_for_the_network():
 
 def test_agent_is_not_restarted_after_a_permanent_exit_code():
     codes = [int(code) for code in service(AGENT_UNIT)["RestartPreventExitStatus"].split()]
-    assert codes == permanent_exit_codes() == [2, 3, 4, 5, 6, 7, 8]
+    assert codes == permanent_exit_codes() == [2, 3, 4, 5, 6, 7, 8, 9]
 
 
 def test_operations_doc_lists_every_exit_code():

@@ -17,12 +17,15 @@ import gevent
 
 from diglett import __version__, agent, config, crypto, known_servers, names
 from diglett.cli import logs
+from diglett.reach import gateway_url
+from diglett.reach import proxy as proxies
 
 DEFAULT_KEY_FILE = Path("~/.config/diglett/agent.key")
 KNOWN_SERVERS_NAME = "known_servers"  # default file, next to the key file
 SUBCOMMANDS = ("keygen", "pubkey", "demo", "enroll")
 OPTIONS = ("gateway", "name", "key-file", "server-key", "info-url", "known-servers",
-           "backend", "log-level", "proxy-protocol")  # also the keys of the [agent] section
+           "backend", "log-level", "proxy-protocol",
+           "proxy")  # also the keys of the [agent] section
 
 
 class UsageError(Exception):
@@ -93,11 +96,17 @@ def run_parser():
         description="Expose BACKEND (HOST:PORT of a local service) as NAME.DOMAIN through a "
         "diglett server. Exit codes: 0 stopped, 2 bad arguments/config/key file, 3 no grant, "
         "4 invalid name, 5 server key mismatch, 6 revoked, 7 replaced by another agent with "
-        "the same key, 8 wire version mismatch; everything else is retried.")
+        "the same key, 8 wire version mismatch, 9 refused by the proxy; everything else is "
+        "retried.")
     parser.add_argument("backend", nargs="?", metavar="BACKEND", help="HOST:PORT to expose")
-    parser.add_argument("-g", "--gateway", metavar="HOST:PORT",
-                        help="the server's agent port; a fleet: HOST:PORT,HOST:PORT,... or a "
-                             "name with several addresses (tried in turn)")
+    parser.add_argument("-g", "--gateway", metavar="URL",
+                        help="the server's agent port: HOST:PORT (raw TCP), tls://HOST[:443] "
+                             "or wss://HOST[:443]/PATH (through port 443); a fleet: several, "
+                             "comma-separated, or a name with several addresses (tried in turn)")
+    parser.add_argument("--proxy", metavar="URL",
+                        help="dial through this proxy: http://[USER:PASS@]HOST:PORT (CONNECT) "
+                             "or socks5[h]://...; default: https_proxy, all_proxy and no_proxy "
+                             "from the environment, as curl; 'none': never a proxy")
     parser.add_argument("-n", "--name", help="the subdomain to ask for")
     parser.add_argument("-c", "--config", type=Path,
                         help="agent config file with an [agent] section (flags override it)")
@@ -152,15 +161,14 @@ def main(argv=None):
     args = run_parser().parse_args(argv)
     try:
         values = settings(args)
-        gateway = [host_port(text.strip(), "--gateway")
-                   for text in values["gateway"].split(",") if text.strip()]
-        if not gateway:
-            raise UsageError("--gateway must be HOST:PORT (or several, comma-separated)")
+        gateway = gateway_url.parse_list(values["gateway"])
+        for each in gateway:  # a bad proxy URL (flag or environment) is a usage error now
+            proxies.choose(each, values.get("proxy"))
         backend = host_port(values["backend"], "BACKEND")
         name = names.validate_subdomain(values["name"])
     except config.ConfigError as exc:
         return fail(exc)
-    except UsageError as exc:
+    except (UsageError, gateway_url.GatewayUrlError, proxies.ProxyUrlError) as exc:
         return fail(exc)
     except names.InvalidName as exc:
         return fail("--name: %s" % exc, agent.EXIT_INVALID_NAME)
@@ -183,6 +191,7 @@ def main(argv=None):
         return fail(exc)
     tunnel_agent = agent.Agent(
         gateway, name, key, server_key, backend, proxy_protocol=values["proxy-protocol"],
+        proxy=values.get("proxy"),
         on_mismatch=lambda: known_servers.mismatch_message(
             gateway_text, server_key, source, values.get("info-url")))
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -175,6 +175,20 @@ def host_port(text):
     return host, int(port)
 
 
+def optional(parse):
+    """``parse``, except that empty text means None (the feature is off)."""
+    def parse_optional(text):
+        return parse(text) if text else None
+    return parse_optional
+
+
+def url_path(text):
+    """An absolute URL path such as /diglett."""
+    if not text.startswith("/") or any(c in text for c in " ?#"):
+        raise ValueError("must be a path starting with /, e.g. /diglett")
+    return text
+
+
 def port_range(text):
     """0 -> None (a random free port per tunnel), A-B -> (A, B)."""
     if text == "0":

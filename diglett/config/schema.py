@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 from diglett.config.parsers import (
     boolean, choice, database, dns_name, format_size, gateway_id, host_port, integer,
-    ip_address, networks, path, port_range, seconds, size, startups, string,
+    ip_address, networks, optional, path, port_range, seconds, size, startups, string, url_path,
 )
 
 SERVER_SECTION = "server"
@@ -63,6 +63,10 @@ def _check_server(values):
         return ("gateway_stale_after",), (
             "gateway_stale_after must be at least %d seconds (keep the default 30 unless a "
             "test needs it short)" % MIN_GATEWAY_STALE_AFTER)
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        return ("tls_cert", "tls_key"), (
+            "tls_cert and tls_key go together (set both, or neither for a self-signed "
+            "certificate)")
     if values["memory_budget"] < values["stream_window"]:
         return ("memory_budget", "stream_window"), (
             "memory_budget (%s) must be at least stream_window (%s) (raise memory_budget)"
@@ -129,13 +133,25 @@ SERVER = Section(
         "token": Key(string, "", "bearer token for /metrics, /api/tunnels and / when http is "
                      "not loopback (empty: only /info and /healthz are served there)",
                      secret=True, live=False),
+        # reach: the same agent sessions inside TLS or a WebSocket, for networks where only
+        # HTTPS gets out (diglett.gateway.transports)
+        "listen_tls": Key(optional(host_port), "", "HOST:PORT agents reach with tls:// (Traefik "
+                          "passes their SNI through to it); empty: off", live=False),
+        "listen_ws": Key(optional(host_port), "", "HOST:PORT of the plain WebSocket listener "
+                         "Traefik forwards wss:// upgrades to; empty: off", live=False),
+        "ws_path": Key(url_path, "/diglett", "the URL path of the WebSocket listener",
+                       live=False),
+        "tls_cert": Key(optional(path), "", "PEM certificate of listen_tls (empty: a "
+                        "self-signed one, made next to key)", live=False),
+        "tls_key": Key(optional(path), "", "PEM private key of tls_cert", live=False),
     },
     check=_check_server,
 )
 
 AGENT = Section(
     {
-        "gateway": Key(string, None, "HOST:PORT of the server's listen address"),
+        "gateway": Key(string, None, "HOST:PORT of the server's listen address, or "
+                       "tls://HOST[:443] or wss://HOST[:443]/PATH"),
         "name": Key(string, None, "the subdomain this agent asks for"),
         "key-file": Key(path, None, "the agent's private key file"),
         "server-key": Key(string, None, "the server's public key (hex) to pin"),
@@ -145,6 +161,9 @@ AGENT = Section(
         "log-level": Key(choice(*LOG_LEVELS), None, "debug, info, warning or error"),
         "proxy-protocol": Key(boolean, None, "yes: send each backend connection a PROXY "
                               "protocol v2 header naming the real client"),
+        "proxy": Key(string, None, "http://[USER:PASS@]HOST:PORT or socks5://...: dial the "
+                     "gateway through this proxy (none: never; unset: https_proxy etc.)",
+                     secret=True),
     }
 )
 

@@ -86,6 +86,11 @@ class ServerConfig:
     log_format: str
     audit_retention: Seconds
     token: str
+    listen_tls: Address | None  # None: no TLS listener
+    listen_ws: Address | None  # None: no WebSocket listener
+    ws_path: str
+    tls_cert: Path | None  # None: a self-signed certificate next to ``key``
+    tls_key: Path | None
     sections: Mapping[str, SectionValues]
 
     def __repr__(self):
