@@ -19,7 +19,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from diglett import readyfile  # noqa: E402
+
 BIN = Path(sys.executable).parent
+# The ready log line, for the few tests that start the server their own way (prlimit, systemd);
+# Gateway reads the ready file (docs/operations.md "Scripts and the ready file").
 READY = re.compile(r"ready: agents=(\S+):(\d+) http=(\S+):(\d+) domain=\S+ key=([0-9a-f]{66})")
 TUNNEL_UP = re.compile(r"tunnel up: (\S+) -> \S+ \(server port (\d+)\)")
 TEST_SERVER_OPTIONS = {  # shrunk timers so failures show in seconds
@@ -155,13 +159,26 @@ class Gateway:
         self.agents = []
 
     def start(self, timeout=15):
-        self.proc = Proc(command("diglett-server") + ["-c", str(self.config_path)],
-                         self.workdir, "server", supervisor=self.supervisor)
-        match = self.proc.wait_for(READY, timeout)
-        self.agent_address = (match.group(1), int(match.group(2)))
-        self.http_address = (match.group(3), int(match.group(4)))
-        self.key = match.group(5)
+        self.proc = self._server("server")
+        self._read_ready(timeout)
         return self
+
+    def _server(self, label):
+        self.ready_path = self.workdir / "server.ready"
+        readyfile.remove(self.ready_path)  # a killed run's file must not pass for the next's
+        return Proc(command("diglett-server") + ["-c", str(self.config_path), "--ready-file",
+                                                 str(self.ready_path)],
+                    self.workdir, label, supervisor=self.supervisor)
+
+    def _read_ready(self, timeout):
+        try:
+            ready = readyfile.wait(self.ready_path, timeout, self.proc.popen.poll)
+        except readyfile.NotReady as exc:
+            raise AssertionError("%s\n--- server stderr ---\n%s" % (
+                exc, self.proc.stderr()[-4000:])) from None
+        self.agent_address = (ready["agents"]["host"], ready["agents"]["port"])
+        self.http_address = (ready["http"]["host"], ready["http"]["port"])
+        self.key = ready["key"]  # a deleted key file means a new key
 
     @property
     def gateway(self):
@@ -178,10 +195,8 @@ class Gateway:
         if graceful:
             old.stop(30)
         old.close()
-        self.proc = Proc(command("diglett-server") + ["-c", str(self.config_path)],
-                         self.workdir, "server-%d" % len(Proc.registry),
-                         supervisor=self.supervisor)
-        self.key = self.proc.wait_for(READY, 15).group(5)  # a deleted key file means a new key
+        self.proc = self._server("server-%d" % len(Proc.registry))
+        self._read_ready(15)
         return self
 
     def http_get(self, path, timeout=5):
