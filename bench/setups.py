@@ -121,9 +121,7 @@ class Proc:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         extra = {}
         if supervisor is not None:
-            argv, place = supervisor.popen_args(argv)
-            env.update(supervisor.environment())
-            extra = {"close_fds": False, "preexec_fn": place}
+            argv, env, extra = supervisor.popen(argv, env)
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.popen = subprocess.Popen(
                 argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=folder, env=env,

@@ -34,14 +34,16 @@ class FdStore:
     """The supervisor's notify socket and what it handed us at start."""
 
     def __init__(self, environ=None):
-        environ = os.environ if environ is None else environ
+        own = environ is None  # the process's own variables (not a test's dict)
+        environ = os.environ if own else environ
         self.address = _socket_address(environ.get("NOTIFY_SOCKET", ""))
         # systemd (254+) sets FDSTORE to FileDescriptorStoreMax; older ones say nothing, and
         # a store that was not configured drops what we send, which costs nothing.
         self.enabled = self.address is not None and environ.get("FDSTORE", "1") != "0"
         self.inherited = _listen_fds(environ)  # name -> socket, passed by the last run
         for variable in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
-            os.environ.pop(variable, None)  # hook scripts are not to take them for theirs
+            if own:
+                os.environ.pop(variable, None)  # hook scripts are not to take them for theirs
 
     def take(self, name):
         """The inherited socket called ``name``, or None; each one is taken once."""

@@ -53,6 +53,11 @@ class FdStoreSupervisor:
         wrapped = ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"] + list(argv)
         return (wrapped if fds else list(argv)), place_descriptors
 
+    def popen(self, argv, env):
+        """(argv, env, extra Popen keywords) to start ``argv`` under this supervisor."""
+        argv, place = self.popen_args(argv)
+        return argv, {**env, **self.environment()}, {"close_fds": False, "preexec_fn": place}
+
     def stored(self):
         with self.lock:
             return list(self.fds)

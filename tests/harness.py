@@ -72,9 +72,7 @@ class Proc:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         extra = {}
         if supervisor is not None:
-            argv, place = supervisor.popen_args(argv)
-            full_env.update(supervisor.environment())
-            extra = {"close_fds": False, "preexec_fn": place}
+            argv, full_env, extra = supervisor.popen(argv, full_env)
         self.popen = subprocess.Popen(argv, stdout=self._out, stderr=self._err,
                                       stdin=subprocess.DEVNULL, cwd=workdir, env=full_env,
                                       **extra)

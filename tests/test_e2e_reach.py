@@ -236,11 +236,11 @@ def test_a_proxy_that_closes_mid_handshake_is_logged_and_retried(tmp_path, gatew
 
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd") or not shutil.which("ssh"),
-                    reason="needs openssh-server and ssh")
 @pytest.mark.timeout(90)
 def test_an_agent_through_a_real_socks5_proxy(tmp_path, gateway, echo_backend):
     """OpenSSH's dynamic forward (ssh -D) is the SOCKS5 proxy; socks5h: it resolves the name."""
+    if not os.path.exists("/usr/sbin/sshd") or not shutil.which("ssh"):
+        pytest.fail("needs openssh-server and ssh: ./scripts/bootstrap --test installs them")
     edge = Edge(tmp_path / "edge").start(gateway.tls_port, gateway.ws_port)
     sshd_port, client_key = start_sshd(tmp_path / "ssh")
     socks_port = harness.free_port()
