@@ -39,8 +39,8 @@ from diglett import readyfile
 from diglett.demo import find_traefik
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.fault_relay import FaultRelay  # noqa: E402
-from tests.fdstore_supervisor import FdStoreSupervisor  # noqa: E402
+from tests.support.fault_relay import FaultRelay  # noqa: E402
+from tests.support.fdstore_supervisor import FdStoreSupervisor  # noqa: E402
 
 NAME = "load"
 DOMAIN = "bench.test"

@@ -1,6 +1,9 @@
 """bench/results.json -> docs/benchmarks.md and docs/benchmarks.png.
 
 Only formatting lives here: every figure comes from the results, every verdict from TARGETS.
+
+Why ~590 lines: the whole page is rendered here, the tables, the verdicts against each target
+and the chart, from one results file, so that the page and the figures cannot drift apart.
 """
 
 from pathlib import Path

@@ -11,6 +11,10 @@ and py-spy with pip),
 starts one backend (bench/backend.py) and every setup at once, measures them in rounds so a
 drift of the machine hits all setups alike, then writes bench/results.json (raw),
 docs/benchmarks.md and docs/benchmarks.png. See docs/benchmarks.md for what is measured.
+
+Why ~560 lines: one run is one script, so that every figure of the report comes from the same
+processes on the same machine minutes apart; the phases (bulk, round trips, concurrency,
+fairness, memory) share the setups and the load generator.
 """
 
 import argparse

@@ -27,6 +27,9 @@ bench/soak-results.json and docs/soak.png; the verdict rule is in verdict() belo
 docs/operations.md ("Soak").
 
 Every process is started here and ended by its PID (setups.Proc).
+
+Why ~740 lines: the soak is one long experiment whose load, probes and report must agree on the
+same timeline; its parts are sections of one script rather than modules no one else imports.
 """
 
 import argparse
@@ -54,7 +57,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 import setups  # noqa: E402
-from setups import BIN, READY, TUNNEL_UP, Proc, wait_until  # noqa: E402
+from setups import BIN, READY, TUNNEL_UP, Proc  # noqa: E402
 
 RESULTS = BENCH / "soak-results.json"
 CHART = ROOT / "docs" / "soak.png"

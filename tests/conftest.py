@@ -5,9 +5,9 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests import harness
+from tests.support import harness
 
-# Hypothesis budgets of tests/test_fuzz.py (docs/operations.md, "Fuzzing"). "fuzz-ci" is the
+# Hypothesis budgets of tests/unit/test_fuzz.py (docs/operations.md, "Fuzzing"). "fuzz-ci" is the
 # default there: bounded and derandomized, so CI runs the same inputs every time. Long runs:
 # HYPOTHESIS_PROFILE=fuzz (random, many examples, failures kept in .hypothesis/ for replay).
 # Other test files keep their own settings unless HYPOTHESIS_PROFILE is set.
@@ -44,4 +44,4 @@ def echo_backend():
     backend.close()
 
 
-from tests.pgfixture import pg_url, postgres  # noqa: E402,F401  (shared PostgreSQL cluster)
+from tests.support.pgfixture import pg_url, postgres  # noqa: E402,F401  (shared PostgreSQL cluster)

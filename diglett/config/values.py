@@ -3,7 +3,7 @@
 This module owns the result types and how their reprs mask secrets (a secret key's value, the
 password of a database URL), so a config can be logged or shown in a traceback safely. It must
 not parse or read anything. ServerConfig is written out field by field so that an editor, grep
-and a type checker can find ``cfg.listen``; tests/test_config.py checks that its fields are
+and a type checker can find ``cfg.listen``; tests/unit/test_config.py checks that its fields are
 exactly the [server] keys of diglett.config.schema, in order, between ``path`` and ``sections``.
 """
 
