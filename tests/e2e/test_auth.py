@@ -479,7 +479,6 @@ def test_sigterm_stops_the_agent_cleanly_and_ends_the_session(gateway, echo_back
     assert refused(agent.port)
 
 
-EXIT_INVALID_NAME, EXIT_SERVER_KEY_MISMATCH, EXIT_REVOKED = 4, 5, 6
 
 INJECTIONS = [
     "", "-foo", "foo-", "a" * 64, "foo.bar", "foo_bar", "f\u043e\u043e", "foo\n", "foo\x00",

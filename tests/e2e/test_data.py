@@ -461,7 +461,6 @@ def test_agent_killed_mid_download_is_not_a_clean_eof(gateway, backends):
                         % received)
 
 
-MiB = 1 << 20
 
 
 # ----- E2 (c): both sides half-close at once, data queued both ways ---------------------------

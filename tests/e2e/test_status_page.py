@@ -87,8 +87,7 @@ def test_status_page_without_tunnels():
     assert "No tunnel connected." in statuspage.render(server, [])
 
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+DEVTOOLS_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--window-size=1200,800")
 CDP_TIMEOUT = 20  # seconds for one DevTools answer
@@ -106,7 +105,7 @@ class DevTools:
         # a tiny exec wrapper puts the pipes on fds 3 and 4 (dash cannot name fds above 9)
         wrapper = ("import os, sys; os.dup2(%d, 3); os.dup2(%d, 4); "
                    "os.execv(sys.argv[1], sys.argv[1:])" % (to_r, from_w))
-        argv = [sys.executable, "-c", wrapper, CHROMIUM, *CHROMIUM_FLAGS,
+        argv = [sys.executable, "-c", wrapper, CHROMIUM, *DEVTOOLS_FLAGS,
                 "--user-data-dir=%s" % profile, "--remote-debugging-pipe",
                 "about:blank"]  # headless Chromium with no page to show exits at once
         self._log = open(str(profile) + ".log", "wb")  # chromium's stderr, for a failure

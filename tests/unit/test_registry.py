@@ -480,7 +480,8 @@ def test_set_refusing_an_alias_changes_nothing(reg):
     assert reg.find_grant("bar", K2).policy == Policy()
 
 
-def test_a_hand_edited_unsafe_policy_fails_closed(tmp_path, reg, caplog):
+def test_a_hand_edited_unsafe_policy_fails_closed(tmp_path, sqlite_reg, caplog):
+    reg = sqlite_reg  # edited by hand with sqlite3 below
     reg.grant("foo", K1, changes={"basic_auth": ("alice:" + APR1,)})
     reg.grant("bar", K2)
     with sqlite3.connect(tmp_path / "registry.db") as conn:
