@@ -7,6 +7,9 @@ live in diglett.gateway: the listener and handshake, the pure authorize decision
 ports, each AgentSession, session events (rows, outbox, signals), and the fleet loops. The
 registry is reached only through one database thread (diglett.dbworker) so SQLite or
 PostgreSQL never blocks the gevent hub; no hook is known here.
+
+As a worker (``worker=True``, diglett.workers) it binds no agent socket: the master accepts
+and passes each connection in (``serve_passed``); the rest is the same.
 """
 
 import dataclasses
@@ -36,8 +39,9 @@ log = logging.getLogger(__name__)
 
 
 class Server:
-    def __init__(self, config, registry, fdstore=None):
+    def __init__(self, config, registry, fdstore=None, worker=False):
         self.config = config
+        self.worker = worker  # connections come from the master, not from our own sockets
         self.fdstore = fdstore or handoff.FdStore({})
         self.registry = registry
         self.keys = [crypto.load_or_create_private_key(config.key)]
@@ -87,19 +91,37 @@ class Server:
         self.ports.last.update(self.db.call(self.registry.last_ports, self.gateway_id))
         self.grants.reload()
         self.listener = AgentListener(self.config.listen, self.admission, self._handle_agent,
-                                      self.fdstore.take(handoff.AGENTS))
+                                      self.fdstore.take(handoff.AGENTS), bind=not self.worker)
         self.fdstore.close_unused()
-        self.fdstore.store(self.listener.sock, handoff.AGENTS)
+        if self.listener.sock is not None:
+            self.fdstore.store(self.listener.sock, handoff.AGENTS)
         self.agent_port = self.listener.address[1]
         self.address = "%s:%d" % self.listener.address
         # Our row exists before our first session does, so no gateway takes us for dead.
         self.db.call(self.registry.gateway_seen, self.gateway_id, self.instance, self.address)
         self.listener.start()
         self.transports = transports.start(self.config, self.admission, self._handle_agent,
-                                           self.handshakes.failures)
+                                           self.handshakes.failures, bind=not self.worker)
         self._greenlets = [gevent.spawn(RegistryPoller(self).run),
                            gevent.spawn(Heartbeat(self).run)]
         return self.listener.address
+
+    def serve_passed(self, sock, kind):
+        """A connection the master accepted on the agent port (``agents``) or on a transport
+        listener (``tls``, ``ws``)."""
+        listener = self.listener if kind == handoff.AGENTS else next(
+            (t for t in self.transports if t.kind == kind), None)
+        try:
+            address = sock.getpeername()
+        except OSError:  # gone already
+            sock.close()
+            return
+        if listener is None:
+            log.warning("agent=%s:%d passed for %s, which this worker does not serve",
+                        address[0], address[1], kind)
+            sock.close()
+            return
+        listener.serve(sock, address)
 
     def _adopt(self, passed, kept):
         """Open the doors whose ports the last run passed on, holding for its sessions."""
