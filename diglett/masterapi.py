@@ -105,6 +105,7 @@ class MasterView:
         for worker in self.pool.workers:
             stats = ask_json(worker, "/debug/stats") or {}
             total["workers"].append({"worker": worker.index, "up": worker.ready.is_set(),
+                                     "pid": worker.pid, "gateway": worker.gateway_id,
                                      "restarts": worker.restarts, **stats})
             for key, value in stats.items():
                 if isinstance(value, int):

@@ -57,6 +57,10 @@ class Worker:
         self.restarts = 0
         self._loop = None
 
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
     def start(self):
         self._loop = gevent.spawn(self._run)
 

@@ -156,6 +156,7 @@ def reload(server, args):
         return
     server.apply_config(cfg)  # the master logs which keys need a restart
     logs.set_level(args.log_level or cfg.log_level)
+    log.info("worker %d reloaded %s", args.index, cfg.path)
 
 
 if __name__ == "__main__":
