@@ -42,6 +42,7 @@ class Server:
     def __init__(self, config, registry, fdstore=None, worker=False):
         self.config = config
         self.worker = worker  # connections come from the master, not from our own sockets
+        self.siblings = None  # a worker's: moves doors to and from other workers
         self.fdstore = fdstore or handoff.FdStore({})
         self.registry = registry
         self.keys = [crypto.load_or_create_private_key(config.key)]
@@ -232,8 +233,9 @@ class Server:
         door = self.doors.get(name)
         if door is not None and not door.closed:
             return name, decision, door
+        listener = self._door_of_sibling(name, key, elsewhere)
         try:
-            listener = self.ports.bind(name, decision)
+            listener = listener or self.ports.bind(name, decision)
         except OSError as exc:
             log.error("subdomain=%s agent=%s no tunnel port: %s", name,
                       crypto.fingerprint(key), exc)
@@ -241,6 +243,29 @@ class Server:
         door = self.doors[name] = Door(name, listener, self)
         self.fdstore.store(listener, handoff.door_name(name))
         return name, decision, door
+
+    def _door_of_sibling(self, name, key, elsewhere):
+        """The listening socket of ``name``, moved here from the worker whose session of
+        this key serves it (diglett.gateway.siblings); None if there is none to move."""
+        held = next((row for row in elsewhere if row.subdomain == name and row.key == key),
+                    None)
+        if self.siblings is None or held is None:
+            return None
+        sock = self.siblings.request(held.gateway, name)
+        if sock is not None:
+            log.info("subdomain=%s tunnel port %s:%d moved here from gateway %s", name,
+                     *sock.getsockname()[:2], held.gateway)
+        return sock
+
+    def give_door(self, name):
+        """Stop serving ``name``'s port and return its socket, for the worker where a newer
+        session of the key came in; None unless a live session of ours serves it."""
+        door, session = self.doors.get(name), self.sessions.get(name)
+        if door is None or door.closed or session is None or door.session is not session:
+            return None
+        log.info("%s tunnel port %s:%d handed to another worker; open streams carry on",
+                 session.label, door.host, door.port)
+        return door.give_away()
 
     def _held_elsewhere(self, name):
         """Other gateways' active sessions of ``name``; an unreadable registry lets the agent

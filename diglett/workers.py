@@ -1,8 +1,9 @@
 """The worker processes of a diglett-server with ``workers > 1``, as the master sees them.
 
 The master accepts on the agent port (and on listen_tls / listen_ws) and hands each
-connection to the next worker in turn, its descriptor passed over the worker's channel (a
-unix SEQPACKET socketpair, SCM_RIGHTS, as handoff.py does with systemd). Accepting in one
+connection to the next worker in turn, its descriptor passed over the worker's channel
+(diglett.channel: SCM_RIGHTS, as handoff.py does with systemd). It also relays a name's
+tunnel port from one worker to another when the agent's key moves (diglett.gateway.siblings). Accepting in one
 place, rather than letting the kernel wake every worker on a shared socket, spreads agents
 evenly and predictably, and costs one sendmsg per agent connection, never per byte: the
 tunnel's data goes between the agent and its worker only.
@@ -14,7 +15,6 @@ restarted worker's start-up ends the sessions its crashed run left (end_stale) a
 takeover of a name between workers is the fleet's (RegistryPoller.check_takeovers).
 """
 
-import array
 import logging
 import os
 import signal
@@ -26,9 +26,9 @@ import gevent
 import gevent.event
 from gevent import socket
 
-log = logging.getLogger(__name__)
+from diglett import channel as channels
 
-READY, WAKE = b"ready", b"wake"  # worker -> master, on its channel
+log = logging.getLogger(__name__)
 
 RESTART_FIRST = 0.5  # seconds before restarting a worker that exited on its own
 RESTART_MAX = 10.0  # cap of the doubling delay, for a worker that keeps failing at start
@@ -112,29 +112,40 @@ class Worker:
     def _read_channel(self, channel):
         while True:
             try:
-                message = channel.recv(64)
+                message = channels.receive(channel)
             except OSError:
-                message = b""
-            if not message:
+                message = None
+            if message is None:
                 self.ready.clear()
                 return
-            if message == READY:
+            text, sock = message
+            if text == channels.READY:
                 self.ready.set()
-            elif message == WAKE:
+            elif text == channels.WAKE:
                 self.pool.on_wake()
+            elif text.startswith("door?"):
+                holder, _, name = text[len("door?"):].partition("?")
+                self.pool.ask_for_door(self, holder, name)
+            elif text.startswith("door!"):
+                requester, _, name = text[len("door!"):].partition("?")
+                self.pool.pass_door(requester, name, sock)
+            elif sock is not None:
+                sock.close()  # nothing else comes with a descriptor
 
-    def pass_on(self, sock, kind):
-        """Give ``sock`` to this worker; False when it cannot take it (not running)."""
+    def send(self, text, sock=None):
+        """Send to this worker; False when it cannot take it (not running)."""
         if not self.ready.is_set():
             return False
-        fds = array.array("i", [sock.fileno()]).tobytes()
         try:
-            self.channel.sendmsg([kind.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            channels.send(self.channel, text, sock)
         except OSError as exc:
-            log.warning("worker %d did not take a connection: %s", self.index, exc)
+            log.warning("worker %d did not take %s: %s", self.index, text, exc)
             self.ready.clear()
             return False
         return True
+
+    def pass_on(self, sock, kind):
+        return self.send(kind, sock)
 
     def signal(self, signum):
         if self.proc is not None and self.proc.poll() is None:
@@ -212,6 +223,26 @@ class WorkerPool:
             if self._pass_on(sock, kind):
                 return
         sock.close()  # the agent reconnects with its backoff
+
+    def ask_for_door(self, requester, holder, name):
+        """Worker ``requester`` wants the port of ``name`` that worker gateway ``holder``
+        serves (diglett.gateway.siblings); no such worker: it binds its own."""
+        giver = next((w for w in self.workers if w.gateway_id == holder), None)
+        if giver is None or giver is requester or \
+                not giver.send("give?%d?%s" % (requester.index, name)):
+            requester.send("door:%s" % name)
+
+    def pass_door(self, requester, name, sock):
+        try:
+            worker = self.workers[int(requester)]
+        except (ValueError, IndexError):
+            worker = None
+        if worker is None or not worker.send("door:%s" % name, sock):
+            if sock is not None:
+                log.error("subdomain=%s its port could not be passed to worker %s: closed",
+                          name, requester)
+        if sock is not None:
+            sock.close()  # the master's copy
 
     def signal_all(self, signum):
         for worker in self.workers:

@@ -3,7 +3,8 @@
 Not for people: the master runs ``python -m diglett.cli.worker`` with its channel (a unix
 SEQPACKET socket) as an inherited descriptor. The worker is a whole diglett Server under its
 own gateway id (``GATEWAY_ID.wN``) that binds no agent socket: the master passes each agent
-connection over the channel (SCM_RIGHTS) and it goes on exactly as an accepted one. The
+connection over the channel (diglett.channel) and it goes on exactly as an accepted one; a
+name's tunnel port moves between workers over it too (diglett.gateway.siblings). The
 worker runs no hooks (the master delivers every worker's outbox rows; a ``wake`` message
 after each commit saves it the poll), and serves its HTTP API only on a unix socket, which
 the master reads for /metrics and /api/tunnels. SIGTERM drains as a single server does; a
@@ -15,7 +16,6 @@ from gevent import monkey
 monkey.patch_all()  # before anything else imports socket, threading or ssl
 
 import argparse  # noqa: E402
-import array  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -26,15 +26,16 @@ import gevent  # noqa: E402
 import gevent.event  # noqa: E402
 from gevent import socket  # noqa: E402
 
+from diglett import channel as channels  # noqa: E402
 from diglett import config, handoff, hookloader, memory, signals  # noqa: E402
 from diglett.cli import logs  # noqa: E402
 from diglett.httpapi import make_app, make_server  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
+from diglett.channel import READY, WAKE  # noqa: E402
+from diglett.gateway.siblings import Siblings  # noqa: E402
 from diglett.server import Server  # noqa: E402
-from diglett.workers import READY, WAKE  # noqa: E402
 
 log = logging.getLogger("diglett.cli.worker")
-MESSAGE_MAX = 64  # bytes of a channel message: a kind name ("agents", "tls", "ws")
 
 
 def parse_args(argv):
@@ -59,28 +60,11 @@ def worker_config(args):
                                gateway_id=args.gateway_id, http=("127.0.0.1", 0))
 
 
-def receive(channel):
-    """(kind, socket) passed by the master, or None when the channel closed."""
-    fds = array.array("i")
-    data, ancillary, _flags, _address = channel.recvmsg(
-        MESSAGE_MAX, socket.CMSG_SPACE(fds.itemsize))
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-    if not data and not fds:
-        return None
-    socks = [socket.socket(fileno=fd) for fd in fds]
-    if len(socks) != 1:
-        for sock in socks:
-            sock.close()
-        return data.decode(errors="replace"), None
-    return data.decode(errors="replace"), socks[0]
-
-
-def serve_channel(server, channel, stop):
+def serve_channel(server, siblings, channel, stop):
+    """What the master sends: connections to serve, and door moves between workers."""
     while True:
         try:
-            message = receive(channel)
+            message = channels.receive(channel)
         except OSError as exc:
             log.error("channel to the master failed: %s", exc)
             message = None
@@ -88,14 +72,19 @@ def serve_channel(server, channel, stop):
             log.warning("the master closed the channel: stopping")
             stop.set()
             return
-        kind, sock = message
-        if sock is not None:
-            server.serve_passed(sock, kind)
+        text, sock = message
+        if text.startswith("door:"):
+            siblings.delivered(text[len("door:"):], sock)
+        elif text.startswith("give?"):
+            requester, _, name = text[len("give?"):].partition("?")
+            gevent.spawn(siblings.give, requester, name)
+        elif sock is not None:
+            server.serve_passed(sock, text)
 
 
 def tell_master(channel, message):
     try:
-        channel.send(message)
+        channels.send(channel, message)
     except OSError:
         pass  # the master is gone; serve_channel notices and stops
 
@@ -118,6 +107,7 @@ def main(argv=None):
     try:
         registry = Registry(cfg.database)
         server = Server(cfg, registry, handoff.FdStore({}), worker=True)
+        siblings = server.siblings = Siblings(server, channel)
         server.start()
     except (RegistryError, OSError) as exc:
         log.error("worker %d cannot start: %s", args.index, exc)
@@ -134,7 +124,7 @@ def main(argv=None):
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload, server, args))
-    reader = gevent.spawn(serve_channel, server, channel, stop)
+    reader = gevent.spawn(serve_channel, server, siblings, channel, stop)
     tidy = memory.keep_tidy()
     log.info("worker %d ready: gateway=%s", args.index, cfg.gateway_id)
     tell_master(channel, READY)

@@ -13,7 +13,9 @@ handed over, which reports its end, tells its agent (GOAWAY ``REPLACED``) and le
 streams finish for up to ``drain_timeout``.
 
 A door also survives a server restart when the port came through the fd store
-(diglett.handoff): the new run opens it holding for the session the last run left active.
+(diglett.handoff): the new run opens it holding for the session the last run left active,
+and moves to another worker process when the key's next session lands there
+(diglett.gateway.siblings).
 """
 
 import collections
@@ -67,6 +69,7 @@ class Door:
         self.left = None  # (session, reason, traffic): gone, its end not reported yet
         self.visitors = collections.deque()  # (socket, address) held while no session serves
         self.closed = False
+        self.moved = False  # given to another worker: its session ends when replaced there
         self._expiry = None
         self._accept = gevent.spawn(self._accept_loop)
 
@@ -144,6 +147,16 @@ class Door:
             gone.report_end(reason, traffic)
         if self.server.doors.get(self.name) is self:
             del self.server.doors[self.name]
+
+    def give_away(self):
+        """Stop accepting and return the listening socket, for another worker to serve
+        (diglett.gateway.siblings). The session keeps its open streams; the caller closes
+        this process's copy of the socket once it is sent."""
+        self.closed = self.moved = True
+        self._accept.kill()
+        if self.server.doors.get(self.name) is self:
+            del self.server.doors[self.name]
+        return self.listener
 
     # ----- visitors -------------------------------------------------------------------
     def _accept_loop(self):

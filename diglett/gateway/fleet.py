@@ -138,6 +138,9 @@ class RegistryPoller:
             if newer:
                 log.info("%s replaced by session %s on gateway %s", session.label,
                          newer[-1].id, newer[-1].gateway)
+                if session.door.moved:  # a sibling worker serves our port: finish streams
+                    session.hand_over()
+                    continue
                 session.terminate(CloseReason.REPLACED, ErrorCode.REPLACED,
                                   "replaced by a new connection on gateway %s" % newer[-1].gateway)
             elif session.session_id not in active:
