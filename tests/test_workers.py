@@ -142,6 +142,9 @@ def test_same_key_takes_over_from_the_other_worker_and_the_route_follows(
 
         second = gw.agent("foo", new_backend.address, key_file=key_file)  # to worker 1
         moved = time.monotonic()
+        assert second.port == first.port  # the port moved with the name: the same route
+        gw.proc.wait_for(r"worker=1 .*subdomain=foo tunnel port 127\.0\.0\.1:%d moved here "
+                         r"from gateway gw\.w0" % first.port, 5)
         assert first.wait(timeout=10) == EXIT_REPLACED
         print("worker 0 gave foo up %.2f s after the new session" % (time.monotonic() - moved))
         gw.proc.wait_for(r"worker=0 .*subdomain=foo .* replaced by session [0-9a-f]+ on "
@@ -157,6 +160,38 @@ def test_same_key_takes_over_from_the_other_worker_and_the_route_follows(
     finally:
         old_backend.close()
         new_backend.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_pinned_port_moves_between_workers_and_open_streams_finish(tmp_path):
+    """Make-before-break across workers: the grant pins the port, so only moving the
+    listening socket lets the new session in; a stream open on the old one runs to its end."""
+    gw = start(tmp_path, drain_timeout=20)
+    port = harness.free_port()
+    key_file, public = gw.new_key("foo")
+    gw.grant("foo", public, "--port", str(port))
+    backend = harness.Backend(harness.digest_then_reply(SIZE))
+    try:
+        first = gw.agent("foo", backend.address, key_file=key_file)
+        assert first.port == port and worker_of(gw) == {"foo": 0}
+        with harness.connect(port, timeout=30) as held:  # open on worker 0's session
+            harness.send_pattern(held, SIZE // 2, b"up")
+            second = gw.agent("foo", backend.address, key_file=key_file)
+            assert second.port == port
+            wait_until(lambda: worker_of(gw) == {"foo": 1}, 10, what="foo served by worker 1")
+            transfer(port)  # a new visitor: the new session, on worker 1
+            gw.proc.wait_for(r"worker=0 .*subdomain=foo .* replaced by a new session of the "
+                             r"same key; 1 open streams finish first", 10)
+            held.sendall(harness.pattern(SIZE, b"up")[SIZE // 2:])  # the old one still works
+            held.shutdown(socket.SHUT_WR)
+            assert harness.recv_exact(held, 32).hex() == harness.sha256_of_pattern(SIZE, b"up")
+            assert harness.recv_all(held) == (harness.sha256_of_pattern(SIZE, b"reply"), SIZE)
+        assert first.wait(timeout=25) == EXIT_REPLACED
+        assert [(s["gateway"], s["port"]) for s in gw.sessions()] == [("gw.w1", port)]
+        transfer(port)
+        assert "Traceback" not in gw.proc.stderr()
+    finally:
+        backend.close()
 
 
 @pytest.mark.timeout(90)
