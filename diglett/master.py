@@ -63,19 +63,22 @@ class MasterGateway:
         self._grants_read = 0.0
         self.hooks = None
         self.hooks = self._start_hooks(cfg, context, hook_objects)
-        try:
-            self.pool.start(WORKERS_READY)
-        except OSError:
-            self.pool.stop()
-            raise
-        for kind, sock in self.sockets.items():
-            self.pool.accept(sock, kind)
         address = "%s:%d" % self.agent_address
         self.view = masterapi.MasterView(cfg, self.public_key, self.agent_address[1], address,
                                          self.db, self.registry, self.pool)
         app = make_app(self.view, lambda: self.hooks,
                        masterapi.make_registry(self.pool, lambda: self.hooks))
         self.http = make_server(cfg.http, app)
+        try:
+            self.http.init_socket()  # a taken http address fails before any worker starts
+            self.pool.start(WORKERS_READY)
+        except BaseException:
+            self.pool.stop()
+            self.hooks.stop(0)
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            raise
+        for kind, sock in self.sockets.items():
+            self.pool.accept(sock, kind)
         self.http.start()
 
     @property

@@ -38,6 +38,10 @@ STOP_MARGIN = 5.0  # seconds beyond drain and shutdown timeouts before a worker 
 GATEWAY_ID_MAX = 63  # the registry's column
 
 
+class WorkersNotReady(Exception):
+    """A worker did not report ready in time at start-up (its own log lines say why)."""
+
+
 def worker_gateway_id(gateway_id, index):
     suffix = ".w%d" % index
     return gateway_id[:GATEWAY_ID_MAX - len(suffix)] + suffix
@@ -186,8 +190,8 @@ class WorkerPool:
         deadline = time.monotonic() + timeout
         for worker in self.workers:
             if not worker.ready.wait(max(0.0, deadline - time.monotonic())):
-                raise OSError("worker %d not ready within %s s (see its log lines)" % (
-                    worker.index, timeout))
+                raise WorkersNotReady("worker %d not ready within %s s (see its log lines "
+                                      "above)" % (worker.index, timeout))
 
     def accept(self, sock, kind):
         """Accept on ``sock`` and pass every connection on, in its own greenlet."""

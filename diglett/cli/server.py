@@ -18,6 +18,7 @@ from diglett.cli import logs  # noqa: E402
 from diglett.handoff import FdStore  # noqa: E402
 from diglett.httpapi import make_app, make_server  # noqa: E402
 from diglett.master import MasterGateway  # noqa: E402
+from diglett.workers import WorkersNotReady  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
 from diglett.server import Server  # noqa: E402
 
@@ -143,7 +144,7 @@ def main(argv=None):
                                     lambda: load(cfg.path, sections), args.log_level)
         else:
             gateway = Gateway(cfg, context, hook_objects, sections, args.log_level)
-    except (RegistryError, crypto.KeyFileError) as exc:
+    except (RegistryError, crypto.KeyFileError, WorkersNotReady) as exc:
         return fail(exc)
     except OSError as exc:
         return fail("cannot listen: %s (check listen and http in %s)" % (exc, cfg.path))
