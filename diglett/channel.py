@@ -5,10 +5,11 @@ A SEQPACKET socket keeps message boundaries and a descriptor travels with its me
 reader never has to frame or match them up. Messages:
 
 - master -> worker: ``agents`` / ``tls`` / ``ws`` + an accepted connection; ``give?I?NAME``
-  (worker I wants NAME's tunnel port); ``door:NAME`` + the port, or without one (not moved)
+  (worker I wants NAME's tunnel port); ``visitor:NAME`` + a visitor the port held, then
+  ``door:NAME`` + the port, or without one (not moved)
 - worker -> master: ``ready``, ``wake`` (a session change is committed: deliver it);
   ``door?GATEWAY?NAME`` (the session of our key on GATEWAY holds NAME's port: ask for it);
-  ``door!I?NAME`` + the port, or without one, for worker I
+  ``visitor!I?NAME`` + a held visitor, then ``door!I?NAME`` + the port or none, for worker I
 """
 
 import array

@@ -30,6 +30,7 @@ from diglett.gateway.handshake import Handshakes
 from diglett.gateway.limits import MemoryBudget
 from diglett.gateway.listener import AgentListener
 from diglett.gateway.ports import TunnelPorts
+from diglett.gateway.siblings import MOVED_HOLD, MovedIn
 from diglett.reasons import CloseReason
 from diglett.registry import RegistryError
 from diglett.sockets import enable_keepalive, set_nodelay
@@ -43,6 +44,7 @@ class Server:
         self.config = config
         self.worker = worker  # connections come from the master, not from our own sockets
         self.siblings = None  # a worker's: moves doors to and from other workers
+        self.moved_away = {}  # name -> ((session, reason, traffic), deadline): end not told
         self.fdstore = fdstore or handoff.FdStore({})
         self.registry = registry
         self.keys = [crypto.load_or_create_private_key(config.key)]
@@ -233,9 +235,14 @@ class Server:
         door = self.doors.get(name)
         if door is not None and not door.closed:
             return name, decision, door
-        listener = self._door_of_sibling(name, key, elsewhere)
+        moved = self._door_of_sibling(name, key, elsewhere)
+        if moved is not None:
+            listener, visitors = moved
+            door = self.doors[name] = Door(name, listener, self)
+            door.moved_in(MovedIn(), visitors, MOVED_HOLD)
+            return name, decision, door
         try:
-            listener = listener or self.ports.bind(name, decision)
+            listener = self.ports.bind(name, decision)
         except OSError as exc:
             log.error("subdomain=%s agent=%s no tunnel port: %s", name,
                       crypto.fingerprint(key), exc)
@@ -251,21 +258,29 @@ class Server:
                     None)
         if self.siblings is None or held is None:
             return None
-        sock = self.siblings.request(held.gateway, name)
-        if sock is not None:
-            log.info("subdomain=%s tunnel port %s:%d moved here from gateway %s", name,
-                     *sock.getsockname()[:2], held.gateway)
-        return sock
+        moved = self.siblings.request(held.gateway, name)
+        if moved is not None:
+            log.info("subdomain=%s tunnel port %s:%d moved here from gateway %s (%d held "
+                     "visitors with it)", name, *moved[0].getsockname()[:2], held.gateway,
+                     len(moved[1]))
+        return moved
 
     def give_door(self, name):
-        """Stop serving ``name``'s port and return its socket, for the worker where a newer
-        session of the key came in; None unless a live session of ours serves it."""
+        """Stop serving ``name``'s port, for the worker where a newer session of the key came
+        in: (listening socket, held visitors), or None if no session of ours has it. The
+        session that served it ends once the registry shows the new one (RegistryPoller)."""
         door, session = self.doors.get(name), self.sessions.get(name)
-        if door is None or door.closed or session is None or door.session is not session:
+        if door is None or door.closed or door.session is not session or (
+                session is None and door.left is None):
             return None
-        log.info("%s tunnel port %s:%d handed to another worker; open streams carry on",
-                 session.label, door.host, door.port)
-        return door.give_away()
+        listener, visitors, left = door.give_away()
+        if left is not None:  # held for a session that left: its end waits for the new one
+            self.moved_away[name] = (left, time.monotonic() + MOVED_HOLD)
+        log.info("subdomain=%s tunnel port %s:%d handed to another worker (%s, %d held "
+                 "visitors)", name, door.host, door.port,
+                 "open streams carry on" if session is not None else "its session had left",
+                 len(visitors))
+        return listener, visitors
 
     def _held_elsewhere(self, name):
         """Other gateways' active sessions of ``name``; an unreadable registry lets the agent

@@ -133,6 +133,9 @@ class Worker:
             elif text.startswith("door!"):
                 requester, _, name = text[len("door!"):].partition("?")
                 self.pool.pass_door(requester, name, sock)
+            elif text.startswith("visitor!") and sock is not None:
+                requester, _, name = text[len("visitor!"):].partition("?")
+                self.pool.pass_door(requester, name, sock, kind="visitor")
             elif sock is not None:
                 sock.close()  # nothing else comes with a descriptor
 
@@ -236,15 +239,16 @@ class WorkerPool:
                 not giver.send("give?%d?%s" % (requester.index, name)):
             requester.send("door:%s" % name)
 
-    def pass_door(self, requester, name, sock):
+    def pass_door(self, requester, name, sock, kind="door"):
+        """A port (or a visitor it held) from the giving worker, on to ``requester``."""
         try:
             worker = self.workers[int(requester)]
         except (ValueError, IndexError):
             worker = None
-        if worker is None or not worker.send("door:%s" % name, sock):
+        if worker is None or not worker.send("%s:%s" % (kind, name), sock):
             if sock is not None:
-                log.error("subdomain=%s its port could not be passed to worker %s: closed",
-                          name, requester)
+                log.error("subdomain=%s its %s could not be passed to worker %s: closed",
+                          name, "port" if kind == "door" else kind, requester)
         if sock is not None:
             sock.close()  # the master's copy
 

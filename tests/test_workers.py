@@ -195,6 +195,40 @@ def test_a_pinned_port_moves_between_workers_and_open_streams_finish(tmp_path):
 
 
 @pytest.mark.timeout(90)
+def test_a_held_port_moves_with_its_visitors_to_the_worker_of_the_next_session(
+        tmp_path, digest_backend):
+    """The agent drops and comes back through the other worker: the port it held (and the
+    visitor waiting there) goes with it, and the route never changes."""
+    gw = start(tmp_path, hold_timeout=10)
+    key_file, public = gw.new_key("foo")
+    gw.grant("foo", public)
+    first = gw.agent("foo", digest_backend.address, key_file=key_file)
+    port = first.port
+    first.kill()  # its connection drops: worker 0 holds the port
+    gw.proc.wait_for(r"worker=0 .*subdomain=foo holding tunnel port 127\.0\.0\.1:%d" % port,
+                     10)
+    with harness.connect(port, timeout=30) as waiting:
+        wait_until(lambda: metric(_http_text(gw, "/metrics"), "diglett_held_visitors") == 1,
+                   10, what="the visitor held")
+        second = gw.agent("foo", digest_backend.address, key_file=key_file)  # worker 1
+        assert second.port == port
+        harness.send_pattern(waiting, SIZE, b"up")
+        waiting.shutdown(socket.SHUT_WR)
+        assert harness.recv_exact(waiting, 32).hex() == harness.sha256_of_pattern(SIZE, b"up")
+        assert harness.recv_all(waiting) == (harness.sha256_of_pattern(SIZE, b"reply"), SIZE)
+    gw.proc.wait_for(r"worker=1 .*subdomain=foo tunnel port 127\.0\.0\.1:%d moved here from "
+                     r"gateway gw\.w0 \(1 held visitors with it\)" % port, 5)
+    assert worker_of(gw) == {"foo": 1}
+    wait_until(lambda: [(s["gateway"], s["port"]) for s in gw.sessions()] == [("gw.w1", port)],
+               5, what="the held session's row ended, the new one's alone")
+    text = _http_text(gw, "/metrics")
+    assert metric(text, "diglett_hold_visitors_total", outcome="served") == 1
+    assert metric(text, "diglett_hold_visitors_total", outcome="expired") == 0
+    transfer(port)
+    assert "Traceback" not in gw.proc.stderr()
+
+
+@pytest.mark.timeout(90)
 def test_a_killed_worker_is_restarted_and_its_agent_reconnects(tmp_path, digest_backend):
     gw = start(tmp_path)
     agents = {name: gw.agent(name, digest_backend.address) for name in ("a0", "a1")}

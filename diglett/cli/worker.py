@@ -75,6 +75,8 @@ def serve_channel(server, siblings, channel, stop):
         text, sock = message
         if text.startswith("door:"):
             siblings.delivered(text[len("door:"):], sock)
+        elif text.startswith("visitor:") and sock is not None:
+            siblings.visitor(text[len("visitor:"):], sock)
         elif text.startswith("give?"):
             requester, _, name = text[len("give?"):].partition("?")
             gevent.spawn(siblings.give, requester, name)

@@ -149,14 +149,28 @@ class Door:
             del self.server.doors[self.name]
 
     def give_away(self):
-        """Stop accepting and return the listening socket, for another worker to serve
-        (diglett.gateway.siblings). The session keeps its open streams; the caller closes
-        this process's copy of the socket once it is sent."""
+        """Stop accepting; return (listening socket, held visitors, the left session's
+        (session, reason, traffic) or None), for another worker to serve
+        (diglett.gateway.siblings). A live session keeps its open streams; the caller
+        reports a left one's end, and closes this process's copies once they are sent."""
         self.closed = self.moved = True
         self._accept.kill()
+        if self._expiry is not None:
+            self._expiry.kill()
+            self._expiry = None
+        visitors = list(self.visitors)
+        self.visitors.clear()
+        left, self.left = self.left, None
         if self.server.doors.get(self.name) is self:
             del self.server.doors[self.name]
-        return self.listener
+        return self.listener, visitors, left
+
+    def moved_in(self, gone, visitors, wait):
+        """This door came from another worker for the session being admitted: hold its
+        visitors, and those who come before that session attaches, for up to ``wait`` s."""
+        self.left = (gone, CloseReason.REPLACED, "")
+        self.visitors.extend(visitors)
+        self._expiry = gevent.spawn_later(wait, self._hold_over)
 
     # ----- visitors -------------------------------------------------------------------
     def _accept_loop(self):

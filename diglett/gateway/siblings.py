@@ -9,8 +9,10 @@ by the new worker; the old session keeps its open streams until the registry sho
 one, then is handed over as on one server (GOAWAY REPLACED, drain_timeout for its streams:
 fleet.RegistryPoller.check_takeovers). A port the grant pins can only move this way.
 
-A door holding visitors for a session that left is not moved (its visitors are the holder's);
-the new worker then binds a port of its own, as a gateway of a fleet does.
+A door held for a session that left (hold_timeout: the agent dropped and came back on the
+other worker) moves too, with the visitors it holds (each passed over before the port, so
+all are there when it arrives); the left session's end is reported by its worker once the
+registry shows the new session, so the route never disappears in between.
 """
 
 import logging
@@ -23,6 +25,17 @@ from diglett import channel as channels
 log = logging.getLogger(__name__)
 
 DOOR_WAIT = 5.0  # seconds a new session waits for a sibling's port before binding its own
+MOVED_HOLD = 10.0  # seconds a moved door holds visitors for a session that has not attached
+
+
+class MovedIn:
+    """The session a moved door was serving, as the new worker sees it: another worker's,
+    which reports its end (so there is nothing to report here)."""
+
+    session_id = "(another worker's)"
+
+    def report_end(self, reason, traffic):
+        pass
 
 
 class Siblings:
@@ -30,21 +43,29 @@ class Siblings:
         self.server = server  # gives doors away (Server.give_door)
         self.channel = channel
         self._waiting = {}  # subdomain -> AsyncResult of the port asked for
+        self._visitors = {}  # subdomain -> held visitors that came ahead of its port
 
     def request(self, holder, name):
-        """The listening socket of ``name`` from worker gateway ``holder``, or None."""
+        """(listening socket, [(visitor, address)]) of ``name`` from worker gateway
+        ``holder``, or None."""
         if name in self._waiting:
             return None  # another handshake of the same name asks already
         result = self._waiting[name] = gevent.event.AsyncResult()
         try:
             channels.send(self.channel, "door?%s?%s" % (holder, name))
-            return result.get(timeout=DOOR_WAIT)
+            sock = result.get(timeout=DOOR_WAIT)
         except (OSError, gevent.Timeout):
             log.warning("subdomain=%s the port of gateway %s did not come within %s s: "
                         "binding one here", name, holder, DOOR_WAIT)
-            return None
+            sock = None
         finally:
             self._waiting.pop(name, None)
+        visitors = self._visitors.pop(name, [])
+        if sock is None:
+            for visitor, _ in visitors:
+                visitor.close()
+            return None
+        return sock, visitors
 
     def delivered(self, name, sock):
         """The master's answer: the port, or None (the holder kept it)."""
@@ -57,13 +78,29 @@ class Siblings:
             return
         waiting.set(sock)
 
+    def visitor(self, name, sock):
+        """A visitor the holder held, sent ahead of the port."""
+        try:
+            address = sock.getpeername()
+        except OSError:  # gave up meanwhile
+            address = None
+        if name not in self._waiting or address is None:
+            sock.close()
+            return
+        self._visitors.setdefault(name, []).append((sock, address))
+
     def give(self, requester, name):
         """The master asks for ``name``'s port on behalf of worker ``requester``."""
-        sock = self.server.give_door(name)
+        given = self.server.give_door(name)
+        sock, visitors = given if given is not None else (None, [])
         try:
+            for visitor, _ in visitors:
+                channels.send(self.channel, "visitor!%s?%s" % (requester, name), visitor)
             channels.send(self.channel, "door!%s?%s" % (requester, name), sock)
         except OSError as exc:
             log.error("subdomain=%s cannot hand its port over: %s", name, exc)
         finally:
+            for visitor, _ in visitors:
+                visitor.close()  # ours; the copies travel
             if sock is not None:
-                sock.close()  # ours; the copy travels
+                sock.close()
