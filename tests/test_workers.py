@@ -19,6 +19,7 @@ import urllib.request
 import pytest
 
 from tests import harness
+from tests.fdstore_supervisor import FdStoreSupervisor
 from tests.harness import wait_until
 from tests.hookfixtures import HttpBackend, body_for, sha256
 from tests.hookfixtures import traefik  # noqa: F401 (a fixture)
@@ -279,3 +280,28 @@ def test_sighup_and_sigterm_reach_every_worker_and_the_master_exits_0(
     assert gw.proc.wait(timeout=30) == 0
     assert not [pid for pid in pids if alive(pid)], "a worker outlived the master"
     assert gw.sessions() == []  # every worker ended its sessions in the registry
+
+
+@pytest.mark.timeout(90)
+def test_under_an_fd_store_the_agent_port_survives_a_restart_of_the_master(
+        tmp_path, digest_backend):
+    """With workers the store keeps the agent port (not the workers' tunnel ports): the agent
+    told SHUTTING_DOWN redials into the stored backlog and the next run serves it."""
+    supervisor = FdStoreSupervisor(tmp_path)
+    try:
+        gw = harness.Gateway(tmp_path / "gw", supervisor=supervisor, workers=2,
+                             gateway_id=GATEWAY_ID).start()
+        agent = gw.agent("foo", digest_backend.address)
+        wait_until(lambda: "agents" in supervisor.stored(), 5, what="the agent port stored")
+        assert not [name for name in supervisor.stored() if name.startswith("door-")]
+        agent_port = gw.agent_address[1]
+        gw.proc.stop(30)
+        assert gw.proc.popen.returncode == 0, gw.proc.stderr()[-3000:]
+        gw.restart()
+        assert gw.agent_address[1] == agent_port
+        port = agent.wait_up(timeout=20, count=2)
+        transfer(port)
+        assert agent.popen.poll() is None
+        assert [s["subdomain"] for s in gw.sessions()] == ["foo"]
+    finally:
+        supervisor.close()
