@@ -95,10 +95,10 @@ class MasterGateway:
         self.fdstore.close_unused()  # tunnel ports of a single-process run: not ours now
         self.fdstore.store(agents, handoff.AGENTS)
         sockets = {handoff.AGENTS: agents}
-        if cfg.listen_tls is not None:
-            sockets["tls"] = listen(*cfg.listen_tls)
-        if cfg.listen_ws is not None:
-            sockets["ws"] = listen(*cfg.listen_ws)
+        for kind, address in (("tls", cfg.listen_tls), ("ws", cfg.listen_ws)):
+            if address is not None:
+                sockets[kind] = listen(*address)
+                log.info("agents over %s on %s:%d", kind, *sockets[kind].getsockname()[:2])
         return sockets
 
     def _start_hooks(self, cfg, context, hook_objects):
