@@ -102,7 +102,8 @@ class Stand:
         self.config = self.folder / "server.conf"
         self.config.write_text(
             "[server]\nlisten = 127.0.0.1:0\nhttp = 127.0.0.1:0\ndomain = %s\nkey = server.key\n"
-            "database = registry.db\nhold_timeout = 10\ndrain_timeout = 10\n\n"
+            "database = registry.db\nhold_timeout = 10\ndrain_timeout = 10\n"
+            "workers = 1\n\n"  # the fd store hands tunnel ports on only from one process
             "[hooks]\nenabled = traefik\n\n"
             "[hook:traefik]\napi = http://127.0.0.1:%d\ncheck_interval = 1\n"
             "reuse_connections = %s\n" % (DOMAIN, self.api_port, "yes" if reuse else "no"))

@@ -590,6 +590,14 @@ def write(results, docs):
 
         parts += ["\n%s\n\n" % TRANSPORTS_HEADING,
                   transports_section(json.loads(transports.read_text()))]
+    all_cores = Path(__file__).resolve().parent / "aggregate.json"
+    if all_cores.exists():  # bench/aggregate.py's section, kept across full runs
+        import json
+
+        import aggregate
+
+        parts += ["\n%s\n\n" % aggregate.HEADING,
+                  aggregate.section(json.loads(all_cores.read_text()))]
     parts += [
         "\n", METHOD,
     ]

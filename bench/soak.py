@@ -527,6 +527,7 @@ def write_config(path, http_port_hint, webhook_url):
         "key = server.key",
         "database = registry.db",
         "stream_idle_timeout = %d" % IDLE_TIMEOUT,
+        "workers = 1",  # the soak watches one server process (bench/aggregate.py: workers)
         "",
         "[hooks]",
         "enabled = script, webhook",

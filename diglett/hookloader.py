@@ -118,6 +118,12 @@ def build(cfg, context):
     return hooks
 
 
+def sections_of(cfg):
+    """The config's hook sections as plain dicts: a reload restarts the hooks if they differ."""
+    return {name: dict(values) for name, values in cfg.sections.items()
+            if name == "hooks" or name.startswith("hook:")}
+
+
 class Hooks:
     """Runs one Dispatcher per enabled hook and wakes them when a session changes."""
 
@@ -143,6 +149,11 @@ class Hooks:
         signals.session_updated.connect(wake, weak=False)
         if self.dispatchers:
             self._pruner = gevent.spawn(self._prune_loop)
+
+    def wake(self):
+        """Look at the outbox now (a worker process committed a session change)."""
+        for dispatcher in self.dispatchers:
+            dispatcher.wake()
 
     def _prune_loop(self):
         """Finished deliveries are kept OUTBOX_KEEP seconds for operators, then forgotten."""

@@ -62,8 +62,9 @@ def tunnels(server):
     return [snapshot.to_json() for _, snapshot in sorted(server.snapshots().items())]
 
 
-def make_app(server, hooks=None):
-    registry = metrics.make_registry(server, hooks)
+def make_app(server, hooks=None, metrics_registry=None):
+    """``metrics_registry``: what /metrics renders (a master's sums), else the server's own."""
+    registry = metrics_registry or metrics.make_registry(server, hooks)
     token = server.config.token
     open_bind = is_loopback(server.config.http[0])
     if not open_bind and not token:

@@ -99,9 +99,7 @@ class Collector:
 
     def __init__(self, server, hooks=None):
         self.server = server
-        self.hooks = hooks  # () -> the running hookloader.Hooks (a reload replaces it), or None
-        self._dispatchers = []  # those of the last scrape
-        self._retired = {}  # (hook, attribute) -> final counts of dispatchers a reload replaced
+        self.hooks = HookFamilies(hooks)
 
     def describe(self):
         return []  # families are made per scrape; nothing to check at registration
@@ -127,7 +125,7 @@ class Collector:
                         "reason", server.handshake_failures)
         yield _by_label("diglett_agent_refusals", "authenticated agents refused, by ERROR code",
                         "code", counters.refusals)
-        yield from self._hooks()
+        yield from self.hooks.collect()
         durations = HistogramMetricFamily("diglett_session_duration_seconds",
                                           "length of ended agent sessions")
         durations.add_metric([], counters.durations.cumulative(), counters.durations.sum)
@@ -150,27 +148,6 @@ class Collector:
             family.add_metric([name, "in"], bytes_in)
             family.add_metric([name, "out"], bytes_out)
         return family
-
-    def _hooks(self):
-        hooks = self.hooks() if self.hooks is not None else None
-        dispatchers = list(hooks.dispatchers) if hooks is not None else []
-        for gone in self._dispatchers:  # stopped by a reload: their counts are final
-            if not any(gone is d for d in dispatchers):
-                for attribute in HOOK_COUNTS:
-                    key = (gone.name, attribute)
-                    self._retired[key] = self._retired.get(key, 0) + getattr(gone, attribute)
-        self._dispatchers = dispatchers
-        for attribute, (name, text) in HOOK_COUNTS.items():
-            counts = {hook: count for (hook, kind), count in self._retired.items()
-                      if kind == attribute}
-            for dispatcher in dispatchers:
-                counts[dispatcher.name] = counts.get(dispatcher.name, 0) + getattr(
-                    dispatcher, attribute)
-            yield _by_label(name, text, "hook", counts)
-        for dispatcher in dispatchers:  # a hook's own figures (the etcd lease, its claims)
-            for name, kind, text, value in dispatcher.hook.metrics():
-                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                yield family(name, text, value=value)
 
     def _holds(self):
         return _hold_families(self.server)
@@ -199,6 +176,40 @@ class Collector:
                                   value=admission.penalties)
         yield GaugeMetricFamily("diglett_handshakes_pending", "handshakes in progress",
                                 value=admission.pending)
+
+
+class HookFamilies:
+    """The hook dispatchers' counts; a master (diglett.workers) serves these beside its
+    workers' sums, as it alone runs the hooks."""
+
+    def __init__(self, hooks=None):
+        self.hooks = hooks  # () -> the running hookloader.Hooks (a reload replaces it), or None
+        self._dispatchers = []  # those of the last scrape
+        self._retired = {}  # (hook, attribute) -> final counts of dispatchers a reload replaced
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        hooks = self.hooks() if self.hooks is not None else None
+        dispatchers = list(hooks.dispatchers) if hooks is not None else []
+        for gone in self._dispatchers:  # stopped by a reload: their counts are final
+            if not any(gone is d for d in dispatchers):
+                for attribute in HOOK_COUNTS:
+                    key = (gone.name, attribute)
+                    self._retired[key] = self._retired.get(key, 0) + getattr(gone, attribute)
+        self._dispatchers = dispatchers
+        for attribute, (name, text) in HOOK_COUNTS.items():
+            counts = {hook: count for (hook, kind), count in self._retired.items()
+                      if kind == attribute}
+            for dispatcher in dispatchers:
+                counts[dispatcher.name] = counts.get(dispatcher.name, 0) + getattr(
+                    dispatcher, attribute)
+            yield _by_label(name, text, "hook", counts)
+        for dispatcher in dispatchers:  # a hook's own figures (the etcd lease, its claims)
+            for name, kind, text, value in dispatcher.hook.metrics():
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, text, value=value)
 
 
 def _hold_families(server):

@@ -7,6 +7,9 @@ live in diglett.gateway: the listener and handshake, the pure authorize decision
 ports, each AgentSession, session events (rows, outbox, signals), and the fleet loops. The
 registry is reached only through one database thread (diglett.dbworker) so SQLite or
 PostgreSQL never blocks the gevent hub; no hook is known here.
+
+As a worker (``worker=True``, diglett.workers) it binds no agent socket: the master accepts
+and passes each connection in (``serve_passed``); the rest is the same.
 """
 
 import dataclasses
@@ -27,6 +30,7 @@ from diglett.gateway.handshake import Handshakes
 from diglett.gateway.limits import MemoryBudget
 from diglett.gateway.listener import AgentListener
 from diglett.gateway.ports import TunnelPorts
+from diglett.gateway.siblings import MOVED_HOLD, MovedIn
 from diglett.reasons import CloseReason
 from diglett.registry import RegistryError
 from diglett.sockets import enable_keepalive, set_nodelay
@@ -36,8 +40,11 @@ log = logging.getLogger(__name__)
 
 
 class Server:
-    def __init__(self, config, registry, fdstore=None):
+    def __init__(self, config, registry, fdstore=None, worker=False):
         self.config = config
+        self.worker = worker  # connections come from the master, not from our own sockets
+        self.siblings = None  # a worker's: moves doors to and from other workers
+        self.moved_away = {}  # name -> ((session, reason, traffic), deadline): end not told
         self.fdstore = fdstore or handoff.FdStore({})
         self.registry = registry
         self.keys = [crypto.load_or_create_private_key(config.key)]
@@ -87,19 +94,37 @@ class Server:
         self.ports.last.update(self.db.call(self.registry.last_ports, self.gateway_id))
         self.grants.reload()
         self.listener = AgentListener(self.config.listen, self.admission, self._handle_agent,
-                                      self.fdstore.take(handoff.AGENTS))
+                                      self.fdstore.take(handoff.AGENTS), bind=not self.worker)
         self.fdstore.close_unused()
-        self.fdstore.store(self.listener.sock, handoff.AGENTS)
+        if self.listener.sock is not None:
+            self.fdstore.store(self.listener.sock, handoff.AGENTS)
         self.agent_port = self.listener.address[1]
         self.address = "%s:%d" % self.listener.address
         # Our row exists before our first session does, so no gateway takes us for dead.
         self.db.call(self.registry.gateway_seen, self.gateway_id, self.instance, self.address)
         self.listener.start()
         self.transports = transports.start(self.config, self.admission, self._handle_agent,
-                                           self.handshakes.failures)
+                                           self.handshakes.failures, bind=not self.worker)
         self._greenlets = [gevent.spawn(RegistryPoller(self).run),
                            gevent.spawn(Heartbeat(self).run)]
         return self.listener.address
+
+    def serve_passed(self, sock, kind):
+        """A connection the master accepted on the agent port (``agents``) or on a transport
+        listener (``tls``, ``ws``)."""
+        listener = self.listener if kind == handoff.AGENTS else next(
+            (t for t in self.transports if t.kind == kind), None)
+        try:
+            address = sock.getpeername()
+        except OSError:  # gone already
+            sock.close()
+            return
+        if listener is None:
+            log.warning("agent=%s:%d passed for %s, which this worker does not serve",
+                        address[0], address[1], kind)
+            sock.close()
+            return
+        listener.serve(sock, address)
 
     def _adopt(self, passed, kept):
         """Open the doors whose ports the last run passed on, holding for its sessions."""
@@ -210,6 +235,12 @@ class Server:
         door = self.doors.get(name)
         if door is not None and not door.closed:
             return name, decision, door
+        moved = self._door_of_sibling(name, key, elsewhere)
+        if moved is not None:
+            listener, visitors = moved
+            door = self.doors[name] = Door(name, listener, self)
+            door.moved_in(MovedIn(), visitors, MOVED_HOLD)
+            return name, decision, door
         try:
             listener = self.ports.bind(name, decision)
         except OSError as exc:
@@ -219,6 +250,37 @@ class Server:
         door = self.doors[name] = Door(name, listener, self)
         self.fdstore.store(listener, handoff.door_name(name))
         return name, decision, door
+
+    def _door_of_sibling(self, name, key, elsewhere):
+        """The listening socket of ``name``, moved here from the worker whose session of
+        this key serves it (diglett.gateway.siblings); None if there is none to move."""
+        held = next((row for row in elsewhere if row.subdomain == name and row.key == key),
+                    None)
+        if self.siblings is None or held is None:
+            return None
+        moved = self.siblings.request(held.gateway, name)
+        if moved is not None:
+            log.info("subdomain=%s tunnel port %s:%d moved here from gateway %s (%d held "
+                     "visitors with it)", name, *moved[0].getsockname()[:2], held.gateway,
+                     len(moved[1]))
+        return moved
+
+    def give_door(self, name):
+        """Stop serving ``name``'s port, for the worker where a newer session of the key came
+        in: (listening socket, held visitors), or None if no session of ours has it. The
+        session that served it ends once the registry shows the new one (RegistryPoller)."""
+        door, session = self.doors.get(name), self.sessions.get(name)
+        if door is None or door.closed or door.session is not session or (
+                session is None and door.left is None):
+            return None
+        listener, visitors, left = door.give_away()
+        if left is not None:  # held for a session that left: its end waits for the new one
+            self.moved_away[name] = (left, time.monotonic() + MOVED_HOLD)
+        log.info("subdomain=%s tunnel port %s:%d handed to another worker (%s, %d held "
+                 "visitors)", name, door.host, door.port,
+                 "open streams carry on" if session is not None else "its session had left",
+                 len(visitors))
+        return listener, visitors
 
     def _held_elsewhere(self, name):
         """Other gateways' active sessions of ``name``; an unreadable registry lets the agent

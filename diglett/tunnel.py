@@ -141,6 +141,8 @@ class Tunnel:
         if sent < sum(map(len, buffers)):
             self._pending = rest_after(buffers, sent)
             self._wake.set()
+        elif self.session.has_output:  # more than one call returns: the writer sends the rest
+            self._wake.set()
 
     def _guard(self, loop):
         try:

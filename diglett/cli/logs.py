@@ -16,6 +16,10 @@ _PAIR = re.compile(r"\b([a-z_]+)=([^\s,()]+)")
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker=None):
+        super().__init__()
+        self.worker = worker  # a worker process's index (diglett.workers), or None
+
     def format(self, record):
         message = record.getMessage()
         entry = {
@@ -25,6 +29,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": message,
         }
+        if self.worker is not None:
+            entry["worker"] = str(self.worker)
         for key, value in _PAIR.findall(message):
             entry.setdefault(key, value)
         if record.exc_info:
@@ -32,9 +38,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, sort_keys=False)
 
 
-def setup(level="info", fmt="text"):
+def setup(level="info", fmt="text", worker=None):
+    """``worker``: a worker process's index, put on each of its lines (``worker=N``)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT))
+    text = FORMAT if worker is None else FORMAT.replace(" %(name)s", " worker=%d %%(name)s"
+                                                          % worker)
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else logging.Formatter(text))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     set_level(level)

@@ -17,6 +17,8 @@ from diglett import __version__, config, crypto, hookapi, hookloader, memory, re
 from diglett.cli import logs  # noqa: E402
 from diglett.handoff import FdStore  # noqa: E402
 from diglett.httpapi import make_app, make_server  # noqa: E402
+from diglett.master import MasterGateway  # noqa: E402
+from diglett.workers import WorkersNotReady  # noqa: E402
 from diglett.registry import Registry, RegistryError  # noqa: E402
 from diglett.server import Server  # noqa: E402
 
@@ -73,6 +75,18 @@ class Gateway:
         self.http = make_server(cfg.http, app)
         self.http.start()
 
+    @property
+    def public_key(self):
+        return self.server.public_key
+
+    @property
+    def fdstore(self):
+        return self.server.fdstore
+
+    @property
+    def doors(self):
+        return self.server.doors
+
     def _start_hooks(self, cfg, context, hook_objects):
         context.active_sessions = self.server.active_session_events
         hooks = hookloader.Hooks(hook_objects, self.registry, self.server.db, cfg.sections["hooks"],
@@ -91,7 +105,7 @@ class Gateway:
         for key in self.server.apply_config(cfg):
             log.warning("reload: %s changed in %s; it takes effect after a restart", key, cfg.path)
         logs.set_level(self.log_level_flag or cfg.log_level)
-        if _hook_sections(cfg) != _hook_sections(self.cfg):
+        if hookloader.sections_of(cfg) != hookloader.sections_of(self.cfg):
             self.hooks.stop(0)  # queued deliveries stay in the outbox for the new dispatchers
             self.hooks = self._start_hooks(cfg, context, hook_objects)
             log.info("reload: hooks now %s", ", ".join(self.hooks.names) or "(none)")
@@ -105,11 +119,6 @@ class Gateway:
         self.http.stop(timeout=1)
         self.registry.close()
         log.info("stopped")
-
-
-def _hook_sections(cfg):
-    return {name: dict(values) for name, values in cfg.sections.items()
-            if name == "hooks" or name.startswith("hook:")}
 
 
 def main(argv=None):
@@ -130,27 +139,32 @@ def main(argv=None):
     if args.ready_file:
         readyfile.remove(args.ready_file)  # a waiting script must not read the last run's
     try:
-        gateway = Gateway(cfg, context, hook_objects, sections, args.log_level)
-    except (RegistryError, crypto.KeyFileError) as exc:
+        if cfg.workers > 1:
+            gateway = MasterGateway(cfg, context, hook_objects,
+                                    lambda: load(cfg.path, sections), args.log_level)
+        else:
+            gateway = Gateway(cfg, context, hook_objects, sections, args.log_level)
+    except (RegistryError, crypto.KeyFileError, WorkersNotReady) as exc:
         return fail(exc)
     except OSError as exc:
         return fail("cannot listen: %s (check listen and http in %s)" % (exc, cfg.path))
     log.info("diglett-server %s ready: agents=%s:%d http=%s:%d domain=%s key=%s cipher=%s "
-             "gateway=%s", __version__, *gateway.agent_address, *gateway.http.address[:2],
-             cfg.domain, gateway.server.public_key, aead, cfg.gateway_id)
+             "gateway=%s workers=%d", __version__, *gateway.agent_address,
+             *gateway.http.address[:2], cfg.domain, gateway.public_key, aead, cfg.gateway_id,
+             cfg.workers)
     if args.ready_file:
-        readyfile.write(args.ready_file, readyfile.info(
-            __version__, gateway.agent_address, gateway.http.address, cfg.domain,
-            gateway.server.public_key, aead, cfg.gateway_id))
-    gateway.server.fdstore.notify("READY=1\nSTATUS=serving %d agent ports" % len(
-        gateway.server.doors))
+        info = readyfile.info(__version__, gateway.agent_address, gateway.http.address,
+                              cfg.domain, gateway.public_key, aead, cfg.gateway_id)
+        info["workers"] = cfg.workers
+        readyfile.write(args.ready_file, info)
+    gateway.fdstore.notify("READY=1\nSTATUS=serving %d agent ports" % len(gateway.doors))
     tidy = memory.keep_tidy()
     stop = gevent.event.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(gateway.reload))
     stop.wait()
-    gateway.server.fdstore.notify("STOPPING=1")
+    gateway.fdstore.notify("STOPPING=1")
     tidy.kill()
     if args.ready_file:
         readyfile.remove(args.ready_file)

@@ -9,6 +9,7 @@ the network: names are checked as text, never resolved.
 
 import ipaddress
 import math
+import os
 import re
 import socket
 from pathlib import Path
@@ -86,6 +87,22 @@ def integer(low, high=None):
         return int(text)
 
     return parse
+
+
+MAX_WORKERS = 256  # [server] workers: more processes than this is a typo, not a machine
+
+
+def workers(text):
+    """Worker processes; 0 means one per core this process may run on."""
+    count = integer(0, MAX_WORKERS)(text)
+    return count or cores()
+
+
+def cores():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def seconds(positive=True):

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 from diglett.config.parsers import (
     boolean, choice, database, dns_name, format_size, gateway_id, host_port, integer,
     ip_address, networks, optional, path, port_range, seconds, size, startups, string, url_path,
+    workers,
 )
 
 SERVER_SECTION = "server"
@@ -97,6 +98,8 @@ SERVER = Section(
                           "host name)"),
         "gateway_stale_after": Key(seconds(), "30", "seconds after which another gateway that "
                                    "stopped refreshing its row has its sessions ended"),
+        "workers": Key(workers, "0", "worker processes sharing the agent port, each serving "
+                       "its own agents (0 = one per core; 1 = a single process)", live=False),
         "handshake_timeout": Key(seconds(), "10", "seconds from accept to the agent's CONFIG"),
         "ping_interval": Key(seconds(), "10", "seconds between pings on an idle session"),
         "dead_after": Key(seconds(), "30", "seconds of silence before a session is dead"),

@@ -62,6 +62,7 @@ class ServerConfig:
     database: Path | str  # a SQLite file, or a URL kept as written
     gateway_id: str
     gateway_stale_after: Seconds
+    workers: int  # 1: one process, as before workers existed (diglett.workers)
     handshake_timeout: Seconds
     ping_interval: Seconds
     dead_after: Seconds

@@ -13,7 +13,9 @@ handed over, which reports its end, tells its agent (GOAWAY ``REPLACED``) and le
 streams finish for up to ``drain_timeout``.
 
 A door also survives a server restart when the port came through the fd store
-(diglett.handoff): the new run opens it holding for the session the last run left active.
+(diglett.handoff): the new run opens it holding for the session the last run left active,
+and moves to another worker process when the key's next session lands there
+(diglett.gateway.siblings).
 """
 
 import collections
@@ -67,6 +69,7 @@ class Door:
         self.left = None  # (session, reason, traffic): gone, its end not reported yet
         self.visitors = collections.deque()  # (socket, address) held while no session serves
         self.closed = False
+        self.moved = False  # given to another worker: its session ends when replaced there
         self._expiry = None
         self._accept = gevent.spawn(self._accept_loop)
 
@@ -144,6 +147,30 @@ class Door:
             gone.report_end(reason, traffic)
         if self.server.doors.get(self.name) is self:
             del self.server.doors[self.name]
+
+    def give_away(self):
+        """Stop accepting; return (listening socket, held visitors, the left session's
+        (session, reason, traffic) or None), for another worker to serve
+        (diglett.gateway.siblings). A live session keeps its open streams; the caller
+        reports a left one's end, and closes this process's copies once they are sent."""
+        self.closed = self.moved = True
+        self._accept.kill()
+        if self._expiry is not None:
+            self._expiry.kill()
+            self._expiry = None
+        visitors = list(self.visitors)
+        self.visitors.clear()
+        left, self.left = self.left, None
+        if self.server.doors.get(self.name) is self:
+            del self.server.doors[self.name]
+        return self.listener, visitors, left
+
+    def moved_in(self, gone, visitors, wait):
+        """This door came from another worker for the session being admitted: hold its
+        visitors, and those who come before that session attaches, for up to ``wait`` s."""
+        self.left = (gone, CloseReason.REPLACED, "")
+        self.visitors.extend(visitors)
+        self._expiry = gevent.spawn_later(wait, self._hold_over)
 
     # ----- visitors -------------------------------------------------------------------
     def _accept_loop(self):

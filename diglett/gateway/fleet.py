@@ -122,13 +122,15 @@ class RegistryPoller:
         agent key reconnected there), or whose row another gateway ended as stale."""
         server = self.server
         mine = {name: s for name, s in server.sessions.items() if s.recorded}
-        if not mine:
+        if not mine and not server.moved_away:
             return
         try:
-            rows = server.db.call(server.registry.active_sessions_of, list(mine))
+            rows = server.db.call(server.registry.active_sessions_of,
+                                  list(mine) + list(server.moved_away))
         except RegistryError as exc:
             log.warning("cannot check for takeovers: %s", exc)
             return
+        self.report_moved_away(rows)
         active = {row.id for row in rows}
         for name, session in mine.items():
             if server.sessions.get(name) is not session:
@@ -138,6 +140,9 @@ class RegistryPoller:
             if newer:
                 log.info("%s replaced by session %s on gateway %s", session.label,
                          newer[-1].id, newer[-1].gateway)
+                if session.door.moved:  # a sibling worker serves our port: finish streams
+                    session.hand_over()
+                    continue
                 session.terminate(CloseReason.REPLACED, ErrorCode.REPLACED,
                                   "replaced by a new connection on gateway %s" % newer[-1].gateway)
             elif session.session_id not in active:
@@ -145,6 +150,16 @@ class RegistryPoller:
                             "silent too long); closing it so the agent reconnects", session.label)
                 session.terminate(CloseReason.STALE, ErrorCode.SHUTTING_DOWN,
                                   "session ended by the registry; reconnect")
+
+    def report_moved_away(self, rows):
+        """Report the end of a left session whose held port went to another worker, once
+        the registry shows the session there (or MOVED_HOLD passed), so its route stays."""
+        moved = self.server.moved_away
+        for name, ((gone, reason, traffic), deadline) in list(moved.items()):
+            if any(row.subdomain == name and row.id != gone.session_id for row in rows) or \
+                    time.monotonic() > deadline:
+                del moved[name]
+                gone.report_end(reason, traffic)
 
     def prune_audit(self):
         server = self.server

@@ -38,22 +38,25 @@ class WrongName(ValueError):
     """The TLS client asked for a server name that is not ours."""
 
 
-def start(config, admission_control, handle, failures):
+def start(config, admission_control, handle, failures, bind=True):
     """The configured transport listeners, started; ``handle(sock, address, source)`` is the
     server's own agent handler, ``failures`` the handshake failure counts (the metric's), where
-    outer failures count as OUTER_FAILURE[kind]. Returns the listeners (``kind``, ``address``)."""
+    outer failures count as OUTER_FAILURE[kind]. Returns the listeners (``kind``, ``address``).
+    ``bind=False``: a worker's, fed by the master through ``serve``."""
     listeners = []
     if config.listen_tls is not None:
         context = server_context(*certificate.files(config), domain=config.domain)
         listeners.append(TransportListener("tls", config.listen_tls, admission_control, handle,
-                                           lambda sock: _tls(context, sock), config, failures))
+                                           lambda sock: _tls(context, sock), config, failures,
+                                           bind))
     if config.listen_ws is not None:
         path = config.ws_path
         listeners.append(TransportListener("ws", config.listen_ws, admission_control, handle,
-                                           lambda sock: _ws(sock, path), config, failures))
+                                           lambda sock: _ws(sock, path), config, failures, bind))
     for listener in listeners:
         listener.start()
-        log.info("agents over %s on %s:%d", listener.kind, *listener.address)
+        if bind:
+            log.info("agents over %s on %s:%d", listener.kind, *listener.address)
     return listeners
 
 
@@ -82,8 +85,9 @@ def _check_name(sock, name, domain):
 
 
 class TransportListener(AgentListener):
-    def __init__(self, kind, address, admission_control, handle, unwrap, config, failures):
-        super().__init__(address, admission_control, self._outer)
+    def __init__(self, kind, address, admission_control, handle, unwrap, config, failures,
+                 bind=True):
+        super().__init__(address, admission_control, self._outer, bind=bind)
         self.kind = kind  # "tls" or "ws", for log lines
         self.unwrap = unwrap  # plain socket -> a socket-like the tunnel code can drive
         self.inner_handle = handle

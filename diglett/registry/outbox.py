@@ -25,12 +25,14 @@ class OutboxTable:
         """The oldest pending deliveries of ``hook``, in the order they were queued.
 
         With ``gateway``, only that gateway's (and rows from before gateways existed): each
-        server's hooks deliver what its own sessions caused.
+        server's hooks deliver what its own sessions caused. A tuple names several: a master's
+        hooks deliver its workers' rows (diglett.workers).
         """
         model = self._outbox
         where = (model.hook == hook) & (model.state == DELIVERY_PENDING)
         if gateway is not None:
-            where &= model.gateway.in_((gateway, LEGACY_GATEWAY))
+            gateways = (gateway,) if isinstance(gateway, str) else tuple(gateway)
+            where &= model.gateway.in_(gateways + (LEGACY_GATEWAY,))
         query = model.select().where(where).order_by(model.id).limit(limit)
         return self._call(lambda: [_delivery_of(row) for row in query])
 

@@ -466,7 +466,7 @@ def test_restart_keys_are_the_documented_ones():
     """A SIGHUP keeps these until a restart (docs/operations.md lists them)."""
     keys = config.restart_keys()
     assert set(keys) == {"listen", "http", "key", "database", "domain", "bind", "token",
-                         "listen_tls", "listen_ws", "ws_path", "tls_cert", "tls_key"}
+                         "listen_tls", "listen_ws", "ws_path", "tls_cert", "tls_key", "workers"}
     assert len(keys) == len(set(keys))
     part = OPERATIONS.read_text().split("- Kept until a restart", 1)[1].split("\n- ", 1)[0]
     assert set(re.findall(r"`([a-z_]+)`", part)) == set(keys)
