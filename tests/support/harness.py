@@ -38,7 +38,7 @@ TEST_SERVER_OPTIONS = {  # shrunk timers so failures show in seconds
     "shutdown_timeout": "3",
     "drain_timeout": "3",
     "hold_timeout": "0",  # a port closes with its session; the hold's own tests set it
-    "workers": "1",  # the tests of one process; tests/test_workers*.py run several
+    "workers": "1",  # the tests of one process; tests/e2e/test_workers*.py run several
 }
 
 

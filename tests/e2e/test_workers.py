@@ -18,11 +18,11 @@ import urllib.request
 
 import pytest
 
-from tests import harness
-from tests.fdstore_supervisor import FdStoreSupervisor
-from tests.harness import wait_until
-from tests.hookfixtures import HttpBackend, body_for, sha256
-from tests.hookfixtures import traefik  # noqa: F401 (a fixture)
+from tests.support import harness
+from tests.support.fdstore_supervisor import FdStoreSupervisor
+from tests.support.harness import wait_until
+from tests.support.hookfixtures import HttpBackend, body_for, sha256
+from tests.support.hookfixtures import traefik  # noqa: F401 (a fixture)
 
 EXIT_REPLACED = 7  # diglett/agent.py
 SIZE = 4 << 20  # bytes each way per transfer check

@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from tests import harness
-from tests.reachfixtures import reach_gateway, start_agent
+from tests.support import harness
+from tests.support.reachfixtures import reach_gateway, start_agent
 
 SIZE = 2 << 20  # bytes each way per agent
 
