@@ -122,11 +122,13 @@ def _post_grant(server, body, actor):
 def _post_invite(server, body, actor):
     changes, _ = _changes(server, body)
     gateways = body.get("gateway") or [server.address]
-    if not isinstance(gateways, list) or not all(_is_host_port(g) for g in gateways):
-        raise HttpError(400, '"gateway" must be a list of HOST:PORT the agents dial')
-    if any(g.rpartition(":")[0] in ("0.0.0.0", "::", "[::]") for g in gateways):
-        raise HttpError(400, 'this gateway listens on every address: give "gateway" '
-                        "(the HOST:PORT agents dial)")
+    if not isinstance(gateways, list):
+        raise HttpError(400, '"gateway" must be a list of what agents dial (HOST:PORT, '
+                        "tls://HOST, wss://HOST/PATH)")
+    try:
+        gateways = [invitecode.gateway_entry(g) for g in gateways]
+    except ValueError as exc:
+        raise HttpError(400, '"gateway": %s' % exc) from None
     row, secret = server.db.call(lambda: server.registry.create_invite(
         body.get("subdomain"), body.get("ttl", 3600), changes, port=body.get("port"),
         comment=str(body.get("comment", "")), actor=actor))
@@ -147,11 +149,6 @@ def _delete_invite(server, invite_id, actor):
     if not server.db.call(server.registry.delete_invite, invite_id.lower(), actor):
         return 404, {"error": "no invite %s" % invite_id[:40]}
     return 200, {"deleted": invite_id.lower()}
-
-
-def _is_host_port(text):
-    host, _, port = text.rpartition(":") if isinstance(text, str) else ("", "", "")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536 and "," not in text
 
 
 def _loopback_host(host):

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 
 from diglett import crypto, names
+from diglett.reach import gateway_url
 
 PREFIX = "dg1-"  # the text form: PREFIX + base64url(body + checksum), no padding
 VERSION = 1
@@ -30,7 +31,7 @@ class InvalidCode(ValueError):
 
 @dataclass(frozen=True)
 class Invite:
-    gateways: str  # "host:port" or several, comma-separated (the agent's --gateway form)
+    gateways: str  # the agent's --gateway text: host:port, tls://, wss://, comma-separated
     server_key: str  # 66 hex digits
     subdomain: str
     invite_id: str  # 16 hex digits
@@ -95,21 +96,31 @@ def _parse(body):
         raise InvalidCode("the code holds a bad value: %s" % exc) from None
 
 
-def gateway_addresses(text):
-    """[(host, port)] of a gateways text (``host:port,[v6]:port``); ValueError if bad."""
-    found = []
-    for entry in text.split(","):
-        host, _, port = entry.strip().rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("bad gateway address %r (HOST:PORT)" % entry)
-        found.append((host, int(port)))
-    return found
+def gateways_of(text):
+    """[GatewayUrl] of a code's gateways text, in any form the agent's --gateway takes
+    (``host:port``, ``tls://host``, ``wss://host/path``), comma-separated with no empty
+    entry; ValueError (gateway_url.GatewayUrlError) says which entry is bad."""
+    return [gateway_url.parse(entry) for entry in text.split(",")]
+
+
+def gateway_entry(text):
+    """One gateway for a new code, as given to `invite --gateway` or the API; ValueError says
+    why agents could not dial it (a bad form, a list, or an address that means "every
+    address" rather than one to dial)."""
+    if not isinstance(text, str) or "," in text:
+        raise ValueError("one gateway per entry, got %r" % (text,))
+    if "://" not in text and text.count(":") > 1 and not text.strip().startswith("["):
+        host, _, port = text.strip().rpartition(":")  # a listener's own "::1:20000" form
+        text = "[%s]:%s" % (host, port)
+    gateway = gateway_url.parse(text)
+    if gateway.host in ("0.0.0.0", "::"):
+        raise ValueError("%s listens on every address; give the address agents dial" % text)
+    return str(gateway) if gateway.scheme == "tcp" else text.strip()
 
 
 def _check_gateways(text):
     try:
-        gateway_addresses(text)
+        gateways_of(text)
     except ValueError as exc:
         raise InvalidCode("the code holds a bad value: %s" % exc) from None
     return text

@@ -14,6 +14,7 @@ from pathlib import Path
 import gevent
 
 from diglett import agent, crypto, invitecode, known_servers
+from diglett.reach import proxy as proxies
 
 ENROLLED_NAME = "enrolled"  # file next to the key file: one "NAME GATEWAYS" line per name
 
@@ -27,6 +28,9 @@ def parser(default_key_file):
     p.add_argument("code", metavar="CODE", help="the code (starts with %s)" % invitecode.PREFIX)
     p.add_argument("--key-file", type=Path, default=default_key_file,
                    help="agent key file, made if missing (default: %s)" % default_key_file)
+    p.add_argument("--proxy", metavar="URL",
+                   help="dial through this proxy, as the agent's --proxy (default: https_proxy, "
+                   "http_proxy, all_proxy and no_proxy from the environment; 'none': direct)")
     return p
 
 
@@ -43,8 +47,14 @@ def main(argv, default_key_file, known_servers_name):
         pinned = _check_pin(pins, invite)
     except (crypto.KeyFileError, known_servers.TrustError, OSError) as exc:
         return _fail(exc)
-    gateways = invitecode.gateway_addresses(invite.gateways)  # checked by decode()
+    gateways = invitecode.gateways_of(invite.gateways)  # checked by decode()
+    try:
+        for gateway in gateways:  # a bad proxy URL (flag or environment) is a usage error
+            proxies.choose(gateway, args.proxy)
+    except proxies.ProxyUrlError as exc:
+        return _fail(exc)
     enrolling = agent.Agent(gateways, invite.subdomain, key, invite.server_key, None,
+                            proxy=args.proxy,
                             extra_config={"enroll": {"invite": invite.invite_id,
                                                      "secret": invite.secret}})
     try:

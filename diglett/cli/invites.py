@@ -37,9 +37,10 @@ def add_parsers(commands, port_number):
     invite.add_argument("name", metavar="NAME")
     invite.add_argument("--ttl", type=duration, default="1h", metavar="AGE",
                         help="how long the code stays valid: 30m, 1h, 2d (default 1h)")
-    invite.add_argument("--gateway", action="append", metavar="HOST:PORT",
-                        help="the agent port agents dial (repeatable; default: the live "
-                        "gateways' listen addresses)")
+    invite.add_argument("--gateway", action="append", metavar="GATEWAY",
+                        help="what agents dial, in the agent's --gateway form: HOST:PORT, "
+                        "tls://HOST[:443] or wss://HOST[:443]/PATH (repeatable; default: the "
+                        "live gateways' raw agent ports)")
     invite.add_argument("--port", type=port_number, metavar="N",
                         help="pin the tunnel to this port")
     invite.add_argument("--comment", default="", metavar="TEXT", help="a note for the grant")
@@ -74,11 +75,12 @@ def cmd_invite(args, cfg, registry, applied):
 def invite_gateways(given, cfg, registry):
     """The --gateway addresses, checked, or the live gateways' agent listeners."""
     if given:
-        for text in given:
-            host, _, port = text.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536 or "," in text:
-                raise InviteError("--gateway must be HOST:PORT, got %r" % text)
-        return ",".join(given)
+        if any("," in text for text in given):
+            raise InviteError("--gateway takes one gateway; repeat --gateway for several")
+        try:
+            return ",".join(invitecode.gateway_entry(text) for text in given)
+        except ValueError as exc:
+            raise InviteError("--gateway: %s" % exc) from None
     now = time.time()
     live = [g.address for g in registry.gateways()
             if now - g.last_seen <= cfg.gateway_stale_after]

@@ -316,7 +316,7 @@ def test_invite_prints_one_code_with_the_server_key(conf, tmp_path):  # noqa: F8
     private = coincurve.PrivateKey()
     crypto.write_private_key(tmp_path / "server.key", private)
     assert "no live gateway" in error_line(admin(conf, "invite", "foo"))
-    assert "--gateway must be HOST:PORT" in error_line(
+    assert "--gateway: bad gateway 'gw.example.test': missing :PORT" in error_line(
         admin(conf, "invite", "foo", "--gateway", "gw.example.test"))
     result = ok(conf, "invite", "Foo", "--ttl", "2h", "--gateway", "gw1.example.test:20000",
                 "--gateway", "gw2.example.test:20000", "--allow", "10.0.0.0/8")

@@ -15,6 +15,7 @@ import pytest
 from diglett import crypto, invitecode
 from tests.support import harness
 from tests.support.harness import Agent, Backend, Gateway, command, connect, echo, recv_exact
+from tests.support.reachfixtures import reach_gateway
 
 APR1 = "$apr1$diglett1$" + "b" * 22
 EXIT_USAGE, EXIT_UNAUTHORIZED, EXIT_KEY_MISMATCH = 2, 3, 5
@@ -150,3 +151,35 @@ def penalties(gw):
         text = answer.read().decode()
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("diglett_penalties_total"))
+
+
+@pytest.mark.timeout(90)
+def test_a_code_naming_the_websocket_gateway_enrols_and_runs_over_it(tmp_path):
+    gw = reach_gateway(tmp_path / "gw")
+    url = "ws://127.0.0.1:%d/diglett" % gw.ws_port  # the only way in the code knows
+    code = invite(gw, "foo", "--gateway", url)
+    assert invitecode.decode(code).gateways == url
+    home = tmp_path / "home"
+    result = enroll(home, code)
+    assert result.returncode == 0, result.stderr
+    assert (config_dir(home) / "enrolled").read_text() == "foo %s\n" % url
+    backend = Backend(echo)
+    try:
+        agent = Agent(command("diglett") + ["-n", "foo", "%s:%d" % backend.address],
+                      tmp_path, "agent-ws", env={"HOME": str(home)})
+        sock = connect(agent.wait_up())
+        sock.sendall(b"over the websocket gateway")
+        assert recv_exact(sock, 26) == b"over the websocket gateway"
+        sock.close()
+        agent.stop()
+    finally:
+        backend.close()
+
+
+@pytest.mark.timeout(30)
+def test_invite_refuses_a_gateway_the_agent_could_not_dial(gw):
+    for bad, words in (("ftp://gw.test", "unknown scheme 'ftp'"), ("gw.test", "missing :PORT"),
+                       ("a:1,b:2", "repeat --gateway")):
+        result = gw.admin("invite", "foo", "--gateway", bad, check=False)
+        assert result.returncode != 0 and words in result.stderr, result.stderr
+    assert json.loads(gw.admin("invites", "--json").stdout) == []  # nothing was made

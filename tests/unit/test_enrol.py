@@ -144,10 +144,21 @@ def test_the_enrolled_file_remembers_one_gateway_per_name(tmp_path):
 
 
 def test_a_code_naming_a_bad_gateway_is_refused():
-    for gateways in ("gw.test", "gw.test:0", "gw.test:99999", "gw.test:1,", ":20000"):
+    for gateways in ("gw.test", "gw.test:0", "gw.test:99999", "gw.test:1,", ":20000",
+                     "ftp://gw.test:21", "tls://gw.test/path"):
         forged = invitecode.encode(invitecode.Invite(gateways, VECTOR["server_key"], "foo",
                                                      VECTOR["invite_id"], VECTOR["secret"]))
-        with pytest.raises(invitecode.InvalidCode, match="bad gateway address"):
+        with pytest.raises(invitecode.InvalidCode, match="bad gateway"):
             invitecode.decode(forged)
-    assert invitecode.gateway_addresses("[::1]:20000,gw.test:20001") == [
-        ("::1", 20000), ("gw.test", 20001)]
+    assert [str(g) for g in invitecode.gateways_of("[::1]:20000,gw.test:20001")] == [
+        "[::1]:20000", "gw.test:20001"]
+
+
+def test_a_code_carries_the_gateways_through_443_as_the_agent_writes_them():
+    gateways = "wss://gw.test/diglett,tls://gw.test,gw.test:20000"
+    code = invitecode.encode(invitecode.Invite(gateways, VECTOR["server_key"], "foo",
+                                               VECTOR["invite_id"], VECTOR["secret"]))
+    invite = invitecode.decode(code)
+    assert invite.gateways == gateways
+    assert [(g.scheme, g.port, g.path) for g in invitecode.gateways_of(invite.gateways)] == [
+        ("wss", 443, "/diglett"), ("tls", 443, ""), ("tcp", 20000, "")]
