@@ -47,6 +47,15 @@ def worker_gateway_id(gateway_id, index):
     return gateway_id[:GATEWAY_ID_MAX - len(suffix)] + suffix
 
 
+def served_here(gateway, gateway_id):
+    """Whether a session row's ``gateway`` is this server's: itself, or one of its workers."""
+    if gateway == gateway_id:
+        return True
+    base, _, index = gateway.rpartition(".w")
+    return index.isdigit() and gateway == worker_gateway_id(gateway_id, int(index)) and \
+        bool(base)
+
+
 class Worker:
     """One worker process and its channel; restarted while the pool runs."""
 

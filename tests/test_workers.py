@@ -9,6 +9,7 @@ alternate between worker 0 and worker 1; the tests rely on that and check it.
 """
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -113,6 +114,13 @@ def test_agents_alternate_between_workers_with_bytes_intact_and_one_metrics(
     assert stats["agents"] == 4 and [w["agents"] for w in stats["workers"]] == [2, 2]
     assert gw.http_get("/healthz")["agents"] == 4
     assert gw.http_get("/info")["agent_port"] == gw.agent_address[1]
+
+    status = json.loads(gw.admin("status", "a1", "--json").stdout)  # on worker 1
+    assert status["session"]["gateway"] == "gw.w1"  # ours: not "held by gateway gw.w1"
+    assert "held by gateway" not in status["session"].get("live", "")
+    kicked = gw.admin("kick", "a2", "--delay", "0").stdout  # worker 0 answers the kick
+    assert "kicked session" in kicked
+    agents["a2"].wait_up(count=2)
     assert "Traceback" not in gw.proc.stderr()
 
 
