@@ -22,7 +22,7 @@ import pytest
 from tests import harness
 from tests.fdstore_supervisor import FdStoreSupervisor
 from tests.harness import wait_until
-from tests.hookfixtures import HttpBackend, body_for, sha256
+from tests.hookfixtures import HttpBackend, body_for, recorder, sha256, succeeded
 from tests.hookfixtures import traefik  # noqa: F401 (a fixture)
 
 EXIT_REPLACED = 7  # diglett/agent.py
@@ -313,3 +313,28 @@ def test_under_an_fd_store_the_agent_port_survives_a_restart_of_the_master(
         assert [s["subdomain"] for s in gw.sessions()] == ["foo"]
     finally:
         supervisor.close()
+
+
+@pytest.mark.timeout(90)
+def test_hooks_run_once_in_the_master_for_every_worker_and_a_reload_changes_them(
+        tmp_path, digest_backend):
+    first_script, first_log = recorder(tmp_path, "first.py")
+    second_script, second_log = recorder(tmp_path, "second.py")
+    gw = start(tmp_path, sections={"hooks": {"enabled": "script", "retry_max": "1"},
+                                   "hook:script": {"command": first_script, "timeout": "5"}})
+    for name in ("a0", "a1"):  # one on each worker
+        gw.agent(name, digest_backend.address)
+    assert worker_of(gw) == {"a0": 0, "a1": 1}
+    wait_until(lambda: len(succeeded(first_log)) == 2, 10, what="two connects delivered")
+    time.sleep(1.5)  # more would be a second deliverer (a worker running hooks too)
+    connects = sorted((e["DIGLETT_SUBDOMAIN"], e["DIGLETT_EVENT"]) for e in succeeded(first_log))
+    assert connects == [("a0", "connect"), ("a1", "connect")]
+
+    gw.config_path.write_text(gw.config_path.read_text().replace(first_script, second_script))
+    gw.proc.signal(signal.SIGHUP)
+    gw.proc.wait_for(r"reload: hooks now script", 10)
+    gw.agent("a2", digest_backend.address)
+    wait_until(lambda: [e["DIGLETT_SUBDOMAIN"] for e in succeeded(second_log)] == ["a2"], 10,
+               what="the new hook delivering the next connect")
+    assert len(succeeded(first_log)) == 2
+    assert "Traceback" not in gw.proc.stderr()
