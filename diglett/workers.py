@@ -2,17 +2,18 @@
 
 The master accepts on the agent port (and on listen_tls / listen_ws) and hands each
 connection to the next worker in turn, its descriptor passed over the worker's channel
-(diglett.channel: SCM_RIGHTS, as handoff.py does with systemd). It also relays a name's
-tunnel port from one worker to another when the agent's key moves (diglett.gateway.siblings). Accepting in one
-place, rather than letting the kernel wake every worker on a shared socket, spreads agents
-evenly and predictably, and costs one sendmsg per agent connection, never per byte: the
-tunnel's data goes between the agent and its worker only.
+(diglett.channel: SCM_RIGHTS, as handoff.py does with systemd). Accepting in one place,
+rather than letting the kernel wake every worker on a shared socket, spreads agents evenly
+and predictably, and costs one sendmsg per agent connection, never per byte: the tunnel's
+data goes between the agent and its worker only. The master also relays a name's tunnel
+port from one worker to another when its agent's key moves (diglett.gateway.siblings).
 
 Workers are fresh interpreters (``python -m diglett.cli.worker``), not forks: a forked gevent
 hub, database thread or hook greenlet would be shared state nobody owns. Each is a gateway
 of the registry's fleet under its own id, GATEWAY_ID.wN, kept across its restarts, so a
-restarted worker's start-up ends the sessions its crashed run left (end_stale) and the
-takeover of a name between workers is the fleet's (RegistryPoller.check_takeovers).
+restarted worker's start-up ends the sessions its crashed run left (end_stale), and the old
+session of a name that moved to another worker ends as in a fleet, when the registry shows
+the new one (RegistryPoller.check_takeovers).
 """
 
 import logging
