@@ -338,3 +338,26 @@ def test_hooks_run_once_in_the_master_for_every_worker_and_a_reload_changes_them
                what="the new hook delivering the next connect")
     assert len(succeeded(first_log)) == 2
     assert "Traceback" not in gw.proc.stderr()
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_that_cannot_start_again_is_retried_while_the_other_serves(
+        tmp_path, digest_backend):
+    """The config broke after the start and worker 0 died: its restarts fail with one clear
+    line each, backing off, worker 1 keeps serving, and fixing the file brings worker 0 back."""
+    gw = start(tmp_path)
+    key_file, public = gw.new_key("a0")
+    gw.grant("a0", public)  # now: diglett-admin reads the file too
+    good = gw.config_path.read_text()
+    gw.config_path.write_text(good + "max_streams = many\n")
+    os.kill(gw.http_get("/debug/stats")["workers"][0]["pid"], signal.SIGKILL)
+    gw.proc.wait_for(r"worker=0 .*worker 0 cannot read its config: .*max_streams", 10)
+    gw.proc.wait_for(r"worker 0 \(pid \d+\) exited with code 2: restarting it", 10)
+    agent = gw.agent("a0", digest_backend.address, key_file=key_file)  # worker 1 takes it
+    assert worker_of(gw) == {"a0": 1}
+    transfer(agent.port)
+    assert metric(_http_text(gw, "/metrics"), "diglett_worker_up", worker="0") == 0
+    gw.config_path.write_text(good)
+    wait_until(lambda: gw.http_get("/debug/stats")["workers"][0]["up"], 20,
+               what="worker 0 back once the file is fixed")
+    assert "Traceback" not in gw.proc.stderr()
