@@ -214,8 +214,10 @@ the 4 agents (or ssh clients) and the server side share the same 2 cores, and th
 stays below one core even with `workers = 1` (last column). diglett's aggregate against ssh -R
 follows mostly from its lower CPU per GB over the whole path (agents included); `workers`
 earns its keep where the server side would pass one core: more cores than this machine, or
-more agents per gateway. The load of the other users of this machine moves every figure by
-up to 3x from round to round (the per-round list): read the ratios of the same round.
+more agents per gateway. The load of the other users of this machine moves every throughput
+by up to 3x from round to round (the per-round list), so one run's ratio can land on either
+side of 1.0; CPU per GB, which the load barely moves, is the steadier figure: diglett's whole
+path costs about a fifth less than ssh -R's.
 
 This benchmark found a stall in the tunnel: with several streams sending at once, output
 beyond one `buffers_to_send` call could wait for the next PING (`ping_interval`, 10 s), so
@@ -255,7 +257,35 @@ def section(results):
         "%s %s / %s" % (name, ", ".join("%.2f" % v for v in bulk[name]["download"]["gbps_all"]),
                         ", ".join("%.2f" % v for v in bulk[name]["upload"]["gbps_all"]))
         for name in results["setups"]) + ".\n")
+    if results.get("history"):
+        lines.append("Earlier runs, median ratio to ssh -R (download / upload): " + "; ".join(
+            "%s: %s" % (run["date"][:16].replace("T", " "), ", ".join(
+                "%s %.2fx / %.2fx" % (name, *run[name]) for name in run if name != "date"))
+            for run in results["history"]) + ".\n")
     return "\n".join(lines) + NOTE
+
+
+HISTORY = 5  # earlier runs whose ratios the section lists (the machine is noisy: several help)
+
+
+def summary(results):
+    """{date, setup: [download ratio, upload ratio] against ssh -R} of one run."""
+    bulk, ssh = results["bulk"], results["bulk"]["ssh -R"]
+    out = {"date": results["date"]}
+    for name in results["setups"][1:]:
+        out[name] = [bulk[name][d]["gbps"] / ssh[d]["gbps"] for d in ("download", "upload")]
+    return out
+
+
+def history(path):
+    """The earlier runs' summaries, the last one in ``path`` included, newest last."""
+    if not path.exists():
+        return []
+    try:
+        last = json.loads(path.read_text())
+        return (last.get("history", []) + [summary(last)])[-HISTORY:]
+    except (ValueError, KeyError):
+        return []
 
 
 def _ratios(row, ssh, direction):
@@ -298,6 +328,7 @@ def main(argv=None):
         finally:
             if not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)
+        results["history"] = history(RESULTS)
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
         log("raw results in %s (%.0f s)", RESULTS.relative_to(ROOT), results["elapsed_s"])
     write_section(json.loads(RESULTS.read_text()), ROOT / "docs")
