@@ -37,6 +37,7 @@ STABLE_AFTER = 30.0  # seconds up after which a worker's next crash restarts it 
 PASS_WAIT = 5.0  # seconds a connection waits for a worker to be ready before it is closed
 STOP_MARGIN = 5.0  # seconds beyond drain and shutdown timeouts before a worker is killed
 GATEWAY_ID_MAX = 63  # the registry's column
+FULL_LOG_INTERVAL = 10.0  # seconds between "does not keep up" lines of one worker
 
 
 class WorkersNotReady(Exception):
@@ -69,6 +70,7 @@ class Worker:
         self.channel = None
         self.ready = gevent.event.Event()
         self.restarts = 0
+        self._full_logged = -FULL_LOG_INTERVAL  # last "does not keep up" line
         self._loop = None
 
     @property
@@ -149,12 +151,19 @@ class Worker:
             elif sock is not None:
                 sock.close()  # nothing else comes with a descriptor
 
-    def send(self, text, sock=None):
-        """Send to this worker; False when it cannot take it (not running)."""
+    def send(self, text, sock=None, wait=True):
+        """Send to this worker; False when it cannot take it (not running; with ``wait``
+        False, also while it does not read its channel)."""
         if not self.ready.is_set():
             return False
         try:
-            channels.send(self.channel, text, sock)
+            channels.send(self.channel, text, sock, wait)
+        except BlockingIOError:  # a burst (a restart storm), or a stuck worker
+            if time.monotonic() - self._full_logged > FULL_LOG_INTERVAL:
+                self._full_logged = time.monotonic()
+                log.warning("worker %d does not keep up with its channel: connections go "
+                            "to the others meanwhile", self.index)
+            return False
         except OSError as exc:
             log.warning("worker %d did not take %s: %s", self.index, text, exc)
             self.ready.clear()
@@ -162,7 +171,8 @@ class Worker:
         return True
 
     def pass_on(self, sock, kind):
-        return self.send(kind, sock)
+        # never waits: a worker that stopped reading must not stall every accept
+        return self.send(kind, sock, wait=False)
 
     def signal(self, signum):
         if self.proc is not None and self.proc.poll() is None:
