@@ -21,13 +21,14 @@ READY, WAKE = "ready", "wake"
 _FD = array.array("i").itemsize
 
 
-def send(channel, text, sock=None):
-    """Send ``text`` (and a copy of ``sock``'s descriptor); OSError if the peer is gone."""
+def send(channel, text, sock=None, wait=True):
+    """Send ``text`` (and a copy of ``sock``'s descriptor); OSError if the peer is gone.
+    ``wait=False``: BlockingIOError rather than wait while the peer's queue is full."""
     ancillary = []
     if sock is not None:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                       array.array("i", [sock.fileno()]).tobytes())]
-    channel.sendmsg([text.encode()], ancillary)
+    channel.sendmsg([text.encode()], ancillary, 0 if wait else socket.MSG_DONTWAIT)
 
 
 def receive(channel):

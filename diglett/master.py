@@ -11,7 +11,6 @@ that renders the whole state (the Traefik REST hook) has one writer, not one per
 """
 
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -155,6 +154,3 @@ class MasterGateway:
         self.registry.close()
         shutil.rmtree(self.rundir, ignore_errors=True)
         log.info("stopped")
-
-    def describe(self):
-        return "workers=%d pid=%d" % (len(self.pool.workers), os.getpid())

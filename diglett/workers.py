@@ -2,17 +2,18 @@
 
 The master accepts on the agent port (and on listen_tls / listen_ws) and hands each
 connection to the next worker in turn, its descriptor passed over the worker's channel
-(diglett.channel: SCM_RIGHTS, as handoff.py does with systemd). It also relays a name's
-tunnel port from one worker to another when the agent's key moves (diglett.gateway.siblings). Accepting in one
-place, rather than letting the kernel wake every worker on a shared socket, spreads agents
-evenly and predictably, and costs one sendmsg per agent connection, never per byte: the
-tunnel's data goes between the agent and its worker only.
+(diglett.channel: SCM_RIGHTS, as handoff.py does with systemd). Accepting in one place,
+rather than letting the kernel wake every worker on a shared socket, spreads agents evenly
+and predictably, and costs one sendmsg per agent connection, never per byte: the tunnel's
+data goes between the agent and its worker only. The master also relays a name's tunnel
+port from one worker to another when its agent's key moves (diglett.gateway.siblings).
 
 Workers are fresh interpreters (``python -m diglett.cli.worker``), not forks: a forked gevent
 hub, database thread or hook greenlet would be shared state nobody owns. Each is a gateway
 of the registry's fleet under its own id, GATEWAY_ID.wN, kept across its restarts, so a
-restarted worker's start-up ends the sessions its crashed run left (end_stale) and the
-takeover of a name between workers is the fleet's (RegistryPoller.check_takeovers).
+restarted worker's start-up ends the sessions its crashed run left (end_stale), and the old
+session of a name that moved to another worker ends as in a fleet, when the registry shows
+the new one (RegistryPoller.check_takeovers).
 """
 
 import logging
@@ -36,6 +37,7 @@ STABLE_AFTER = 30.0  # seconds up after which a worker's next crash restarts it 
 PASS_WAIT = 5.0  # seconds a connection waits for a worker to be ready before it is closed
 STOP_MARGIN = 5.0  # seconds beyond drain and shutdown timeouts before a worker is killed
 GATEWAY_ID_MAX = 63  # the registry's column
+FULL_LOG_INTERVAL = 10.0  # seconds between "does not keep up" lines of one worker
 
 
 class WorkersNotReady(Exception):
@@ -45,6 +47,15 @@ class WorkersNotReady(Exception):
 def worker_gateway_id(gateway_id, index):
     suffix = ".w%d" % index
     return gateway_id[:GATEWAY_ID_MAX - len(suffix)] + suffix
+
+
+def served_here(gateway, gateway_id):
+    """Whether a session row's ``gateway`` is this server's: itself, or one of its workers."""
+    if gateway == gateway_id:
+        return True
+    base, _, index = gateway.rpartition(".w")
+    return index.isdigit() and gateway == worker_gateway_id(gateway_id, int(index)) and \
+        bool(base)
 
 
 class Worker:
@@ -59,6 +70,7 @@ class Worker:
         self.channel = None
         self.ready = gevent.event.Event()
         self.restarts = 0
+        self._full_logged = -FULL_LOG_INTERVAL  # last "does not keep up" line
         self._loop = None
 
     @property
@@ -139,12 +151,19 @@ class Worker:
             elif sock is not None:
                 sock.close()  # nothing else comes with a descriptor
 
-    def send(self, text, sock=None):
-        """Send to this worker; False when it cannot take it (not running)."""
+    def send(self, text, sock=None, wait=True):
+        """Send to this worker; False when it cannot take it (not running; with ``wait``
+        False, also while it does not read its channel)."""
         if not self.ready.is_set():
             return False
         try:
-            channels.send(self.channel, text, sock)
+            channels.send(self.channel, text, sock, wait)
+        except BlockingIOError:  # a burst (a restart storm), or a stuck worker
+            if time.monotonic() - self._full_logged > FULL_LOG_INTERVAL:
+                self._full_logged = time.monotonic()
+                log.warning("worker %d does not keep up with its channel: connections go "
+                            "to the others meanwhile", self.index)
+            return False
         except OSError as exc:
             log.warning("worker %d did not take %s: %s", self.index, text, exc)
             self.ready.clear()
@@ -152,7 +171,8 @@ class Worker:
         return True
 
     def pass_on(self, sock, kind):
-        return self.send(kind, sock)
+        # never waits: a worker that stopped reading must not stall every accept
+        return self.send(kind, sock, wait=False)
 
     def signal(self, signum):
         if self.proc is not None and self.proc.poll() is None:

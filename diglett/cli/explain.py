@@ -15,6 +15,7 @@ import urllib.request
 from diglett import crypto, hookapi, hookloader
 from diglett.policy import Policy
 from diglett.registry import LEGACY_GATEWAY, iso_time
+from diglett.workers import served_here
 
 HTTP_TIMEOUT = 2  # seconds for each of the server's and Traefik's APIs
 AUDIT_LINES = 10  # latest audit entries shown
@@ -38,7 +39,8 @@ def _session(row, cfg):
     if row is None:
         return None
     data = row.to_json()
-    if row.gateway not in (cfg.gateway_id, LEGACY_GATEWAY):  # our server's API knows nothing
+    if row.gateway != LEGACY_GATEWAY and not served_here(row.gateway, cfg.gateway_id):
+        # our server's API knows nothing of it
         data["live"] = "held by gateway %s; run status there for its traffic" % row.gateway
         return data
     live = _get_json(_server_url(cfg, "/api/tunnels"), _auth(cfg))

@@ -104,7 +104,13 @@ def main(argv=None):
     args = parse_args(argv)
     channel = socket.socket(fileno=args.channel_fd)
     os.set_inheritable(args.channel_fd, False)  # hook scripts must not hold it
-    cfg = worker_config(args)
+    try:
+        cfg = worker_config(args)
+    except (config.ConfigError, hookloader.HookError) as exc:
+        # the file changed since the master read it, and this worker was restarted
+        logs.setup(args.log_level or "info", "text", worker=args.index)
+        log.error("worker %d cannot read its config: %s", args.index, exc)
+        return 2
     logs.setup(args.log_level or cfg.log_level, cfg.log_format, worker=args.index)
     try:
         registry = Registry(cfg.database)

@@ -20,6 +20,7 @@ and moves to another worker process when the key's next session lands there
 
 import collections
 import logging
+import time
 
 import gevent
 
@@ -70,6 +71,7 @@ class Door:
         self.visitors = collections.deque()  # (socket, address) held while no session serves
         self.closed = False
         self.moved = False  # given to another worker: its session ends when replaced there
+        self.moved_at = None  # monotonic time it was given
         self._expiry = None
         self._accept = gevent.spawn(self._accept_loop)
 
@@ -154,6 +156,7 @@ class Door:
         (diglett.gateway.siblings). A live session keeps its open streams; the caller
         reports a left one's end, and closes this process's copies once they are sent."""
         self.closed = self.moved = True
+        self.moved_at = time.monotonic()
         self._accept.kill()
         if self._expiry is not None:
             self._expiry.kill()

@@ -14,6 +14,7 @@ import time
 
 import gevent
 
+from diglett.gateway.siblings import MOVED_HOLD
 from diglett.reasons import CloseReason
 from diglett.registry import RegistryError
 from diglett.wire import ErrorCode
@@ -135,6 +136,14 @@ class RegistryPoller:
         for name, session in mine.items():
             if server.sessions.get(name) is not session:
                 continue  # ended meanwhile
+            door = session.door
+            if door.moved and time.monotonic() - door.moved_at > MOVED_HOLD:
+                # its port went to a session that never showed up: reconnecting, the agent
+                # gets the port back wherever it lands
+                log.warning("%s its port moved to another worker %.0f s ago and no session "
+                            "there took over: ending it", session.label, MOVED_HOLD)
+                session.hand_over()
+                continue
             newer = [row for row in rows if row.subdomain == name
                      and (row.started, row.id) > (session.started, session.session_id)]
             if newer:

@@ -9,6 +9,7 @@ alternate between worker 0 and worker 1; the tests rely on that and check it.
 """
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -21,7 +22,7 @@ import pytest
 from tests.support import harness
 from tests.support.fdstore_supervisor import FdStoreSupervisor
 from tests.support.harness import wait_until
-from tests.support.hookfixtures import HttpBackend, body_for, sha256
+from tests.support.hookfixtures import HttpBackend, body_for, recorder, sha256, succeeded
 from tests.support.hookfixtures import traefik  # noqa: F401 (a fixture)
 
 EXIT_REPLACED = 7  # diglett/agent.py
@@ -113,6 +114,13 @@ def test_agents_alternate_between_workers_with_bytes_intact_and_one_metrics(
     assert stats["agents"] == 4 and [w["agents"] for w in stats["workers"]] == [2, 2]
     assert gw.http_get("/healthz")["agents"] == 4
     assert gw.http_get("/info")["agent_port"] == gw.agent_address[1]
+
+    status = json.loads(gw.admin("status", "a1", "--json").stdout)  # on worker 1
+    assert status["session"]["gateway"] == "gw.w1"  # ours: not "held by gateway gw.w1"
+    assert "held by gateway" not in status["session"].get("live", "")
+    kicked = gw.admin("kick", "a2", "--delay", "0").stdout  # worker 0 answers the kick
+    assert "kicked session" in kicked
+    agents["a2"].wait_up(count=2)
     assert "Traceback" not in gw.proc.stderr()
 
 
@@ -305,3 +313,51 @@ def test_under_an_fd_store_the_agent_port_survives_a_restart_of_the_master(
         assert [s["subdomain"] for s in gw.sessions()] == ["foo"]
     finally:
         supervisor.close()
+
+
+@pytest.mark.timeout(90)
+def test_hooks_run_once_in_the_master_for_every_worker_and_a_reload_changes_them(
+        tmp_path, digest_backend):
+    first_script, first_log = recorder(tmp_path, "first.py")
+    second_script, second_log = recorder(tmp_path, "second.py")
+    gw = start(tmp_path, sections={"hooks": {"enabled": "script", "retry_max": "1"},
+                                   "hook:script": {"command": first_script, "timeout": "5"}})
+    for name in ("a0", "a1"):  # one on each worker
+        gw.agent(name, digest_backend.address)
+    assert worker_of(gw) == {"a0": 0, "a1": 1}
+    wait_until(lambda: len(succeeded(first_log)) == 2, 10, what="two connects delivered")
+    time.sleep(1.5)  # more would be a second deliverer (a worker running hooks too)
+    connects = sorted((e["DIGLETT_SUBDOMAIN"], e["DIGLETT_EVENT"]) for e in succeeded(first_log))
+    assert connects == [("a0", "connect"), ("a1", "connect")]
+
+    gw.config_path.write_text(gw.config_path.read_text().replace(first_script, second_script))
+    gw.proc.signal(signal.SIGHUP)
+    gw.proc.wait_for(r"reload: hooks now script", 10)
+    gw.agent("a2", digest_backend.address)
+    wait_until(lambda: [e["DIGLETT_SUBDOMAIN"] for e in succeeded(second_log)] == ["a2"], 10,
+               what="the new hook delivering the next connect")
+    assert len(succeeded(first_log)) == 2
+    assert "Traceback" not in gw.proc.stderr()
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_that_cannot_start_again_is_retried_while_the_other_serves(
+        tmp_path, digest_backend):
+    """The config broke after the start and worker 0 died: its restarts fail with one clear
+    line each, backing off, worker 1 keeps serving, and fixing the file brings worker 0 back."""
+    gw = start(tmp_path)
+    key_file, public = gw.new_key("a0")
+    gw.grant("a0", public)  # now: diglett-admin reads the file too
+    good = gw.config_path.read_text()
+    gw.config_path.write_text(good + "max_streams = many\n")
+    os.kill(gw.http_get("/debug/stats")["workers"][0]["pid"], signal.SIGKILL)
+    gw.proc.wait_for(r"worker=0 .*worker 0 cannot read its config: .*max_streams", 10)
+    gw.proc.wait_for(r"worker 0 \(pid \d+\) exited with code 2: restarting it", 10)
+    agent = gw.agent("a0", digest_backend.address, key_file=key_file)  # worker 1 takes it
+    assert worker_of(gw) == {"a0": 1}
+    transfer(agent.port)
+    assert metric(_http_text(gw, "/metrics"), "diglett_worker_up", worker="0") == 0
+    gw.config_path.write_text(good)
+    wait_until(lambda: gw.http_get("/debug/stats")["workers"][0]["up"], 20,
+               what="worker 0 back once the file is fixed")
+    assert "Traceback" not in gw.proc.stderr()
