@@ -222,7 +222,7 @@ path costs about a fifth less than ssh -R's.
 This benchmark found a stall in the tunnel: with several streams sending at once, output
 beyond one `buffers_to_send` call could wait for the next PING (`ping_interval`, 10 s), so
 one upload of four took 10 s while the others took 3 (about one round in six). Fixed in
-`Tunnel.send_soon` (tests/test_tunnel_output.py); none since.
+`Tunnel.send_soon` (tests/unit/test_tunnel_output.py); none since.
 """
 
 
