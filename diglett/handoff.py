@@ -26,6 +26,11 @@ AGENTS = "agents"  # the name of the agent port in the store
 DOOR_PREFIX = "door-"  # + subdomain: a tunnel port (no colon: LISTEN_FDNAMES splits on it)
 
 
+def transport_name(kind):
+    """The store's name of the listen_tls (``tls``) or listen_ws (``ws``) listener."""
+    return "%s-%s" % (AGENTS, kind)
+
+
 def door_name(subdomain):
     return DOOR_PREFIX + subdomain
 
@@ -60,6 +65,14 @@ class FdStore:
             self.remove(name)
             sock.close()
         self.inherited.clear()
+
+    def keep(self, sock, name, passed):
+        """Store a listener that ``passed`` (the last run's socket of that name, or None) may
+        have been: systemd keeps both of two descriptors stored under one name, so the last
+        run's goes first when this run listens elsewhere."""
+        if passed is not None and sock is not passed:
+            self.remove(name)
+        self.store(sock, name)
 
     def store(self, sock, name):
         if self.enabled:

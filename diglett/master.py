@@ -85,19 +85,24 @@ class MasterGateway:
         return ()  # the tunnel ports are the workers'; none of them goes into the fd store
 
     def _listen(self):
+        """The agent port and the transport listeners, the last run's where they were passed
+        on (the fd store), each stored for the next run."""
         cfg = self.cfg
-        inherited = self.fdstore.take(handoff.AGENTS)
-        if agent_listener._serves(inherited, cfg.listen):
-            agents = inherited
-        else:
-            agents = listen(*cfg.listen)
+        wanted = [(handoff.AGENTS, handoff.AGENTS, cfg.listen),
+                  ("tls", handoff.transport_name("tls"), cfg.listen_tls),
+                  ("ws", handoff.transport_name("ws"), cfg.listen_ws)]
+        passed = {name: self.fdstore.take(name) for _, name, _ in wanted}
         self.fdstore.close_unused()  # tunnel ports of a single-process run: not ours now
-        self.fdstore.store(agents, handoff.AGENTS)
-        sockets = {handoff.AGENTS: agents}
-        for kind, address in (("tls", cfg.listen_tls), ("ws", cfg.listen_ws)):
-            if address is not None:
-                sockets[kind] = listen(*address)
-                log.info("agents over %s on %s:%d", kind, *sockets[kind].getsockname()[:2])
+        sockets = {}
+        for kind, name, address in wanted:
+            if address is None:
+                continue
+            inherited = passed[name]
+            sock = inherited if agent_listener._serves(inherited, address) else listen(*address)
+            self.fdstore.keep(sock, name, inherited)
+            sockets[kind] = sock
+            if kind != handoff.AGENTS:
+                log.info("agents over %s on %s:%d", kind, *sock.getsockname()[:2])
         return sockets
 
     def _start_hooks(self, cfg, context, hook_objects):

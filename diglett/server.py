@@ -93,18 +93,26 @@ class Server:
         # ports survive restarts (another gateway's ports mean nothing on this host)
         self.ports.last.update(self.db.call(self.registry.last_ports, self.gateway_id))
         self.grants.reload()
+        passed_agents = self.fdstore.take(handoff.AGENTS)
         self.listener = AgentListener(self.config.listen, self.admission, self._handle_agent,
-                                      self.fdstore.take(handoff.AGENTS), bind=not self.worker)
+                                      passed_agents, bind=not self.worker)
+        passed_transports = {kind: self.fdstore.take(handoff.transport_name(kind))
+                             for kind in transports.KINDS}
         self.fdstore.close_unused()
         if self.listener.sock is not None:
-            self.fdstore.store(self.listener.sock, handoff.AGENTS)
+            self.fdstore.keep(self.listener.sock, handoff.AGENTS, passed_agents)
         self.agent_port = self.listener.address[1]
         self.address = "%s:%d" % self.listener.address
         # Our row exists before our first session does, so no gateway takes us for dead.
         self.db.call(self.registry.gateway_seen, self.gateway_id, self.instance, self.address)
         self.listener.start()
         self.transports = transports.start(self.config, self.admission, self._handle_agent,
-                                           self.handshakes.failures, bind=not self.worker)
+                                           self.handshakes.failures, bind=not self.worker,
+                                           inherited=passed_transports)
+        for listener in self.transports:
+            if listener.sock is not None:  # new agents wait in its backlog across a restart
+                self.fdstore.keep(listener.sock, handoff.transport_name(listener.kind),
+                                  passed_transports[listener.kind])
         self._greenlets = [gevent.spawn(RegistryPoller(self).run),
                            gevent.spawn(Heartbeat(self).run)]
         return self.listener.address

@@ -27,6 +27,7 @@ from diglett.sockets import enable_keepalive, set_nodelay
 log = logging.getLogger(__name__)
 
 
+KINDS = ("tls", "ws")  # the listeners: listen_tls, listen_ws
 OUTER_FAILURE = {"tls": "tls handshake", "ws": "websocket upgrade"}  # handshake_failures labels
 
 
@@ -38,21 +39,25 @@ class WrongName(ValueError):
     """The TLS client asked for a server name that is not ours."""
 
 
-def start(config, admission_control, handle, failures, bind=True):
+def start(config, admission_control, handle, failures, bind=True, inherited=None):
     """The configured transport listeners, started; ``handle(sock, address, source)`` is the
     server's own agent handler, ``failures`` the handshake failure counts (the metric's), where
     outer failures count as OUTER_FAILURE[kind]. Returns the listeners (``kind``, ``address``).
-    ``bind=False``: a worker's, fed by the master through ``serve``."""
+    ``bind=False``: a worker's, fed by the master through ``serve``. ``inherited``: {kind:
+    socket} passed on by the last run (diglett.handoff), used when it listens where configured.
+    """
+    inherited = inherited or {}
     listeners = []
     if config.listen_tls is not None:
         context = server_context(*certificate.files(config), domain=config.domain)
         listeners.append(TransportListener("tls", config.listen_tls, admission_control, handle,
                                            lambda sock: _tls(context, sock), config, failures,
-                                           bind))
+                                           bind, inherited.get("tls")))
     if config.listen_ws is not None:
         path = config.ws_path
         listeners.append(TransportListener("ws", config.listen_ws, admission_control, handle,
-                                           lambda sock: _ws(sock, path), config, failures, bind))
+                                           lambda sock: _ws(sock, path), config, failures, bind,
+                                           inherited.get("ws")))
     for listener in listeners:
         listener.start()
         if bind:
@@ -86,8 +91,8 @@ def _check_name(sock, name, domain):
 
 class TransportListener(AgentListener):
     def __init__(self, kind, address, admission_control, handle, unwrap, config, failures,
-                 bind=True):
-        super().__init__(address, admission_control, self._outer, bind=bind)
+                 bind=True, inherited=None):
+        super().__init__(address, admission_control, self._outer, inherited, bind=bind)
         self.kind = kind  # "tls" or "ws", for log lines
         self.unwrap = unwrap  # plain socket -> a socket-like the tunnel code can drive
         self.inner_handle = handle

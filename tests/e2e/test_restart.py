@@ -16,6 +16,7 @@ from tests.support import harness
 from tests.support.fdstore_supervisor import FdStoreSupervisor
 from tests.support.harness import Gateway, connect, recv_exact, wait_until
 from tests.support.hookfixtures import recorder, succeeded
+from tests.support.reachfixtures import LISTENING, reach_gateway, start_agent
 
 
 def supervised(tmp_path, hold_timeout):
@@ -112,5 +113,42 @@ def test_without_hold_the_passed_ports_close_and_the_old_sessions_end(tmp_path, 
                    what="the old session's disconnect")
         agent.wait_up(timeout=15, count=2)  # served again, on a port of the new run
         assert "reason=stale" not in gw.proc.stderr()
+    finally:
+        supervisor.close()
+
+
+@pytest.mark.timeout(90)
+def test_the_tls_and_websocket_listeners_stay_open_across_a_restart(tmp_path, echo_backend):
+    supervisor = FdStoreSupervisor(tmp_path)
+    try:
+        gw = reach_gateway(tmp_path / "gw", supervisor=supervisor)
+        wait_until(lambda: {"agents", "agents-tls", "agents-ws"} <= set(supervisor.stored()), 5,
+                   what="both transport listeners in the fd store")
+        agents = {name: start_agent(gw, name, url, echo_backend.address,
+                                    extra=["--proxy", "none"])
+                  for name, url in (("overtls", "tls://127.0.0.1:%d" % gw.tls_port),
+                                    ("overws", "ws://127.0.0.1:%d/diglett" % gw.ws_port))}
+        old = {row["id"] for row in gw.sessions()}
+
+        gw.proc.stop(30)  # SIGTERM under the store
+        for port in (gw.tls_port, gw.ws_port):  # refused without the store; here, the backlog
+            connect(port, timeout=5).close()
+        gw.restart()
+        for kind, port in (("tls", gw.tls_port), ("ws", gw.ws_port)):
+            assert int(gw.proc.wait_for(LISTENING % kind).group(1)) == port
+
+        def new_sessions():
+            rows = [r for r in gw.sessions() if r["id"] not in old]
+            return rows if len(rows) == 2 else None
+
+        rows = wait_until(new_sessions, 20, what="both agents' new sessions")
+        assert {r["subdomain"] for r in rows} == set(agents)
+        for name, agent in agents.items():
+            assert agent.popen.poll() is None, agent.stderr()[-2000:]
+            payload = os.urandom(64 * 1024)
+            with connect(agent.port, timeout=10) as sock:
+                sock.sendall(payload)
+                assert hashlib.sha256(recv_exact(sock, len(payload))).digest() == \
+                    hashlib.sha256(payload).digest(), name
     finally:
         supervisor.close()
