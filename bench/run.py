@@ -532,7 +532,26 @@ def main(argv=None):
     parser.add_argument("--transports", action="store_true",
                         help="only compare diglett's transports (tcp, tls, ws, wss through "
                         "Traefik): bulk and round trips, into bench/transports.json")
+    parser.add_argument("--only", choices=["rtt"],
+                        help="rtt: only the kept round trip of direct, socat, ssh -R and diglett "
+                        "(bench/rtt.py, into bench/rtt.json)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="with --only rtt: diglett as committed at REV beside the working tree")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="with --only rtt: strace -c -f each tunnel over 2000 round trips")
+    parser.add_argument("--switches", action="store_true",
+                        help="with --only rtt: count greenlet switches per round trip")
+    parser.add_argument("--pycryptodome", action="store_true",
+                        help="with --only rtt: diglett on pycryptodome as well")
+    parser.add_argument("--rounds", type=int, default=10, help="with --only rtt: rounds")
+    parser.add_argument("--per-round", type=int, default=400,
+                        help="with --only rtt: round trips per setup per round")
     args = parser.parse_args(argv)
+    if args.only == "rtt":
+        import rtt
+
+        raise_nofile()
+        return rtt.main(args, checkout)
     if args.transports:  # needs none of the other setups' tools, nor matplotlib
         return transports_main(args)
     ensure_tools()
