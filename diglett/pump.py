@@ -17,7 +17,11 @@ from diglett.wire import ErrorCode
 
 log = logging.getLogger("diglett.tunnel")  # one logger for a session's story, as before
 
-STREAM_RECV_MAX = 256 * 1024  # bytes read from a stream socket per recv (within credit)
+# Bytes read from a stream socket per recv (within credit): one DATA frame. recv(n) allocates
+# n bytes before it reads, and from 128 KiB up glibc maps fresh pages for that (an mmap, page
+# faults, then an mremap or munmap per read: ~20 us each on this VM, docs/benchmarks.md), where
+# a smaller buffer comes from the heap and a short read shrinks it in place.
+STREAM_RECV_MAX = wire.MAX_DATA_PAYLOAD
 READ_PER_WAKE = 256 * 1024  # bytes a stream reads per readiness before the hub runs others
 
 
