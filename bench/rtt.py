@@ -4,6 +4,7 @@
     python bench/run.py --only rtt --baseline HEAD  # and diglett as committed at HEAD beside it
     python bench/run.py --only rtt --syscalls       # and strace -c -f per tunnel, 2000 RTTs
     python bench/run.py --only rtt --switches       # and greenlet switches per round trip
+    python bench/run.py --only rtt --perf           # and perf: CPU per round trip by hop
 
 A kept round trip is 64 bytes echoed on one open client connection: client -> tunnel port ->
 (diglett: server -> agent connection -> agent; ssh: sshd -> ssh) -> backend and back. The
@@ -113,6 +114,52 @@ def strace_counts(setup, count):
     return {"per_rtt": calls, "total_per_rtt": sum(calls.values()), "pids": len(pids)}
 
 
+PERF_HZ = 4000  # perf's sampling rate (cpu-clock, a software event: no PMU needed)
+CATEGORIES = (  # shared object -> what it is, for the hop table in docs/benchmarks.md
+    ("kallsyms", "kernel: syscalls, TCP over loopback, wakeups, scheduling"),
+    ("libpython", "Python interpreter (diglett's and gevent's Python code)"),
+    ("_rust", "AEAD (OpenSSL through cryptography, or OpenSSH's libcrypto)"),
+    ("libcrypto", "AEAD (OpenSSL through cryptography, or OpenSSH's libcrypto)"),
+    ("libc", "libc: malloc, memcpy, syscall stubs"),
+    ("corecext", "gevent, libev and greenlet C code"),
+    ("greenlet", "gevent, libev and greenlet C code"),
+    ("gevent", "gevent, libev and greenlet C code"),
+    ("sshd", "ssh/sshd's own code"),
+    ("ssh", "ssh/sshd's own code"),
+)
+
+
+def perf_profile(setup, count):
+    """CPU microseconds per round trip of each tunnel process, by category, sampled by perf
+    over ``count`` round trips (None when perf cannot record here)."""
+    if not shutil.which("perf"):
+        return None
+    data = setup.folder / "perf.data"
+    pids = ",".join(str(pid) for pid in tunnel_pids(setup))
+    recorder = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ),
+                                 "-p", pids, "-o", str(data)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(STRACE_SETTLE)
+        load.kept_round_trips(setup.port, count, warmup=0, deadline=120)
+    finally:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(30)
+    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "-n",
+                             "--sort", "comm,dso", "-g", "none", "--stdio"],
+                            capture_output=True, text=True, timeout=120).stdout
+    out = {}
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) < 4 or not parts[0].endswith("%"):
+            continue
+        samples, comm, dso = int(parts[1]), parts[2], parts[3]
+        what = next((label for key, label in CATEGORIES if key in dso), "other")
+        process = out.setdefault(comm, {})
+        process[what] = process.get(what, 0.0) + 1e6 * samples / PERF_HZ / count
+    return out
+
+
 def switch_counts(setup, count):
     """Greenlet switches per round trip in each of diglett's processes (counted by
     bench/aead/sitecustomize.py, which DIGLETT_COUNT_SWITCHES turns on)."""
@@ -138,8 +185,9 @@ def switch_counts(setup, count):
                    for key in after[name]} for name in after}
 
 
-def main(args, checkout):
-    """``args`` from run.py's parser; ``checkout(rev, folder)`` is run.py's."""
+def main(args, checkout, bulk=None):
+    """``args`` from run.py's parser; ``checkout(rev, folder)`` and ``bulk(setups, reps)``
+    are run.py's (--only bulk runs that instead of the round trips)."""
     folder = Path(tempfile.mkdtemp(prefix="diglett-rtt-"))
     log("working in %s", folder)
     backend = setups.Proc([sys.executable, str(BENCH / "backend.py")], folder, "backend")
@@ -163,6 +211,14 @@ def main(args, checkout):
         for setup in all_setups:
             setup.start()
             log("started %-30s port %d", setup.name, setup.port)
+        if args.only == "bulk":
+            results["bulk"] = bulk([s for s in all_setups if s.name != "direct"],
+                                   args.reps or 3)
+            for name, directions in results["bulk"].items():
+                log("%-32s %s", name, "  ".join(
+                    "%s %.3f GB/s %.2f CPU-s/GB" % (d, v["gbps"], v["cpu_s_per_gb"])
+                    for d, v in directions.items()))
+            return _save(results)
         samples, cpu_us = measure(all_setups, args.rounds, args.per_round)
         results["kept"] = summarize(samples, cpu_us)
         for name, entry in results["kept"].items():
@@ -177,6 +233,13 @@ def main(args, checkout):
                 top = sorted(entry["per_rtt"].items(), key=lambda item: -item[1])[:8]
                 log("%-32s %.1f syscalls/RTT: %s", name, entry["total_per_rtt"],
                     ", ".join("%s %.2f" % item for item in top))
+        if args.perf:
+            results["perf"] = {s.name: perf_profile(s, COUNTED) for s in traced}
+            for name, entry in results["perf"].items():
+                for process, costs in (entry or {}).items():
+                    log("%-32s %-16s %.0f us/RTT: %s", name, process, sum(costs.values()),
+                        ", ".join("%s %.0f" % (k.split(":")[0], v) for k, v in
+                                  sorted(costs.items(), key=lambda item: -item[1])))
         if args.switches:
             results["switches"] = {s.name: switch_counts(s, COUNTED)
                                    for s in all_setups if isinstance(s, setups.Diglett)}
@@ -188,8 +251,13 @@ def main(args, checkout):
         backend.stop()
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    log("raw results in %s", RESULTS)
+    return _save(results)
+
+
+def _save(results):
+    path = RESULTS.with_name("rtt-bulk.json") if "bulk" in results else RESULTS
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    log("raw results in %s", path)
     return results
 
 

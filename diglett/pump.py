@@ -133,10 +133,10 @@ class Pump:
             if not session.send_data(stream_id, data):
                 self._up_finished()
                 return
+            tunnel.send_soon()  # first: the peer waits for these bytes, not for the counters
             self.last_active = time.monotonic()
             self.last_to_local = False
             tunnel.bytes_up += len(data)
-            tunnel.send_soon()
             if len(data) < want:
                 return  # drained: a second recv would only say EAGAIN (the watcher calls again)
             budget -= len(data)
