@@ -49,6 +49,24 @@ def percentile(values, fraction):
     return ordered[min(len(ordered), max(1, int(fraction * len(ordered) + 0.999999))) - 1]
 
 
+class PyRelay(setups.Setup):
+    """Two bare gevent relays in a row (bench/pyrelay.py): diglett's process hops with no
+    record layer and no multiplexer, the floor of a Python tunnel."""
+
+    name = "python relay x2"
+
+    def start(self):
+        target = self.backend_port
+        for label in ("relay-agent", "relay-server"):
+            port = setups.free_port()
+            proc = setups.Proc([sys.executable, str(BENCH / "pyrelay.py"), str(port),
+                                str(target)], self.folder, label)
+            self.procs.append(proc)
+            proc.wait_for(r"listening \d+")
+            target = port
+        self.port = target
+
+
 def measure(all_setups, rounds, per_round):
     """{name: [per-round lists of seconds]}, the setups interleaved round by round."""
     samples = {setup.name: [] for setup in all_setups}
@@ -196,7 +214,7 @@ def main(args, checkout, bulk=None):
     if args.switches:
         env_extra["DIGLETT_COUNT_SWITCHES"] = "1"
     all_setups = [setups.Direct(folder, port), setups.Socat(folder, port),
-                  setups.Ssh(folder, port)]
+                  setups.Ssh(folder, port), PyRelay(folder, port)]
     mine = setups.Diglett(folder, port, "cryptography", extra_env=env_extra)
     all_setups.append(mine)
     if args.baseline:

@@ -386,7 +386,11 @@ class TransportCipher:
         except TAG_ERRORS:
             raise DecryptError("bad record tag") from None
         self._pending_length = None
-        self._advance(self.nonce + 1)
+        nonce = self.nonce + 1
+        if nonce >= KEY_ROTATION_NONCE:
+            self._advance(nonce)
+        else:
+            self.nonce = nonce
         return plaintext
 
     def _advance(self, nonce):

@@ -443,7 +443,8 @@ class Session:
                         break
                     piece, self._inbuf = self._inbuf, bytearray()
                 elif size - offset < need:
-                    self._inbuf += view[offset:]
+                    if offset < size:
+                        self._inbuf += view[offset:]
                     break
                 else:
                     piece = view[offset:offset + need]

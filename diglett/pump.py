@@ -12,7 +12,8 @@ import time
 import gevent
 
 from diglett import wire
-from diglett.sockets import IOV_MAX, LINGER_OFF, close_with_rst, sendall_buffers, set_nodelay
+from diglett.sockets import (IOV_MAX, LINGER_OFF, close_with_rst, kernel_socket, sendall_buffers,
+                             set_nodelay)
 from diglett.wire import ErrorCode
 
 log = logging.getLogger("diglett.tunnel")  # one logger for a session's story, as before
@@ -51,6 +52,7 @@ class Pump:
         self._fin_passed = False  # ... and was passed on to the local socket
         self._up_ended = False  # the local socket's EOF was sent on as FIN
         self._connecting = self._down = None
+        self._kernel = None  # kernel_socket(sock): its recv and send never wait
         self._reader = self._writer = None  # io watchers of the local socket
         self._done = False
         self._sending = False  # the down greenlet is inside a send with a popped chunk
@@ -89,6 +91,7 @@ class Pump:
         sock = self.sock
         set_nodelay(sock)
         sock.settimeout(0.0)
+        self._kernel = kernel_socket(sock)
         loop = gevent.get_hub().loop
         self._reader = loop.io(sock.fileno(), 1)
         self._writer = loop.io(sock.fileno(), 2)
@@ -111,7 +114,7 @@ class Pump:
 
     def _read_some(self):
         tunnel, session, stream_id = self.tunnel, self.tunnel.session, self.stream_id
-        recv = self.sock.recv
+        recv = self._kernel.recv
         budget = READ_PER_WAKE
         while budget > 0:
             credit = session.send_credit(stream_id)
@@ -158,7 +161,7 @@ class Pump:
         greenlet switch), else queued for the down greenlet."""
         if not self.buffer and not self._sending and self._connected:
             try:
-                sent = self.sock.send(data)  # timeout 0: never waits
+                sent = self._kernel.send(data)  # never waits
             except BlockingIOError:
                 sent = 0
             except OSError as exc:

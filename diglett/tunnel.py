@@ -16,7 +16,8 @@ from gevent.event import Event
 from diglett import protocol, wire
 from diglett.pump import Pump
 from diglett.reasons import CloseReason
-from diglett.sockets import MSG_DONTWAIT, close_with_rst, rest_after, sendall_buffers
+from diglett.sockets import (MSG_DONTWAIT, close_with_rst, kernel_socket, rest_after,
+                             sendall_buffers)
 from diglett.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class Tunnel:
         # A socket reads into the process's one read buffer; a wrapper (TLS: records to drain
         # first) keeps its recv(). Looked up on the type: TlsSocket's __getattr__ would hand
         # out the TCP socket's recv_into, which reads ciphertext.
-        self._recv_into = sock.recv_into if hasattr(type(sock), "recv_into") else None
+        self._recv_into = (kernel_socket(sock).recv_into if hasattr(type(sock), "recv_into")
+                           else None)
+        self._sendmsg = kernel_socket(sock).sendmsg  # TlsSocket: its own (no _sock)
 
     # ----- lifecycle ------------------------------------------------------------------
     def start(self, pending_events=()):
@@ -142,7 +145,7 @@ class Tunnel:
         if not buffers:
             return
         try:
-            sent = self.sock.sendmsg(buffers, (), MSG_DONTWAIT)
+            sent = self._sendmsg(buffers, (), MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
         except OSError as exc:

@@ -159,6 +159,7 @@ _RULES = {
 }
 _RULES_BY_INT = {int(k): v for k, v in _RULES.items()}
 _DATA = int(FrameType.DATA)
+_new_frame = tuple.__new__  # Frame(...) without the Python-level __new__ NamedTuple makes
 
 
 def decode_frames(plaintext):
@@ -170,7 +171,7 @@ def decode_frames(plaintext):
     if end > FRAME_HEADER_SIZE and plaintext[0] == _DATA:  # the common record: one DATA frame
         ftype, flags, stream_id, length = _HEADER.unpack_from(plaintext)
         if not flags and stream_id and length == end - FRAME_HEADER_SIZE <= MAX_DATA_PAYLOAD:
-            return [Frame(_DATA, stream_id, view[FRAME_HEADER_SIZE:])]
+            return [_new_frame(Frame, (_DATA, stream_id, view[FRAME_HEADER_SIZE:]))]
     frames = []
     while offset < end:
         if end - offset < FRAME_HEADER_SIZE:
