@@ -10,7 +10,8 @@ A kept round trip is 64 bytes echoed on one open client connection: client -> tu
 (diglett: server -> agent connection -> agent; ssh: sshd -> ssh) -> backend and back. The
 rounds alternate over the setups, so a slow minute of this shared machine hits all alike;
 ratios are of the pooled medians and, steadier, the median of the per-round ratios. The
-results go to bench/rtt.json; docs/benchmarks.md quotes them by hand.
+results go to bench/rtt.json and their section of docs/benchmarks.md (bench/rtt_report.py);
+--only bulk writes bench/rtt-bulk.json only.
 """
 
 import json
@@ -71,17 +72,32 @@ def measure(all_setups, rounds, per_round):
     """{name: [per-round lists of seconds]}, the setups interleaved round by round."""
     samples = {setup.name: [] for setup in all_setups}
     cpu = dict.fromkeys(samples, 0.0)
+    faults = dict.fromkeys(samples, 0)
     for index in range(rounds):
         for setup in all_setups:
-            before = setups.cpu_seconds(setup.roots())
+            before, faults_before = setups.cpu_seconds(setup.roots()), minor_faults(setup)
             samples[setup.name].append(load.kept_round_trips(setup.port, per_round))
             cpu[setup.name] += setups.cpu_seconds(setup.roots()) - before
+            faults[setup.name] += minor_faults(setup) - faults_before
             setup.check()
         log("round %d/%d: %s", index + 1, rounds, "  ".join(
             "%s %.3f" % (name, 1e3 * statistics.median(runs[-1])) for name, runs in samples.items()))
     # CPU of the tunnel's processes per round trip (warm-ups included: 50 per round)
-    cpu_us = {name: 1e6 * cpu[name] / (rounds * (per_round + 50)) for name in samples}
+    trips = rounds * (per_round + 50)
+    cpu_us = {name: (1e6 * cpu[name] / trips, faults[name] / trips) for name in samples}
     return samples, cpu_us
+
+
+def minor_faults(setup):
+    """Minor page faults so far of the tunnel's processes (field 10 of /proc/PID/stat)."""
+    total = 0
+    for pid in tunnel_pids(setup):
+        try:
+            with open("/proc/%d/stat" % pid) as handle:
+                total += int(handle.read().rsplit(")", 1)[1].split()[7])
+        except OSError:
+            pass
+    return total
 
 
 def summarize(samples, cpu_us, reference="ssh -R"):
@@ -90,7 +106,8 @@ def summarize(samples, cpu_us, reference="ssh -R"):
     for name, runs in samples.items():
         pooled = [value for run in runs for value in run]
         entry = {"count": len(pooled), "p50_ms": 1e3 * percentile(pooled, 0.5),
-                 "p99_ms": 1e3 * percentile(pooled, 0.99), "tunnel_cpu_us": cpu_us[name]}
+                 "p99_ms": 1e3 * percentile(pooled, 0.99), "tunnel_cpu_us": cpu_us[name][0],
+                 "page_faults_per_rtt": cpu_us[name][1]}
         if ref_rounds:
             ref_pooled = [value for run in ref_rounds for value in run]
             entry["x_ssh_p50"] = percentile(pooled, 0.5) / percentile(ref_pooled, 0.5)
@@ -164,18 +181,34 @@ def perf_profile(setup, count):
         recorder.send_signal(signal.SIGINT)
         recorder.wait(30)
     report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "-n",
-                             "--sort", "comm,dso", "-g", "none", "--stdio"],
+                             "--sort", "pid,dso", "-g", "none", "--stdio"],
                             capture_output=True, text=True, timeout=120).stdout
+    labels = thread_labels(setup)
     out = {}
     for line in report.splitlines():
         parts = line.split()
         if len(parts) < 4 or not parts[0].endswith("%"):
             continue
-        samples, comm, dso = int(parts[1]), parts[2], parts[3]
+        samples, (pid, comm), dso = int(parts[1]), parts[2].split(":", 1), parts[3]
         what = next((label for key, label in CATEGORIES if key in dso), "other")
-        process = out.setdefault(comm, {})
+        process = out.setdefault(labels.get(int(pid), comm), {})  # a thread gone: its name
         process[what] = process.get(what, 0.0) + 1e6 * samples / PERF_HZ / count
     return out
+
+
+def thread_labels(setup):
+    """{tid: label} for every thread of the tunnel's processes: perf samples name threads."""
+    names = {proc.pid: proc.label for proc in setup.procs}
+    labels = {}
+    for pid in tunnel_pids(setup):
+        try:
+            base = names.get(pid) or Path("/proc/%d/comm" % pid).read_text().strip()
+            tids = [int(tid) for tid in os.listdir("/proc/%d/task" % pid)]
+        except OSError:
+            continue
+        for tid in tids:
+            labels[tid] = base if tid == pid else base + " (other threads)"
+    return labels
 
 
 def switch_counts(setup, count):
@@ -230,7 +263,8 @@ def main(args, checkout, bulk=None):
             setup.start()
             log("started %-30s port %d", setup.name, setup.port)
         if args.only == "bulk":
-            results["bulk"] = bulk([s for s in all_setups if s.name != "direct"],
+            results["bulk"] = bulk([s for s in all_setups  # the relay is for round trips
+                                    if not isinstance(s, (setups.Direct, PyRelay))],
                                    args.reps or 3)
             for name, directions in results["bulk"].items():
                 log("%-32s %s", name, "  ".join(
@@ -241,9 +275,9 @@ def main(args, checkout, bulk=None):
         results["kept"] = summarize(samples, cpu_us)
         for name, entry in results["kept"].items():
             log("%-32s p50 %.3f ms p99 %.3f ms  x ssh p50 %.2f (rounds %.2f) p99 %.2f  "
-                "tunnel CPU %.0f us/RTT", name, entry["p50_ms"], entry["p99_ms"],
-                entry.get("x_ssh_p50", 0), entry.get("x_ssh_rounds", 0),
-                entry.get("x_ssh_p99", 0), entry["tunnel_cpu_us"])
+                "tunnel CPU %.0f us/RTT, %.2f page faults/RTT", name, entry["p50_ms"],
+                entry["p99_ms"], entry.get("x_ssh_p50", 0), entry.get("x_ssh_rounds", 0),
+                entry.get("x_ssh_p99", 0), entry["tunnel_cpu_us"], entry["page_faults_per_rtt"])
         traced = [s for s in all_setups if s.name not in ("direct",)]
         if args.syscalls:
             results["syscalls"] = {s.name: strace_counts(s, COUNTED) for s in traced}
@@ -276,6 +310,11 @@ def _save(results):
     path = RESULTS.with_name("rtt-bulk.json") if "bulk" in results else RESULTS
     path.write_text(json.dumps(results, indent=1) + "\n")
     log("raw results in %s", path)
+    if "kept" in results:
+        import rtt_report
+
+        rtt_report.write(results, BENCH.parent / "docs")
+        log("wrote the kept round trip section of docs/benchmarks.md")
     return results
 
 
