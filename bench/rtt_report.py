@@ -37,23 +37,26 @@ small round trip (credit returns at half a window). The kernel's share per proce
 ssh's order (60-90 µs here, most of it this VM's context switch and wakeup, in
 `finish_task_switch` and the IRQ restore after a wakeup, as for ssh). The difference is
 user-space CPU: per round trip each diglett process spends about 60 µs in the interpreter and
-12-14 µs in the AEAD, where sshd spends ~9 µs in its own code and 3-5 µs in libcrypto, and each
-bare gevent relay ~16 µs in Python. So gevent and the hops are not the cost (the relay comes
+12-16 µs in the AEAD, where sshd spends 7-12 µs in its own code and 3-5 µs in libcrypto, and each
+bare gevent relay 16-21 µs in Python. So gevent and the hops are not the cost (the relay comes
 within 0.9-1.2× of ssh, per-round medians); the record layer and the multiplexer in Python are: ~45k interpreted
 instructions per hop (callgrind, `bench/hops.py`), four AEAD calls per round
 trip per process at ~5.4k instructions each (OpenSSL's per-call context setup dominates 64-byte
 records; the header and the body are separate AEAD calls by the wire format).
 
-**Repeats.** Three same-run comparisons on 2026-12-07 (the machine shared with other test
-runs), kept p50 × ssh -R pooled / per-round median, before → after: 2.64 / 2.29 → 2.26 / 2.10;
-1.89 / 2.10 → 1.73 / 1.84; 2.07 / 2.04 → 1.94 / 1.91 (the table above is the last). Tunnel CPU
-per round trip fell 265 → 230, 300 → 272 and 280 → 250 µs; bulk (`--only bulk --baseline`, 5 ×
+**Repeats.** Four same-run comparisons on 2026-12-07 (the machine shared with other test
+runs, so ssh's own p50 ranged 0.11-0.25 ms), kept p50 × ssh -R pooled / per-round median,
+before → after: 2.64 / 2.29 → 2.26 / 2.10; 1.89 / 2.10 → 1.73 / 1.84; 2.07 / 2.04 → 1.94 / 1.91;
+1.66 / 1.64 → 1.49 / 1.55 (the table above is the last): 6-14% closer to ssh each time, never
+at it. Tunnel CPU per round trip fell 265 → 230, 300 → 272, 280 → 250 and 339 → 294 µs; bulk (`--only bulk --baseline`, 5 ×
 128 MiB each way, two runs) did not move beyond the noise: download 0.29 / 0.32 GB/s at 3.05
 CPU-s/GB against 0.24 / 0.29 GB/s at 3.20 / 2.98 before, upload 0.25 / 0.29 GB/s at 3.35 against
 0.25 / 0.30 GB/s at 3.28 / 3.13.
 
-**What changed** (instructions per round trip, both processes, from `bench/hops.py` under
-callgrind minus its harness; repeatable where wall time is not): 241k before → 190k.
+**What changed** (instructions per round trip, both processes, repeatable where wall time is
+not: `valgrind --tool=callgrind python bench/hops.py --count N` for N = 300 and 1300, the
+difference over 1000, minus the same with `--direct`, which is the harness alone): 241k before
+→ 190k.
 (1) No 256 KiB allocation per read: `recv(256 KiB)` made glibc map fresh pages for the buffer
 and remap or unmap them after a short read (mmap + mremap + munmap and ~4 page faults per read,
 ~20 µs each on this VM); the tunnel now reads into one buffer shared by all tunnels of the
@@ -108,7 +111,7 @@ def hop_table(perf):
     columns = list(dict.fromkeys(SHORT.values()))
     lines = ["CPU per round trip of each tunnel process, by where it ran (perf, cpu-clock at "
              "4 kHz over 2000 round trips; perf's own cost inflates all rows alike), µs:\n\n",
-             "| setup | process | %s | total |\n" % " | ".join(columns),
+             "| setup | hop (process) | %s | total |\n" % " | ".join(columns),
              "|---|---|%s---:|\n" % ("---:|" * len(columns))]
     for name, processes in perf.items():
         for process, costs in (processes or {}).items():
