@@ -21,7 +21,9 @@ def kernel_socket(sock):
     that must never wait (timeout 0): the same result or BlockingIOError, without gevent's
     Python-level wrapper, a frame per call on the round trip's path. Waiting, closing and
     options stay with the gevent socket."""
-    if not isinstance(sock, gevent.socket.socket):  # TlsSocket would forward _sock to TCP
+    # The exact class: a subclass (gevent's SSLSocket) or a wrapper forwarding attributes
+    # (TlsSocket) has a _sock too, and under it the TCP socket with the other side's bytes.
+    if type(sock) is not gevent.socket.socket:
         return sock
     return sock._sock  # gevent keeps the real socket here, always non-blocking
 

@@ -8,13 +8,16 @@ must never allocate enough for malloc to map fresh pages (the page faults per ro
 counted on the real processes).
 """
 
+import socket
 import time
 
+import gevent.socket
 import pytest
 
 from diglett import crypto, pump, tunnel, wire
 from diglett.protocol import DataReceived, StreamEnded
 from diglett.reach.tls_socket import TlsSocket
+from diglett.sockets import kernel_socket
 from diglett.wire import FrameType, ProtocolError
 from tests.harness import Backend, connect, echo, round_trips
 from tests.test_protocol import SERVER, Link
@@ -50,6 +53,23 @@ def test_tunnel_reads_plain_sockets_into_the_shared_buffer_and_tls_with_recv():
     read ciphertext, so the tunnel looks on the type."""
     assert not hasattr(TlsSocket, "recv_into")
     assert len(tunnel._READ_BUFFER) == tunnel.RECV_SIZE
+
+
+def test_kernel_socket_only_unwraps_a_plain_gevent_socket():
+    """A subclass (gevent's SSLSocket) or a wrapper must keep its own calls: under it is the
+    TCP socket, and a send there would skip the TLS layer."""
+    class Subclass(gevent.socket.socket):
+        pass
+
+    plain, sub, stdlib = gevent.socket.socket(), Subclass(), socket.socket()
+    try:
+        assert kernel_socket(plain) is plain._sock
+        assert kernel_socket(plain).gettimeout() == 0.0  # never waits
+        assert kernel_socket(sub) is sub
+        assert kernel_socket(stdlib) is stdlib
+    finally:
+        for sock in (plain, sub, stdlib):
+            sock.close()
 
 
 def test_reads_stay_below_the_mmap_threshold():
