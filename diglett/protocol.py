@@ -93,6 +93,7 @@ class GoAwayReceived:
 
 
 _FIN = None  # marker in a stream's send queue: the FIN goes out after the queued DATA
+_DATA = int(FrameType.DATA)  # compared and packed once per record: a plain int is cheaper
 
 
 class _Reset:
@@ -350,7 +351,7 @@ class Session:
                     stream.ready = False
                     self.records_out += 1
                     return list(self._send_cipher.seal_parts(
-                        wire.encode_frame(FrameType.DATA, stream.stream_id, item)))
+                        wire.encode_frame(_DATA, stream.stream_id, item)))
         buffers = []
         total = 0
         seal = self._send_cipher.seal_parts
@@ -456,7 +457,10 @@ class Session:
                 self._body_len = None
                 self.records_in += 1
                 for frame in wire.decode_frames(plaintext):
-                    self._handle(frame, events)
+                    if frame.type == _DATA:  # most records: straight to their handler
+                        self._on_data(frame, events)
+                    else:
+                        self._handle(frame, events)
         except DecryptError as exc:
             raise ProtocolError(str(exc)) from None
         return events
