@@ -44,11 +44,12 @@ instructions per hop (callgrind, `bench/hops.py`), four AEAD calls per round
 trip per process at ~5.4k instructions each (OpenSSL's per-call context setup dominates 64-byte
 records; the header and the body are separate AEAD calls by the wire format).
 
-**Repeats.** Four same-run comparisons on 2026-12-07 (the machine shared with other test
+**Repeats.** Five same-run comparisons on 2026-12-07 (the machine shared with other test
 runs, so ssh's own p50 ranged 0.11-0.25 ms), kept p50 × ssh -R pooled / per-round median,
 before → after: 2.64 / 2.29 → 2.26 / 2.10; 1.89 / 2.10 → 1.73 / 1.84; 2.07 / 2.04 → 1.94 / 1.91;
-1.66 / 1.64 → 1.49 / 1.55 (the table above is the last): 6-14% closer to ssh each time, never
-at it. Tunnel CPU per round trip fell 265 → 230, 300 → 272, 280 → 250 and 339 → 294 µs; bulk (`--only bulk --baseline`, 5 ×
+1.66 / 1.64 → 1.49 / 1.55; and, with the last change, 2.19 / 2.31 → 1.68 / 1.61 (the table
+above): 6-30% closer to ssh each time, never at it. Tunnel CPU per round trip fell 265 → 230,
+300 → 272, 280 → 250, 339 → 294 and 313 → 250 µs; bulk (`--only bulk --baseline`, 5 ×
 128 MiB each way, two runs) did not move beyond the noise: download 0.29 / 0.32 GB/s at 3.05
 CPU-s/GB against 0.24 / 0.29 GB/s at 3.20 / 2.98 before, upload 0.25 / 0.29 GB/s at 3.35 against
 0.25 / 0.30 GB/s at 3.28 / 3.13.
@@ -56,7 +57,7 @@ CPU-s/GB against 0.24 / 0.29 GB/s at 3.20 / 2.98 before, upload 0.25 / 0.29 GB/s
 **What changed** (instructions per round trip, both processes, repeatable where wall time is
 not: `valgrind --tool=callgrind python bench/hops.py --count N` for N = 300 and 1300, the
 difference over 1000, minus the same with `--direct`, which is the harness alone): 241k before
-→ 190k.
+→ 186k.
 (1) No 256 KiB allocation per read: `recv(256 KiB)` made glibc map fresh pages for the buffer
 and remap or unmap them after a short read (mmap + mremap + munmap and ~4 page faults per read,
 ~20 µs each on this VM); the tunnel now reads into one buffer shared by all tunnels of the
