@@ -52,7 +52,8 @@ above): 6-30% closer to ssh each time, never at it. Tunnel CPU per round trip fe
 300 → 272, 280 → 250, 339 → 294 and 313 → 250 µs; bulk (`--only bulk --baseline`, 5 ×
 128 MiB each way, two runs) did not move beyond the noise: download 0.29 / 0.32 GB/s at 3.05
 CPU-s/GB against 0.24 / 0.29 GB/s at 3.20 / 2.98 before, upload 0.25 / 0.29 GB/s at 3.35 against
-0.25 / 0.30 GB/s at 3.28 / 3.13.
+0.25 / 0.30 GB/s at 3.28 / 3.13; at the last commit (bench/rtt-bulk.json, a busier minute)
+download 0.33 GB/s at 4.40 against 0.27 at 4.40, upload 0.35 at 4.25 against 0.26 at 4.17.
 
 **What changed** (instructions per round trip, both processes, repeatable where wall time is
 not: `valgrind --tool=callgrind python bench/hops.py --count N` for N = 300 and 1300, the
