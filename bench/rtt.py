@@ -81,7 +81,8 @@ def measure(all_setups, rounds, per_round):
             faults[setup.name] += minor_faults(setup) - faults_before
             setup.check()
         log("round %d/%d: %s", index + 1, rounds, "  ".join(
-            "%s %.3f" % (name, 1e3 * statistics.median(runs[-1])) for name, runs in samples.items()))
+            "%s %.3f" % (name, 1e3 * statistics.median(runs[-1]))
+            for name, runs in samples.items()))
     # CPU of the tunnel's processes per round trip (warm-ups included: 50 per round)
     trips = rounds * (per_round + 50)
     cpu_us = {name: (1e6 * cpu[name] / trips, faults[name] / trips) for name in samples}

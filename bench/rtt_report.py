@@ -39,8 +39,8 @@ ssh's order (60-90 µs here, most of it this VM's context switch and wakeup, in
 user-space CPU: per round trip each diglett process spends about 60 µs in the interpreter and
 12-16 µs in the AEAD, where sshd spends 7-12 µs in its own code and 3-5 µs in libcrypto, and each
 bare gevent relay 16-21 µs in Python. So gevent and the hops are not the cost (the relay comes
-within 0.9-1.2× of ssh, per-round medians); the record layer and the multiplexer in Python are: ~45k interpreted
-instructions per hop (callgrind, `bench/hops.py`), four AEAD calls per round
+within 0.9-1.2× of ssh, per-round medians); the record layer and the multiplexer in Python
+are: ~45k interpreted instructions per hop (callgrind, `bench/hops.py`), four AEAD calls per round
 trip per process at ~5.4k instructions each (OpenSSL's per-call context setup dominates 64-byte
 records; the header and the body are separate AEAD calls by the wire format).
 
