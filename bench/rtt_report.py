@@ -40,8 +40,8 @@ user-space CPU: per round trip each diglett process spends about 60 µs in the i
 12-16 µs in the AEAD, where sshd spends 7-12 µs in its own code and 3-5 µs in libcrypto, and each
 bare gevent relay 16-21 µs in Python. So gevent and the hops are not the cost (the relay comes
 within 0.9-1.2× of ssh, per-round medians); the record layer and the multiplexer in Python
-are: ~45k interpreted instructions per hop (callgrind, `bench/hops.py`), four AEAD calls per round
-trip per process at ~5.4k instructions each (OpenSSL's per-call context setup dominates 64-byte
+are: ~31k interpreted instructions per hop (123k per round trip, 175k before; callgrind,
+`bench/hops.py`), four AEAD calls per round trip per process at ~5.4k instructions each (OpenSSL's per-call context setup dominates 64-byte
 records; the header and the body are separate AEAD calls by the wire format).
 
 **Repeats.** Five same-run comparisons on 2026-12-07 (the machine shared with other test
@@ -58,7 +58,7 @@ download 0.33 GB/s at 4.40 against 0.27 at 4.40, upload 0.35 at 4.25 against 0.2
 **What changed** (instructions per round trip, both processes, repeatable where wall time is
 not: `valgrind --tool=callgrind python bench/hops.py --count N` for N = 300 and 1300, the
 difference over 1000, minus the same with `--direct`, which is the harness alone): 241k before
-→ 186k.
+→ 186k (the interpreter's share 175k → 123k, the AEAD's 45k → 43k).
 (1) No 256 KiB allocation per read: `recv(256 KiB)` made glibc map fresh pages for the buffer
 and remap or unmap them after a short read (mmap + mremap + munmap and ~4 page faults per read,
 ~20 µs each on this VM); the tunnel now reads into one buffer shared by all tunnels of the
@@ -77,7 +77,7 @@ Nagle off nothing waits for an ACK, and each request's ACK rides on its answer).
 **What would reach 1.0×.** Python cannot get there: the bare relay already costs what ssh
 costs, so diglett ties ssh only if its record layer and multiplexer cost nothing. What would:
 a compiled record path (recv → open two AEADs → frame → deliver, and its mirror, in C, a few
-thousand instructions instead of ~45k), i.e. a C extension, outside the design card's packages;
+thousand instructions instead of ~46k), i.e. a C extension, outside the design card's packages;
 and, as a wire change (version 3, not made), an OpenSSH-style length encryption with a bare
 ChaCha20 keystream and one AEAD per record, which would save one of the two AEAD calls per
 record (~5% of the instructions). Within the card's packages the changes above are the best
