@@ -60,8 +60,8 @@ not: `valgrind --tool=callgrind python bench/hops.py --count N` for N = 300 and 
 difference over 1000, minus the same with `--direct`, which is the harness alone): 241k before
 → 186k (the interpreter's share 175k → 123k, the AEAD's 45k → 43k).
 (1) No 256 KiB allocation per read: `recv(256 KiB)` made glibc map fresh pages for the buffer
-and remap or unmap them after a short read (mmap + mremap + munmap and ~4 page faults per read,
-~20 µs each on this VM); the tunnel now reads into one buffer shared by all tunnels of the
+and remap or unmap them after a short read (mmap + mremap + munmap and two page faults per
+read, ~20 µs more per read than a heap buffer on this VM); the tunnel now reads into one buffer shared by all tunnels of the
 process and a pump reads at most one DATA frame (64 KiB, below the mmap threshold). Whether the
 old code hit it depended on the heap's history: the agent did in the tests (4 faults per round
 trip), the benchmark's baseline in some runs (the page-fault column). (2) The record cipher
@@ -69,8 +69,8 @@ calls the AEAD's per-key C functions directly (no backend method, no key-cache l
 (3) One-DATA-frame fast paths for sealing and for decoding a record. (4) Pumps and the tunnel
 call the kernel socket under gevent's for the calls that never wait (no gevent Python frame per
 syscall). Evaluated and left: batching a pump's reads into one write (bulk download CPU rose
-from ~3.2 to ~4.1 CPU-s/GB: bigger writes were taken in part and finished by the writer
-greenlet). Not tried: busy-polling before `epoll_wait` (it would burn a core of a shared
+from ~3.2 to ~4.1 CPU-s/GB, probably as the bigger writes were taken in part and finished
+by the writer greenlet). Not tried: busy-polling before `epoll_wait` (it would burn a core of a shared
 machine to skip the wakeup) and TCP_QUICKACK (by reasoning, no delayed ACK is on the path: with
 Nagle off nothing waits for an ACK, and each request's ACK rides on its answer).
 
@@ -80,7 +80,7 @@ a compiled record path (recv → open two AEADs → frame → deliver, and its m
 thousand instructions instead of ~46k), i.e. a C extension, outside the design card's packages;
 and, as a wire change (version 3, not made), an OpenSSH-style length encryption with a bare
 ChaCha20 keystream and one AEAD per record, which would save one of the two AEAD calls per
-record (~5% of the instructions). Within the card's packages the changes above are the best
+record (4 of the 8 per round trip, ~11% of the instructions). Within the card's packages the changes above are the best
 found; what remains is spread over ~25 small Python calls per hop, none above ~10% of it.
 """
 
