@@ -480,6 +480,9 @@ if missing, and rewrites this page, `docs/benchmarks.png` and `bench/results.jso
     bench/run            # full run, ~5 minutes on 2 cores
     bench/run --quick    # 128 MiB transfers, fewer samples, ~2.5 minutes
     bench/run --report   # only redraw this page and the chart from bench/results.json
+    bench/run --only rtt --baseline HEAD --syscalls --switches --perf
+                         # the kept round trip alone, ~1.5 minutes: its own section below
+    bench/run --only bulk --baseline HEAD --reps 5   # bulk alone, beside a commit
 
 Ratios are of medians measured in the same run; this machine is noisy, so a figure within
 10% of its target counts as a tie (met). GB is 10^9 bytes.
@@ -598,7 +601,7 @@ def write(results, docs):
 
         parts += ["\n%s\n\n" % aggregate.HEADING,
                   aggregate.section(json.loads(all_cores.read_text()))]
-    parts += [
-        "\n", METHOD,
-    ]
+    import rtt_report  # the kept round trip's own run (bench/rtt.py), kept across full runs
+
+    parts += [rtt_report.saved_section(), "\n", METHOD]
     (docs / "benchmarks.md").write_text("".join(parts))

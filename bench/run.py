@@ -536,7 +536,30 @@ def main(argv=None):
     parser.add_argument("--transports", action="store_true",
                         help="only compare diglett's transports (tcp, tls, ws, wss through "
                         "Traefik): bulk and round trips, into bench/transports.json")
+    parser.add_argument("--only", choices=["rtt", "bulk"],
+                        help="rtt: only the kept round trip of direct, socat, ssh -R and diglett "
+                        "(bench/rtt.py, into bench/rtt.json); bulk: only their bulk transfers "
+                        "(128 MiB, --reps times), e.g. beside a --baseline")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="with --only rtt: diglett as committed at REV beside the working tree")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="with --only rtt: strace -c -f each tunnel over 2000 round trips")
+    parser.add_argument("--switches", action="store_true",
+                        help="with --only rtt: count greenlet switches per round trip")
+    parser.add_argument("--perf", action="store_true",
+                        help="with --only rtt: perf-sample each tunnel over 2000 round trips")
+    parser.add_argument("--pycryptodome", action="store_true",
+                        help="with --only rtt: diglett on pycryptodome as well")
+    parser.add_argument("--rounds", type=int, default=10, help="with --only rtt: rounds")
+    parser.add_argument("--per-round", type=int, default=400,
+                        help="with --only rtt: round trips per setup per round")
     args = parser.parse_args(argv)
+    if args.only:
+        import rtt
+
+        raise_nofile()
+        return rtt.main(args, checkout, bulk=lambda setups_, reps: bulk(
+            setups_, dict(QUICK, reps=reps))[0])
     if args.transports:  # needs none of the other setups' tools, nor matplotlib
         return transports_main(args)
     ensure_tools()

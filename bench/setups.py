@@ -284,16 +284,20 @@ class Diglett(Setup):
     """diglett-server and one agent from the CLIs, the AEAD backend forced through
     bench/aead/sitecustomize.py (DIGLETT_AEAD)."""
 
-    def __init__(self, folder, backend_port, aead, source=None):
+    def __init__(self, folder, backend_port, aead, source=None, label="", extra_env=None,
+                 wrap=(), start_timeout=START_TIMEOUT):
         """``source``: a folder holding another diglett package to run instead of the venv's
-        (run.py's --rev)."""
+        (run.py's --rev); ``label`` tells it apart in the name (bench/rtt.py's --baseline);
+        ``wrap``: a command both processes run under (bench/rtt.py's valgrind)."""
         self.aead = aead
+        self.wrap = list(wrap)
+        self.start_timeout = start_timeout
         self.source = source
-        self.name = "diglett (%s)" % aead
+        self.name = "diglett (%s)%s" % (aead, label and " " + label)
         super().__init__(folder, backend_port)
         self.env = {"PYTHONPATH": os.pathsep.join(filter(None, [
             str(BENCH / "aead"), source and str(source), os.environ.get("PYTHONPATH")])),
-            "DIGLETT_AEAD": aead}
+            "DIGLETT_AEAD": aead, **(extra_env or {})}
         self.config = self.folder / "server.conf"
 
     def write_config(self, **extra):
@@ -309,7 +313,7 @@ class Diglett(Setup):
 
     def _start_server(self):
         """(server key, agents' HOST:PORT) of a started diglett-server."""
-        argv = [str(BIN / "diglett-server"), "-c", str(self.config)]
+        argv = self.command("diglett-server") + ["-c", str(self.config)]
         ready_file = self.folder / "server.ready"
         if self.source and not _has_ready_file(self.source):
             server = Proc(argv, self.folder, "server", self.env)
@@ -319,10 +323,16 @@ class Diglett(Setup):
         server = Proc(argv + ["--ready-file", str(ready_file)], self.folder, "server", self.env)
         self.procs.append(server)
         try:
-            ready = readyfile.wait(ready_file, START_TIMEOUT, server.popen.poll)
+            ready = readyfile.wait(ready_file, self.start_timeout, server.popen.poll)
         except readyfile.NotReady as exc:
             raise RuntimeError("%s:\n%s" % (exc, server.output()[-3000:])) from None
         return ready["key"], "%s:%d" % (ready["agents"]["host"], ready["agents"]["port"])
+
+    def command(self, script):
+        """argv that runs one of the venv's diglett scripts, under ``wrap`` if any."""
+        if not self.wrap:
+            return [str(BIN / script)]
+        return self.wrap + [sys.executable, str(BIN / script)]
 
     def server_options(self):
         """Extra [server] keys of this setup (a transport's listener)."""
@@ -344,11 +354,12 @@ class Diglett(Setup):
             subprocess.run([str(BIN / "diglett-admin"), "-c", str(self.config), "grant", "bench",
                             "--key", public.stdout.strip()], capture_output=True, timeout=30,
                            check=True, env=env)
-        agent = Proc([str(BIN / "diglett"), "-g", self.agent_gateway(gateway), "-n", "bench",
-                      "--proxy", "none", "--key-file", str(key_file), "--server-key", server_key,
-                      "127.0.0.1:%d" % self.backend_port], self.folder, "agent", self.env)
+        agent = Proc(self.command("diglett") + [
+            "-g", self.agent_gateway(gateway), "-n", "bench", "--proxy", "none", "--key-file",
+            str(key_file), "--server-key", server_key, "127.0.0.1:%d" % self.backend_port],
+            self.folder, "agent", self.env)
         self.procs.append(agent)
-        self.port = int(agent.wait_for(TUNNEL_UP).group(2))
+        self.port = int(agent.wait_for(TUNNEL_UP, self.start_timeout).group(2))
         self.verify_aead()
 
     def verify_aead(self):

@@ -19,6 +19,9 @@ try:  # optional, ~8x faster AEAD (docs/benchmarks.md); the "fast" extra install
 except ImportError:  # pragma: no cover - exercised only where cryptography is absent
     ChaCha20Poly1305 = None
 
+    class InvalidTag(Exception):  # never raised: lets TAG_ERRORS name it regardless
+        pass
+
 AEAD_ENV = "DIGLETT_AEAD"  # force a record cipher backend: cryptography or pycryptodome
 PUBLIC_KEY_SIZE = 33  # compressed secp256k1 point: 02/03 prefix + 32-byte x
 PUBLIC_KEY_HEX_LEN = 2 * PUBLIC_KEY_SIZE
@@ -196,16 +199,32 @@ class PycryptodomeAEAD:
         return ciphertext + tag
 
     def open(self, key, nonce, ad, ciphertext_with_tag):
-        if len(ciphertext_with_tag) < TAG_SIZE:
-            raise DecryptError("ciphertext shorter than its tag")
-        cipher = self._new(key=key, nonce=_NONCE.pack(nonce))
-        if ad:
-            cipher.update(ad)
-        view = memoryview(ciphertext_with_tag)  # slices without copying the body
-        try:
-            return cipher.decrypt_and_verify(view[:-TAG_SIZE], view[-TAG_SIZE:])
-        except ValueError:
-            raise DecryptError("tag mismatch") from None
+        return self.keyed(key)[1](_NONCE.pack(nonce), ciphertext_with_tag, ad)
+
+    def keyed(self, key):
+        """(encrypt, decrypt) for one key, called as cryptography's are: (nonce12, data, ad)."""
+        new = self._new
+
+        def encrypt(nonce, plaintext, ad):
+            cipher = new(key=key, nonce=nonce)
+            if ad:
+                cipher.update(ad)
+            ciphertext, tag = cipher.encrypt_and_digest(plaintext)
+            return ciphertext + tag
+
+        def decrypt(nonce, ciphertext_with_tag, ad):
+            if len(ciphertext_with_tag) < TAG_SIZE:
+                raise DecryptError("ciphertext shorter than its tag")
+            cipher = new(key=key, nonce=nonce)
+            if ad:
+                cipher.update(ad)
+            view = memoryview(ciphertext_with_tag)  # slices without copying the body
+            try:
+                return cipher.decrypt_and_verify(view[:-TAG_SIZE], view[-TAG_SIZE:])
+            except ValueError:
+                raise DecryptError("tag mismatch") from None
+
+        return encrypt, decrypt
 
 
 class CryptographyAEAD:
@@ -239,8 +258,16 @@ class CryptographyAEAD:
         except InvalidTag:
             raise DecryptError("tag mismatch") from None
 
+    @staticmethod
+    def keyed(key):
+        """(encrypt, decrypt) for one key: the C methods themselves, no Python frame between
+        a record and OpenSSL (a decrypt failure raises InvalidTag: see TAG_ERRORS)."""
+        cipher = ChaCha20Poly1305(key)
+        return cipher.encrypt, cipher.decrypt
+
 
 _BACKENDS = {"cryptography": CryptographyAEAD, "pycryptodome": PycryptodomeAEAD}
+TAG_ERRORS = (DecryptError, InvalidTag)  # what a keyed() decrypt raises on a bad tag
 
 
 def available_backends():
@@ -279,12 +306,18 @@ class TransportCipher:
     """
 
     def __init__(self, key, chaining_key, aead):
-        self._key = key
         self._chaining_key = chaining_key
         self._aead = aead
         self._pending_length = None  # set by open_length, consumed by open_body
         self.nonce = 0
         self.rotations = 0
+        self._set_key(key)
+
+    def _set_key(self, key):
+        # The record path calls the backend's per-key functions directly: per record that
+        # saves the backend's method, its key-cache lookup and their frames, twice.
+        self._key = key
+        self._encrypt, self._decrypt = self._aead.keyed(key)
 
     @property
     def aead_name(self):
@@ -309,9 +342,13 @@ class TransportCipher:
                 "record plaintext must be 1..%d bytes, got %d" % (MAX_RECORD_PLAINTEXT, length)
             )
         nonce = self.nonce
-        header = self._aead.seal(self._key, nonce, b"", length.to_bytes(2, "big"))
-        body = self._aead.seal(self._key, nonce + 1, b"", plaintext)
-        self._advance(nonce + 2)
+        header = self._encrypt(_NONCE.pack(nonce), length.to_bytes(2, "big"), None)
+        body = self._encrypt(_NONCE.pack(nonce + 1), plaintext, None)
+        nonce += 2
+        if nonce >= KEY_ROTATION_NONCE:
+            self._advance(nonce)
+        else:
+            self.nonce = nonce
         return header, body
 
     def open_length(self, header):
@@ -323,8 +360,8 @@ class TransportCipher:
         if self._pending_length is not None:
             raise RuntimeError("open_length called twice without open_body")
         try:
-            plain = self._aead.open(self._key, self.nonce, b"", header)
-        except DecryptError:
+            plain = self._decrypt(_NONCE.pack(self.nonce), header, None)
+        except TAG_ERRORS:
             raise DecryptError("bad record length tag") from None
         if len(plain) != 2:  # only a header of the wrong size can decrypt to this
             raise DecryptError("bad record length tag")
@@ -345,16 +382,21 @@ class TransportCipher:
                 "record body must be %d bytes, got %d" % (length + TAG_SIZE, len(body))
             )
         try:
-            plaintext = self._aead.open(self._key, self.nonce, b"", body)
-        except DecryptError:
+            plaintext = self._decrypt(_NONCE.pack(self.nonce), body, None)
+        except TAG_ERRORS:
             raise DecryptError("bad record tag") from None
         self._pending_length = None
-        self._advance(self.nonce + 1)
+        nonce = self.nonce + 1
+        if nonce >= KEY_ROTATION_NONCE:
+            self._advance(nonce)
+        else:
+            self.nonce = nonce
         return plaintext
 
     def _advance(self, nonce):
         if nonce >= KEY_ROTATION_NONCE:
-            self._chaining_key, self._key = hkdf2(self._chaining_key, self._key)
+            self._chaining_key, key = hkdf2(self._chaining_key, self._key)
+            self._set_key(key)
             self.rotations += 1
             nonce = 0
         self.nonce = nonce

@@ -93,6 +93,7 @@ class GoAwayReceived:
 
 
 _FIN = None  # marker in a stream's send queue: the FIN goes out after the queued DATA
+_DATA = int(FrameType.DATA)  # compared and packed once per record: a plain int is cheaper
 
 
 class _Reset:
@@ -340,13 +341,25 @@ class Session:
 
     def buffers_to_send(self, limit=OUTPUT_CHUNK):
         """data_to_send as a list of buffers, for a scatter-gather write (no joining copy)."""
+        if not self._control and len(self._ready) == 1:  # the common case: one stream's DATA
+            stream = self._ready[0]
+            if len(stream.queue) == 1 and stream.stream_id in self.streams:
+                item = stream.queue[0]
+                if item is not _FIN and type(item) is not _Reset:
+                    self._ready.popleft()
+                    stream.queue.popleft()
+                    stream.ready = False
+                    self.records_out += 1
+                    return list(self._send_cipher.seal_parts(
+                        wire.encode_frame(_DATA, stream.stream_id, item)))
         buffers = []
         total = 0
-        while total < limit:
+        seal = self._send_cipher.seal_parts
+        while total < limit and (self._control or self._ready):
             plaintext = self._next_plaintext()
             if not plaintext:
                 break
-            header, body = self._send_cipher.seal_parts(plaintext)
+            header, body = seal(plaintext)
             self.records_out += 1
             buffers.append(header)
             buffers.append(body)
@@ -412,47 +425,45 @@ class Session:
     def receive_data(self, data):
         """Feed bytes from the socket; returns the events of every complete record.
 
-        Headers and bodies are decrypted straight out of ``data`` (no copy); only a header
-        or body cut by the end of ``data`` is kept, and completed from the next call.
+        Headers and bodies are decrypted straight out of ``data`` (no copy, and no view of it
+        is kept: the caller may reuse the buffer); only a header or body cut by the end of
+        ``data`` is kept, and completed from the next call.
         """
         events = []
         view = memoryview(data)
         size, offset = len(view), 0
-        while True:
-            need = RECORD_HEADER_SIZE if self._body_len is None else self._body_len + TAG_SIZE
-            if self._inbuf:  # finish the piece an earlier read cut short
-                take = min(need - len(self._inbuf), size - offset)
-                self._inbuf += view[offset:offset + take]
-                offset += take
-                if len(self._inbuf) < need:
-                    break
-                piece, self._inbuf = self._inbuf, bytearray()
-            elif size - offset < need:
-                self._inbuf += view[offset:]
-                break
-            else:
-                piece = view[offset:offset + need]
-                offset += need
-            self._consume(piece, events)
-        return events
-
-    def _consume(self, piece, events):
-        """A whole record header, or a whole record body."""
-        if self._body_len is None:
-            self._body_len = self._open(self._recv_cipher.open_length, piece)
-            return
-        plaintext = self._open(self._recv_cipher.open_body, piece)
-        self._body_len = None
-        self.records_in += 1
-        for frame in wire.decode_frames(plaintext):
-            self._handle(frame, events)
-
-    @staticmethod
-    def _open(step, data):
+        cipher = self._recv_cipher
         try:
-            return step(data)
+            while True:
+                need = RECORD_HEADER_SIZE if self._body_len is None else self._body_len + TAG_SIZE
+                if self._inbuf:  # finish the piece an earlier read cut short
+                    take = min(need - len(self._inbuf), size - offset)
+                    self._inbuf += view[offset:offset + take]
+                    offset += take
+                    if len(self._inbuf) < need:
+                        break
+                    piece, self._inbuf = self._inbuf, bytearray()
+                elif size - offset < need:
+                    if offset < size:
+                        self._inbuf += view[offset:]
+                    break
+                else:
+                    piece = view[offset:offset + need]
+                    offset += need
+                if self._body_len is None:  # a whole record header
+                    self._body_len = cipher.open_length(piece)
+                    continue
+                plaintext = cipher.open_body(piece)  # a whole record body
+                self._body_len = None
+                self.records_in += 1
+                for frame in wire.decode_frames(plaintext):
+                    if frame.type == _DATA:  # most records: straight to their handler
+                        self._on_data(frame, events)
+                    else:
+                        self._handle(frame, events)
         except DecryptError as exc:
             raise ProtocolError(str(exc)) from None
+        return events
 
     def _handle(self, frame, events):
         ftype = frame.type
@@ -518,8 +529,10 @@ class Session:
         return stream  # None: closed, and late frames for closed streams are normal races
 
     def _on_data(self, frame, events):
-        stream = self._known_stream(frame)
+        stream = self.streams.get(frame.stream_id)  # _known_stream, inlined: once per record
         if stream is None:
+            if frame.stream_id > self.last_stream_id:
+                raise ProtocolError("DATA for stream %d that was never opened" % frame.stream_id)
             return  # late DATA after a reset is the normal race, and pays its way per byte
         if stream.fin_received:
             raise ProtocolError("DATA after FIN on stream %d" % frame.stream_id,

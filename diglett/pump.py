@@ -12,12 +12,17 @@ import time
 import gevent
 
 from diglett import wire
-from diglett.sockets import IOV_MAX, LINGER_OFF, close_with_rst, sendall_buffers, set_nodelay
+from diglett.sockets import (IOV_MAX, LINGER_OFF, close_with_rst, kernel_socket, sendall_buffers,
+                             set_nodelay)
 from diglett.wire import ErrorCode
 
 log = logging.getLogger("diglett.tunnel")  # one logger for a session's story, as before
 
-STREAM_RECV_MAX = 256 * 1024  # bytes read from a stream socket per recv (within credit)
+# Bytes read from a stream socket per recv (within credit): one DATA frame. recv(n) allocates
+# n bytes before it reads, and from 128 KiB up glibc maps fresh pages for that (an mmap, page
+# faults, then an mremap or munmap per read: ~20 us each on this VM, docs/benchmarks.md), where
+# a smaller buffer comes from the heap and a short read shrinks it in place.
+STREAM_RECV_MAX = wire.MAX_DATA_PAYLOAD
 READ_PER_WAKE = 256 * 1024  # bytes a stream reads per readiness before the hub runs others
 
 
@@ -47,6 +52,7 @@ class Pump:
         self._fin_passed = False  # ... and was passed on to the local socket
         self._up_ended = False  # the local socket's EOF was sent on as FIN
         self._connecting = self._down = None
+        self._kernel = None  # kernel_socket(sock): its recv and send never wait
         self._reader = self._writer = None  # io watchers of the local socket
         self._done = False
         self._sending = False  # the down greenlet is inside a send with a popped chunk
@@ -85,6 +91,7 @@ class Pump:
         sock = self.sock
         set_nodelay(sock)
         sock.settimeout(0.0)
+        self._kernel = kernel_socket(sock)
         loop = gevent.get_hub().loop
         self._reader = loop.io(sock.fileno(), 1)
         self._writer = loop.io(sock.fileno(), 2)
@@ -107,7 +114,7 @@ class Pump:
 
     def _read_some(self):
         tunnel, session, stream_id = self.tunnel, self.tunnel.session, self.stream_id
-        recv = self.sock.recv
+        recv = self._kernel.recv
         budget = READ_PER_WAKE
         while budget > 0:
             credit = session.send_credit(stream_id)
@@ -129,10 +136,10 @@ class Pump:
             if not session.send_data(stream_id, data):
                 self._up_finished()
                 return
+            tunnel.send_soon()  # first: the peer waits for these bytes, not for the counters
             self.last_active = time.monotonic()
             self.last_to_local = False
             tunnel.bytes_up += len(data)
-            tunnel.send_soon()
             if len(data) < want:
                 return  # drained: a second recv would only say EAGAIN (the watcher calls again)
             budget -= len(data)
@@ -154,7 +161,7 @@ class Pump:
         greenlet switch), else queued for the down greenlet."""
         if not self.buffer and not self._sending and self._connected:
             try:
-                sent = self.sock.send(data)  # timeout 0: never waits
+                sent = self._kernel.send(data)  # never waits
             except BlockingIOError:
                 sent = 0
             except OSError as exc:

@@ -8,10 +8,24 @@ handshake's fixed-size messages. No protocol knowledge here.
 import socket
 import struct
 
+import gevent.socket
+
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, not FIN
 LINGER_OFF = struct.pack("ii", 0, 0)  # the default: close() sends FIN after queued data
 IOV_MAX = 1024  # buffers per sendmsg (the Linux limit)
 MSG_DONTWAIT = socket.MSG_DONTWAIT  # a write that must not wait: gevent raises instead
+
+
+def kernel_socket(sock):
+    """The non-blocking socket under a gevent socket (itself if it is not one), for calls
+    that must never wait (timeout 0): the same result or BlockingIOError, without gevent's
+    Python-level wrapper, a frame per call on the round trip's path. Waiting, closing and
+    options stay with the gevent socket."""
+    # The exact class: a subclass (gevent's SSLSocket) or a wrapper forwarding attributes
+    # (TlsSocket) has a _sock too, and under it the TCP socket with the other side's bytes.
+    if type(sock) is not gevent.socket.socket:
+        return sock
+    return sock._sock  # gevent keeps the real socket here, always non-blocking
 
 
 def set_nodelay(sock):

@@ -16,12 +16,19 @@ from gevent.event import Event
 from diglett import protocol, wire
 from diglett.pump import Pump
 from diglett.reasons import CloseReason
-from diglett.sockets import MSG_DONTWAIT, close_with_rst, rest_after, sendall_buffers
+from diglett.sockets import (MSG_DONTWAIT, close_with_rst, kernel_socket, rest_after,
+                             sendall_buffers)
 from diglett.wire import ErrorCode, ProtocolError
 
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 256 * 1024  # bytes read from the agent connection per recv
+# Every tunnel of the process reads into this one buffer: a fresh 256 KiB bytes object per
+# recv would be mapped and unmapped by malloc each time (see pump.STREAM_RECV_MAX), and one
+# buffer per tunnel would cost 256 KiB per agent. Sharing is safe because _readable runs in
+# the hub, which cannot switch away, and Session.receive_data keeps no view of its input.
+_READ_BUFFER = bytearray(RECV_SIZE)
+_READ_VIEW = memoryview(_READ_BUFFER)
 GOAWAY_FLUSH_TIMEOUT = 2  # seconds spent flushing a GOAWAY before the socket is closed
 IDLE_SWEEP_MAX = 30.0  # longest pause between two looks for idle streams
 # While draining, a stream this quiet since its last answer is taken for a client's spare
@@ -75,6 +82,12 @@ class Tunnel:
         self._write_started = None  # monotonic time the pending sendall began
         self._writing = False  # the writer greenlet is inside a write
         self._pending = None  # the rest of a write send_soon could only start
+        # A socket reads into the process's one read buffer; a wrapper (TLS: records to drain
+        # first) keeps its recv(). Looked up on the type: TlsSocket's __getattr__ would hand
+        # out the TCP socket's recv_into, which reads ciphertext.
+        self._recv_into = (kernel_socket(sock).recv_into if hasattr(type(sock), "recv_into")
+                           else None)
+        self._sendmsg = kernel_socket(sock).sendmsg  # TlsSocket: its own (no _sock)
 
     # ----- lifecycle ------------------------------------------------------------------
     def start(self, pending_events=()):
@@ -132,7 +145,7 @@ class Tunnel:
         if not buffers:
             return
         try:
-            sent = self.sock.sendmsg(buffers, (), MSG_DONTWAIT)
+            sent = self._sendmsg(buffers, (), MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -199,7 +212,10 @@ class Tunnel:
     def _readable(self):
         """Called by the hub when the agent connection has bytes: one read, never a wait."""
         try:
-            data = self.sock.recv(RECV_SIZE)
+            if self._recv_into is not None:
+                data = _READ_VIEW[:self._recv_into(_READ_BUFFER)]
+            else:
+                data = self.sock.recv(RECV_SIZE)
             if not data:
                 raise TunnelClosed("peer closed the connection")
             self.last_recv = time.monotonic()

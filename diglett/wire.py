@@ -158,15 +158,21 @@ _RULES = {
     FrameType.GOAWAY: (False, 2, 2 + 4 + MAX_REASON_SIZE),  # u32 retry_after if negotiated
 }
 _RULES_BY_INT = {int(k): v for k, v in _RULES.items()}
+_DATA = int(FrameType.DATA)
+_new_frame = tuple.__new__  # Frame(...) without the Python-level __new__ NamedTuple makes
 
 
 def decode_frames(plaintext):
     """Split one record's plaintext into frames; frames never span records."""
-    frames = []
     view = memoryview(plaintext)
     offset, end = 0, len(plaintext)
     if end == 0:
         raise ProtocolError("empty record")
+    if end > FRAME_HEADER_SIZE and plaintext[0] == _DATA:  # the common record: one DATA frame
+        ftype, flags, stream_id, length = _HEADER.unpack_from(plaintext)
+        if not flags and stream_id and length == end - FRAME_HEADER_SIZE <= MAX_DATA_PAYLOAD:
+            return [_new_frame(Frame, (_DATA, stream_id, view[FRAME_HEADER_SIZE:]))]
+    frames = []
     while offset < end:
         if end - offset < FRAME_HEADER_SIZE:
             raise ProtocolError("%d trailing bytes after the last frame" % (end - offset))
