@@ -546,7 +546,6 @@ def test_key_rotation_under_load_many_records_each_way(gateway, echo_backend):
     clients = [connect(port, timeout=20) for _ in range(streams)]
     payloads = [hashlib.sha256(b"%d" % n).digest()[:size // 4] * 4 for n in range(streams)]
     got = {n: hashlib.sha256() for n in range(streams)}
-    counts = {n: 0 for n in range(streams)}
     by_stream = {}
 
     def client_writer(number):
@@ -593,3 +592,35 @@ def test_key_rotation_under_load_many_records_each_way(gateway, echo_backend):
     for sock in clients:
         sock.close()
     peer.close()
+
+
+ROUND_TRIPS = 400
+FAULTS_PER_ROUND_TRIP = 0.5  # minor page faults a process may take per kept round trip
+
+
+def _minor_faults(pid):
+    with open("/proc/%d/stat" % pid) as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[7])
+
+
+@pytest.mark.timeout(60)
+def test_kept_round_trips_take_no_page_faults(gateway):
+    """A small read must not map pages: before issue 14 an agent took ~4 faults per round trip
+    (recv(256 KiB) mapped, remapped and unmapped its buffer), ~20 us each here."""
+    backend = Backend(echo)
+    try:
+        agent = gateway.agent("rtt", backend.address)
+        with connect(agent.port, timeout=10) as sock:
+            round_trips(sock, 100)  # warm up: pools and caches fill once
+            pids = (gateway.proc.pid, agent.pid)
+            before = [_minor_faults(pid) for pid in pids]
+            started = time.monotonic()
+            round_trips(sock, ROUND_TRIPS)
+            elapsed = time.monotonic() - started
+            faults = [_minor_faults(pid) - b for pid, b in zip(pids, before)]
+        for name, count in zip(("server", "agent"), faults):
+            assert count <= FAULTS_PER_ROUND_TRIP * ROUND_TRIPS, (
+                "%s took %d page faults in %d round trips (%.1f s)"
+                % (name, count, ROUND_TRIPS, elapsed))
+    finally:
+        backend.close()

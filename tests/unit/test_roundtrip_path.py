@@ -5,27 +5,22 @@ keep no view of its input; the record cipher calls the AEAD's per-key functions 
 both backends must still produce the same records and refuse the same forgeries; sealing and
 decoding have a path for a lone DATA frame, which must agree with the general one; and a read
 must never allocate enough for malloc to map fresh pages (the page faults per round trip are
-counted on the real processes).
+counted on the real processes in tests/e2e/test_data.py).
 """
 
 import socket
-import time
 
 import gevent.socket
 import pytest
 
 from diglett import crypto, pump, tunnel, wire
-from diglett.protocol import DataReceived, StreamEnded
+from diglett.protocol import AGENT, SERVER, DataReceived, Session, StreamEnded, StreamOpened
 from diglett.reach.tls_socket import TlsSocket
 from diglett.sockets import kernel_socket
 from diglett.wire import FrameType, ProtocolError
-from tests.harness import Backend, connect, echo, round_trips
-from diglett.protocol import AGENT, SERVER, Session, StreamOpened
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's default: larger allocations are mapped pages
 BYTES_OVERHEAD = 33  # a bytes object's header and trailing NUL on 64-bit CPython
-ROUND_TRIPS = 400
-FAULTS_PER_ROUND_TRIP = 0.5  # minor page faults a process may take per kept round trip
 
 
 class Link:
@@ -173,31 +168,3 @@ def test_sealing_fast_path_keeps_fin_and_order():
     assert link.to_agent() == []
     assert [f.type for f in link.frames][-3:] == [
         FrameType.DATA, FrameType.FIN, FrameType.PING]
-
-
-def _minor_faults(pid):
-    with open("/proc/%d/stat" % pid) as handle:
-        return int(handle.read().rsplit(")", 1)[1].split()[7])
-
-
-@pytest.mark.timeout(60)
-def test_kept_round_trips_take_no_page_faults(gateway):
-    """A small read must not map pages: before issue 14 an agent took ~4 faults per round trip
-    (recv(256 KiB) mapped, remapped and unmapped its buffer), ~20 us each here."""
-    backend = Backend(echo)
-    try:
-        agent = gateway.agent("rtt", backend.address)
-        with connect(agent.port, timeout=10) as sock:
-            round_trips(sock, 100)  # warm up: pools and caches fill once
-            pids = (gateway.proc.pid, agent.pid)
-            before = [_minor_faults(pid) for pid in pids]
-            started = time.monotonic()
-            round_trips(sock, ROUND_TRIPS)
-            elapsed = time.monotonic() - started
-            faults = [_minor_faults(pid) - b for pid, b in zip(pids, before)]
-        for name, count in zip(("server", "agent"), faults):
-            assert count <= FAULTS_PER_ROUND_TRIP * ROUND_TRIPS, (
-                "%s took %d page faults in %d round trips (%.1f s)"
-                % (name, count, ROUND_TRIPS, elapsed))
-    finally:
-        backend.close()
