@@ -99,7 +99,7 @@ def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.unifor
 class Agent:
     def __init__(self, gateway, name, key, server_key, backend, *, on_mismatch=None,
                  out=sys.stdout, backoff_cap=BACKOFF_CAP, proxy_protocol=False,
-                 drain_timeout=STOP_DRAIN, extra_config=None, proxy=None):
+                 drain_timeout=STOP_DRAIN, extra_config=None, proxy=None, source_address=None):
         # A GatewayUrl or (host, port), or a list of them: a fleet. Each attempt after a
         # failure or a disconnect goes to the next address, so a dead gateway costs one attempt.
         gateways = [gateway] if isinstance(gateway, gateway_url.GatewayUrl) or isinstance(
@@ -107,6 +107,7 @@ class Agent:
         self.gateways = [g if isinstance(g, gateway_url.GatewayUrl)
                          else gateway_url.GatewayUrl("tcp", *g) for g in gateways]
         self.proxy = proxy  # --proxy as given (None: the environment decides; "none": direct)
+        self.source_address = source_address  # local IP to dial from (None: the kernel's)
         self.gateway = self.gateways[0]  # the one of the current or last attempt
         self._turn = 0
         self._resolved = set()  # tcp addresses from DNS: their name needed no proxy
@@ -231,7 +232,7 @@ class Agent:
             self.gateway = addresses[(start + step) % len(addresses)]
             try:
                 return transport.dial(self.gateway, self._proxy_for(self.gateway),
-                                      CONNECT_TIMEOUT)
+                                      CONNECT_TIMEOUT, self.source_address)
             except transport.ProxyRefused as exc:
                 raise Fatal(EXIT_PROXY_REFUSED, str(exc)) from None
             except OSError as exc:
