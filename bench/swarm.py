@@ -435,7 +435,54 @@ def idle_cpu(pid, seconds):
     return 100.0 * (cpu_of(pid) - before) / (time.monotonic() - start)
 
 
-def run_one(count, folder, server_options=None, restart=True, log=print):
+# ----- py-spy (--profile) -----------------------------------------------------------------------
+PROFILE_RATE = 100  # samples per second
+
+
+def profile_start(pid, seconds, path):
+    """py-spy recording ``pid`` for ``seconds`` into ``path`` (collapsed stacks), or None."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--rate", str(PROFILE_RATE), "--nonblocking", "--format", "raw",
+                             "--output", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def profile_summary(path, top=15):
+    """{"samples", "self": [(frame, share)], "inclusive": [(frame, share)]} of a py-spy raw
+    file: the frames most often on top of the stack, and most often anywhere in it."""
+    own, anywhere, total = {}, {}, 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        count = int(count)
+        frames = stack.split(";")
+        total += count
+        leaf = _short(frames[-1])
+        own[leaf] = own.get(leaf, 0) + count
+        for frame in {_short(frame) for frame in frames}:
+            anywhere[frame] = anywhere.get(frame, 0) + count
+
+    def ranked(table):
+        return [(frame, round(n / max(1, total), 3))
+                for frame, n in sorted(table.items(), key=lambda item: -item[1])[:top]]
+
+    return {"samples": total, "self": ranked(own), "inclusive": ranked(anywhere)}
+
+
+def _short(frame):
+    """"function (path/to/module.py:123)" -> "function (module.py)"."""
+    name, _, where = frame.partition(" (")
+    return "%s (%s)" % (name, where.rsplit("/", 1)[-1].split(":", 1)[0])
+
+
+def run_one(count, folder, server_options=None, restart=True, log=print, profile=False):
     """Every figure for ``count`` agents; the processes are stopped again at the end."""
     folder = Path(folder)
     result = {"agents": count}
@@ -456,6 +503,7 @@ def run_one(count, folder, server_options=None, restart=True, log=print):
         cpu_start, busy_start = cpu_of(stand.server.pid), machine_cpu()
         started = time.monotonic()
         sampler.start_phase(1)
+        spy = profile and profile_start(stand.server.pid, 15, folder / "start.spy")
         swarm.start()
         up_at = wait_for(lambda: swarm.up() == count, UP_TIMEOUT, "every session up")
         live_at = wait_for(lambda: sampler.live == count, UP_TIMEOUT, "every route live")
@@ -484,6 +532,12 @@ def run_one(count, folder, server_options=None, restart=True, log=print):
             "agent (swarm process)" % (count, result["idle"]["server_cpu_pct"],
                                        result["idle"]["server_kib_per_agent"],
                                        result["idle"]["swarm_kib_per_agent"]))
+        if spy:
+            spy.wait()
+            result["profile_start"] = profile_summary(folder / "start.spy")
+            idle_spy = profile_start(stand.server.pid, 15, folder / "idle.spy")
+            idle_spy.wait()
+            result["profile_idle"] = profile_summary(folder / "idle.spy")
         if restart:
             sampler.start()
             result["restart"] = restart_storm(stand, swarm, sampler, count, log)
@@ -624,6 +678,8 @@ def main(argv=None):
     parser.add_argument("--no-docs", action="store_true",
                         help="do not rewrite docs/swarm.png and docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--profile", action="store_true", help="py-spy the server during "
+                        "the start and (after the idle measurement) while idle")
     args = parser.parse_args(argv)
     sizes = tuple(args.n or (QUICK_SIZES if args.quick else SIZES))
     options = dict(item.split("=", 1) for item in args.set)
@@ -633,7 +689,8 @@ def main(argv=None):
                "fd_limit": limit, "server_options": options, "targets": TARGETS, "runs": []}
     for count in sizes:
         folder = tempfile.mkdtemp(prefix="diglett-swarm-%d-" % count)
-        results["runs"].append(run_one(count, folder, options, not args.no_restart))
+        results["runs"].append(run_one(count, folder, options, not args.no_restart,
+                                       profile=args.profile))
         print(json.dumps({k: v for k, v in results["runs"][-1].items()
                           if k not in ("start", "restart")}), flush=True)
         if not args.keep:

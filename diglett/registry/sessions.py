@@ -6,6 +6,7 @@ last ports a restarted server hands back. It must not deliver hooks or send sign
 queues outbox rows, which the server's hook runner reads after the commit.
 """
 
+import collections
 import logging
 import time
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from diglett.registry.records import (
 log = logging.getLogger(__name__)
 
 IN_CHUNK = 500  # values in one SQL IN (...) list; old SQLite allows 999 parameters
+SessionHead = collections.namedtuple("SessionHead", "id subdomain started gateway")
 
 
 class SessionTable:
@@ -96,6 +98,24 @@ class SessionTable:
                     names_[start:start + IN_CHUNK])
                 found += [_session_of(row) for row in model.select().where(where)]
             return found
+
+        return self._call(select)
+
+    def active_session_heads(self, subdomains):
+        """SessionHead (id, subdomain, started, gateway) of the active sessions of these names
+        on any gateway, oldest first: the takeover check's question, read as plain tuples
+        (thousands of names each time their sessions change)."""
+        names_ = sorted(set(subdomains))
+        model = self._sessions
+        fields = (model.id, model.subdomain, model.started, model.gateway)
+
+        def select():
+            found = []
+            for start in range(0, len(names_), IN_CHUNK):
+                where = (model.state == STATE_ACTIVE) & model.subdomain.in_(
+                    names_[start:start + IN_CHUNK])
+                found.extend(list(model.select(*fields).where(where).tuples()))
+            return sorted(map(SessionHead._make, found), key=lambda head: (head.started, head.id))
 
         return self._call(select)
 
