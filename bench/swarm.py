@@ -214,6 +214,14 @@ def traefik_list(api_port, what):
         page = following
 
 
+def traefik_count(api_port):
+    """How many HTTP routers Traefik serves (its overview: one small read)."""
+    status, _, body = http_get(api_port, "/api/overview")
+    if status != 200:
+        raise OSError("Traefik's API answered %d" % status)
+    return json.loads(body)["http"]["routers"]["total"]
+
+
 def traefik_routes(api_port, prefix="diglett-"):
     """{agent name: router status} of the REST provider's routers Traefik serves now."""
     routes = {}
@@ -309,7 +317,8 @@ def raise_fd_limit(needed):
 
 # ----- one run ----------------------------------------------------------------------------------
 class Sampler:
-    """Every SAMPLE_INTERVAL: the server's CPU and RSS, sessions up, routes live."""
+    """Every SAMPLE_INTERVAL: the server's CPU and RSS, sessions up, and Traefik's routes
+    (its count of our routers; once that is all of them, those verified live)."""
 
     def __init__(self, stand, swarm):
         self.stand, self.swarm = stand, swarm
@@ -336,8 +345,12 @@ class Sampler:
         while True:
             pid = self.stand.server.pid
             now, cpu = time.monotonic(), cpu_of(pid)
-            try:
-                self.live = len(routes_live(self.stand.api_port, self.swarm))
+            try:  # the overview's count is cheap; the whole list only once it adds up
+                published = traefik_count(self.stand.api_port) - self.stand.other_routers
+                if published >= len(self.swarm.agents):
+                    self.live = len(routes_live(self.stand.api_port, self.swarm))
+                else:
+                    self.live = published
             except (OSError, ValueError, gevent.Timeout):
                 pass
             share = None
@@ -391,6 +404,7 @@ class Stand:
             if time.monotonic() > deadline:
                 sys.exit("swarm: Traefik's API did not answer:\n" + self.traefik.output()[-2000:])
             gevent.sleep(0.1)
+        self.other_routers = traefik_count(self.api_port)  # Traefik's own (api@internal ...)
 
     def start_server(self):
         """Start diglett-server; seconds until its ready file appeared."""

@@ -197,6 +197,7 @@ class Dispatcher:
         self._in_flight = {}  # subdomain -> greenlet
         self._syncing = None  # the greenlet of a mirrors_state hook's sync in flight
         self._rescan_at = 0.0  # a mirrors_state hook's rows all wait for their retry until then
+        self._sync_failures = 0  # a mirrors_state hook's syncs failed in a row
         self._pool = gevent.pool.Pool(PARALLEL_SUBDOMAINS)
         self._loop = None
 
@@ -260,6 +261,7 @@ class Dispatcher:
             error = self._call_sync(rows)
             if error is None:
                 self.delivered += len(rows)
+                self._sync_failures = 0
                 self.db.call(self.registry.settle_deliveries, [row.id for row in rows])
             else:
                 self._sync_failed(rows, error)
@@ -287,11 +289,13 @@ class Dispatcher:
         return None
 
     def _sync_failed(self, rows, error):
-        """Every row of the sync failed together: retried together, after the backoff of the
-        most-tried one; each row dies by its own attempts and age."""
+        """Every row of the sync failed together: retried together, after a backoff that
+        grows with the syncs failed in a row (a new event still syncs at once); each row
+        dies by its own attempts and age."""
         self.failed += len(rows)
+        self._sync_failures += 1
         now = time.time()
-        attempt = max(row.attempts for row in rows) + 1
+        attempt = self._sync_failures
         delay = min(self.retry_max, RETRY_FIRST * 2 ** min(attempt - 1, 20))
         failed = []
         for row in rows:

@@ -4,10 +4,10 @@ Traefik's REST provider takes the whole dynamic configuration at once and forget
 Traefik restarts, so this hook never sends differences: it mirrors the state
 (``mirrors_state``), so the dispatcher calls ``sync`` once for every event pending, which
 renders all active sessions and PUTs them, then reads Traefik's routers back (a malformed
-rule is refused although the PUT answers 200). Every ``check_interval`` seconds it checks that
-Traefik still holds what was PUT last (two small reads), every FULL_CHECK_EVERY checks it
-compares all of Traefik's routers with the sessions, and it pushes again when they differ
-(Traefik restarted).
+rule is refused although the PUT answers 200) once Traefik serves the PUT's anchor. Every
+``check_interval`` seconds it checks from the anchor alone that Traefik still serves the last
+PUT, every FULL_CHECK_EVERY checks it compares all of Traefik's routers with the sessions, and
+it pushes again when they differ (Traefik restarted).
 """
 
 import collections
@@ -16,6 +16,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import gevent
 import gevent.lock
@@ -29,7 +30,12 @@ RESPONSE_LIMIT = 1 << 20  # bytes read from Traefik's API answers
 SETTLE_POLL = 0.2  # seconds between reads of Traefik's routers while a change settles ...
 SETTLE_POLL_MAX = 1.0  # ... doubling up to this
 PAGE_SIZE = 1000  # routers per read of Traefik's API (its default page holds only 100)
-FULL_CHECK_EVERY = 12  # every 12th check compares all routers with the sessions, not a sample
+FULL_CHECK_EVERY = 12  # every 12th check compares all routers with the sessions
+# Every PUT carries a marker: an (unused) middleware whose header names the PUT. Reading it
+# back tells in one small request that Traefik applied that PUT, or that it restarted and
+# forgot it (the router list of thousands of agents is read once per change, not polled).
+ANCHOR = "diglett-anchor"
+ANCHOR_HEADER = "X-Diglett-Generation"
 MODES = ("http", "tcp")
 # A grant's own middlewares are named PREFIX + NAME: no prefix is a prefix of another, so no
 # two names (nor a router's name) ever produce the same middleware name.
@@ -188,6 +194,9 @@ class TraefikHook(Hook):
         self._lock = gevent.lock.Semaphore()  # one sync at a time: a PUT never goes back in time
         self._published = None  # {mode: router names} of the last PUT Traefik answered
         self._checks = 0
+        self._token = uuid.uuid4().hex[:12]  # this run's PUTs, told from another run's
+        self._generation = 0  # PUTs so far; the anchor of each names it
+        self._confirmed = 0  # the newest generation Traefik was seen serving
 
     # ----- hook interface -------------------------------------------------------------
     def start(self):
@@ -258,19 +267,55 @@ class TraefikHook(Hook):
         (the deliveries this call settles) change nothing: the state is rendered afresh."""
         with self._lock:  # rendered inside the lock, so the last PUT holds the latest state
             desired = self.render(self.context.active_sessions())
-            self._call("PUT", "/api/providers/rest", desired)
+            self._generation += 1
+            generation = self._generation
+            self._call("PUT", "/api/providers/rest", self._anchored(desired, generation))
             self._published = {mode: set(section["routers"]) for mode, section in desired.items()}
+        self._settle(desired, generation)
+
+    def _anchored(self, desired, generation):
+        """``desired`` plus the anchor naming this PUT (a copy: ``desired`` stays routes only)."""
+        body = {mode: dict(section) for mode, section in desired.items()}
+        http = body.setdefault("http", {"routers": {}, "services": {}})
+        http["middlewares"] = dict(http.get("middlewares", {}), **{ANCHOR: {"headers": {
+            "customResponseHeaders": {ANCHOR_HEADER: "%s.%d" % (self._token, generation)}}}})
+        return body
+
+    def _applied(self):
+        """The generation of our last PUT that Traefik serves now; None when it serves none
+        of this run's (restarted, or not applied yet after our first)."""
+        try:
+            anchor = self._call("GET", "/api/http/middlewares/%s@rest" % ANCHOR) or {}
+        except TraefikFailed as exc:
+            if " answered 404" in str(exc):
+                return None
+            raise
+        mark = anchor.get("headers", {}).get("customResponseHeaders", {}).get(ANCHOR_HEADER, "")
+        token, _, number = mark.partition(".")
+        return int(number) if token == self._token and number.isdigit() else None
+
+    def _settle(self, desired, generation):
+        """Wait (up to ``settle`` s) until Traefik applied PUT ``generation``, then until it
+        serves every router of ``desired``; raise TraefikFailed with what it refused."""
         deadline = time.monotonic() + self.settle
         pause = SETTLE_POLL
+        refused = ["the configuration was not applied"]
         while True:  # Traefik applies provider changes asynchronously
-            refused = self._refused(desired)
-            if not refused or time.monotonic() > deadline:
+            applied = self._applied()
+            if applied is not None:
+                self._confirmed = max(self._confirmed, applied)
+            if applied is not None and applied > generation:
+                return  # a newer PUT replaced ours; that sync checks its own routers
+            if applied == generation:
+                refused = self._refused(desired)
+                if not refused:
+                    return
+            if time.monotonic() > deadline:
                 break
             gevent.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(SETTLE_POLL_MAX, pause * 2)
-        if refused:
-            shown = refused[:20] + (["and %d more" % (len(refused) - 20)] if refused[20:] else [])
-            raise TraefikFailed("Traefik refused %s" % "; ".join(shown))
+        shown = refused[:20] + (["and %d more" % (len(refused) - 20)] if refused[20:] else [])
+        raise TraefikFailed("Traefik refused %s" % "; ".join(shown))
 
     def _refused(self, desired):
         """Routers Traefik does not serve as we sent them, with Traefik's reason."""
@@ -306,7 +351,7 @@ class TraefikHook(Hook):
     def out_of_step(self, full=True):
         """True when Traefik's REST routers are not the ones the sessions call for. Not
         ``full`` (and once something was PUT): only whether Traefik still holds the last PUT,
-        from its overview's router counts and one of the routers, read by name."""
+        from its anchor."""
         if not full and self._published is not None:
             return self._lost_published()
         desired = self.render(self.context.active_sessions())
@@ -318,23 +363,10 @@ class TraefikHook(Hook):
         return False
 
     def _lost_published(self):
-        """A restarted Traefik has forgotten the REST configuration: fewer routers than we
-        PUT, or the one we look up (a different one each time) is gone."""
-        overview = self._call("GET", "/api/overview") or {}
-        for mode, names in self._published.items():
-            if not names:
-                continue
-            total = overview.get(mode, {}).get("routers", {}).get("total", 0)
-            if total < len(names):
-                return True
-            probe = sorted(names)[self._checks % len(names)]
-            try:
-                self._call("GET", "/api/%s/routers/%s@rest" % (mode, probe))
-            except TraefikFailed as exc:
-                if " answered 404" in str(exc):
-                    return True
-                raise
-        return False
+        """Whether Traefik no longer serves the last PUT (restarted: it forgot the REST
+        configuration), read from its anchor alone."""
+        applied = self._applied()
+        return applied is None or applied < self._confirmed
 
     def _check_loop(self):
         failing = False

@@ -111,14 +111,16 @@ class RegistryPoller:
         cache = self.server.grants
         if cache.current(version):
             return
-        before = {id(s): cache.policy_of(s.subdomain, s.key)
-                  for s in self.server.sessions.values()}
+        # The grants as they were: a session admitted while the reload runs was admitted
+        # (and its route rendered) with these too, so it is compared like the others.
+        old = GrantCache(None, None)
+        old.grants = cache.grants
         if not cache.reload(version):
             return
         for session in list(self.server.sessions.values()):
             if (session.subdomain, session.key) not in cache.grants:
                 session.terminate(CloseReason.REVOKED, ErrorCode.REVOKED, "grant revoked")
-            elif before.get(id(session), {}) != cache.policy_of(
+            elif old.policy_of(session.subdomain, session.key) != cache.policy_of(
                     session.subdomain, session.key):
                 log.info("%s policy changed: updating its routes", session.label)
                 self.server.events.updated(session.row())
