@@ -120,7 +120,8 @@ class RegistryPoller:
         for session in list(self.server.sessions.values()):
             if (session.subdomain, session.key) not in cache.grants:
                 session.terminate(CloseReason.REVOKED, ErrorCode.REVOKED, "grant revoked")
-            elif old.policy_of(session.subdomain, session.key) != cache.policy_of(
+            elif old.grants is not None and old.policy_of(
+                    session.subdomain, session.key) != cache.policy_of(
                     session.subdomain, session.key):
                 log.info("%s policy changed: updating its routes", session.label)
                 self.server.events.updated(session.row())

@@ -149,6 +149,12 @@ class Connection:
         with _first_error_wins():  # a failed COMMIT is rolled back too
             transaction.__exit__(None, None, None)
 
+    def write_batch(self):
+        """One write transaction around several registry writes (each one's own becomes a
+        savepoint in it): diglett.dbworker applies a burst of queued writes this way. Only on
+        the thread that runs the writes."""
+        return self._write()
+
     def _write_query(self, query):
         with self._write():
             return query.execute()
