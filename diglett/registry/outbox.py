@@ -82,13 +82,15 @@ class OutboxTable:
                         model.id.in_(chunk)).execute()
                 if action is not None:
                     actions.update(dict.fromkeys(ids, action))
+            entries = []
             for ids in _chunks(sorted(actions)):
                 for row in model.select().where(model.id.in_(ids)).order_by(model.id):
                     detail = "hook=%s event=%s event_id=%s attempts=%d" % (
                         row.hook, row.kind, row.event_id, row.attempts)
                     failure = actions[row.id] != "hook-done" and error
-                    self._log("server", actions[row.id], row.subdomain, None,
-                              detail + (" error=%s" % error[:300] if failure else ""))
+                    entries.append(("server", actions[row.id], row.subdomain, None,
+                                    detail + (" error=%s" % error[:300] if failure else "")))
+            self._log_many(entries)
 
     def _settle(self, delivery_id, changes, action, error=""):
         model = self._outbox
@@ -131,6 +133,17 @@ class OutboxTable:
                 kind=event["kind"], payload=json.dumps(event), state=DELIVERY_PENDING,
                 next_attempt=now, created=now, gateway=row.gateway if gateway is None else gateway,
             ).execute()
+
+    def _queue_many(self, items):
+        """``_queue`` for many (row, deliveries, gateway) at once, in one prepared INSERT
+        (the stale sessions of a crashed run, thousands at once)."""
+        now = time.time()
+        values = [{"hook": hook, "event_id": event["event_id"], "subdomain": row.subdomain,
+                   "session": row.id, "kind": event["kind"], "payload": json.dumps(event),
+                   "state": DELIVERY_PENDING, "next_attempt": now, "created": now,
+                   "gateway": row.gateway if gateway is None else gateway}
+                  for row, deliveries, gateway in items for hook, event in deliveries]
+        self._insert_rows(self._outbox, values)
 
 
 def _chunks(values, size=500):

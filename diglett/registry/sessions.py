@@ -154,15 +154,16 @@ class SessionTable:
         with self._write():
             rows = [_ended(_session_of(row), now) for row in model.select().where(where)]
             ids = [row.id for row in rows]
-            if ids:
+            for start in range(0, len(ids), IN_CHUNK):
                 model.update(state=STATE_ENDED, reason=REASON_STALE, ended=now).where(
-                    model.id.in_(ids)
+                    model.id.in_(ids[start:start + IN_CHUNK])
                 ).execute()
-            for row in rows:
-                self._queue(row, deliveries_of(row), gateway)
-                self._log("server", "session-end", row.subdomain, row.key,
-                          "session=%s remote=%s reason=%s gateway=%s"
-                          % (row.id, row.remote, REASON_STALE, row.gateway))
+            # in bulk: a crashed gateway of thousands of agents leaves thousands of rows
+            self._queue_many([(row, deliveries_of(row), gateway) for row in rows])
+            self._log_many([("server", "session-end", row.subdomain, row.key,
+                             "session=%s remote=%s reason=%s gateway=%s"
+                             % (row.id, row.remote, REASON_STALE, row.gateway))
+                            for row in rows])
         return rows
 
     def last_port(self, subdomain):
@@ -203,6 +204,5 @@ def _session_of(row):
 
 
 def _ended(row, now):
-    values = asdict(row)
-    values.update(state=STATE_ENDED, reason=REASON_STALE, ended=now)
-    return SessionRow(**values)
+    return SessionRow(row.id, row.subdomain, row.key, row.host, row.port, row.remote,
+                      row.started, now, STATE_ENDED, REASON_STALE, row.instance, row.gateway)
