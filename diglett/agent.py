@@ -47,6 +47,9 @@ BACKOFF_BASE = 1.0  # first reconnect delay (seconds), then doubling
 BACKOFF_CAP = 60.0  # longest reconnect delay
 BACKOFF_RESET_AFTER = 60.0  # a session that lived this long starts the backoff over
 KEEPALIVE_PING = 10  # seconds between pings unless the server announces another interval
+# A server that answers BUSY is up and shedding handshakes (max_startups): retry within a few
+# seconds, as the backoff's third round would, not after the minute a long outage built up.
+BUSY_BACKOFF_ROUND = 2  # so a BUSY retry waits 2-4 s at most
 
 
 class Fatal(Exception):
@@ -60,10 +63,11 @@ class Fatal(Exception):
 class Retry(Exception):
     """Transient: reconnect after the backoff, and not sooner than ``min_delay``."""
 
-    def __init__(self, message, min_delay=0.0, at_once=False):
+    def __init__(self, message, min_delay=0.0, at_once=False, busy=False):
         super().__init__(message)
         self.min_delay = min_delay
         self.at_once = at_once  # a clean end (a draining server): no backoff, no attempt
+        self.busy = busy  # the server is up but shedding load: the backoff stays short
 
 
 _REFUSALS = {  # server ERROR code -> exit code; anything else is retried
@@ -99,7 +103,7 @@ def backoff_delay(attempt, base=BACKOFF_BASE, cap=BACKOFF_CAP, rng=random.unifor
 class Agent:
     def __init__(self, gateway, name, key, server_key, backend, *, on_mismatch=None,
                  out=sys.stdout, backoff_cap=BACKOFF_CAP, proxy_protocol=False,
-                 drain_timeout=STOP_DRAIN, extra_config=None, proxy=None):
+                 drain_timeout=STOP_DRAIN, extra_config=None, proxy=None, source_address=None):
         # A GatewayUrl or (host, port), or a list of them: a fleet. Each attempt after a
         # failure or a disconnect goes to the next address, so a dead gateway costs one attempt.
         gateways = [gateway] if isinstance(gateway, gateway_url.GatewayUrl) or isinstance(
@@ -107,6 +111,7 @@ class Agent:
         self.gateways = [g if isinstance(g, gateway_url.GatewayUrl)
                          else gateway_url.GatewayUrl("tcp", *g) for g in gateways]
         self.proxy = proxy  # --proxy as given (None: the environment decides; "none": direct)
+        self.source_address = source_address  # local IP to dial from (None: the kernel's)
         self.gateway = self.gateways[0]  # the one of the current or last attempt
         self._turn = 0
         self._resolved = set()  # tcp addresses from DNS: their name needed no proxy
@@ -170,6 +175,8 @@ class Agent:
                 why, min_delay = str(exc), 0.0
             except Retry as exc:
                 why, min_delay = str(exc), exc.min_delay
+                if exc.busy:
+                    attempt = min(attempt, BUSY_BACKOFF_ROUND)
                 if exc.at_once and started - last_at_once >= AT_ONCE_GAP:
                     # A server that drained said goodbye: it, or the fleet, is ready for us
                     # now; only failures spread reconnects out (and a server that keeps
@@ -231,7 +238,7 @@ class Agent:
             self.gateway = addresses[(start + step) % len(addresses)]
             try:
                 return transport.dial(self.gateway, self._proxy_for(self.gateway),
-                                      CONNECT_TIMEOUT)
+                                      CONNECT_TIMEOUT, self.source_address)
             except transport.ProxyRefused as exc:
                 raise Fatal(EXIT_PROXY_REFUSED, str(exc)) from None
             except OSError as exc:
@@ -305,7 +312,7 @@ class Agent:
         if code == RejectCode.UNSUPPORTED_VERSION:
             raise Fatal(EXIT_VERSION, "the server speaks wire version %d, this agent %d: "
                         "upgrade diglett on the older side" % (server_max, wire.WIRE_VERSION))
-        raise Retry("server busy (%s)" % getattr(code, "name", code))
+        raise Retry("server busy (%s)" % getattr(code, "name", code), busy=True)
 
     def _refused(self, event):
         message = "server refused %r: %s (%s)" % (self.name, event.reason, wire.code_name(event.code))

@@ -3,7 +3,8 @@
 A lock held by diglett-admin, a slow fsync or a full disk stalls only this thread. Reads
 are calls that wait for their answer; session writes are queued, applied in order and
 retried until they succeed, and their follow-up (sending a signal) runs only after the
-commit. Nothing here knows what the calls do.
+commit. Writes queued together go in one transaction (a restart storm's thousands of
+session rows), and one by one again if that fails. Nothing here knows what the calls do.
 
 The same thread serves PostgreSQL: psycopg2 is a C extension that blocks the thread calling
 it (a query waiting for a lock, a slow network), which is why it must never run on the hub.
@@ -26,10 +27,15 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST = 0.1  # seconds before the first retry of a failed write
 RETRY_MAX = 5.0  # cap of the doubling retry delay
+BATCH_WRITES = 200  # queued writes applied in one transaction at most
 
 
 class DatabaseWorker:
-    def __init__(self):
+    def __init__(self, transaction=None):
+        """``transaction``: () -> a context manager holding one write transaction, in which
+        several queued writes are applied together (a burst of thousands of session starts
+        then costs one commit and one thread handoff per batch); None: one at a time."""
+        self._transaction = transaction
         self._pool = ThreadPool(1)
         self._writes = gevent.queue.Queue()
         self._idle = gevent.event.Event()
@@ -55,15 +61,35 @@ class DatabaseWorker:
 
     def _write_loop(self):
         while True:
-            function, args, after = self._writes.get()
-            self._apply(function, args)
-            if after is not None:
-                try:
-                    after()
-                except Exception:  # a receiver's bug must not stop the writes
-                    log.exception("after-commit action of %s failed", function.__name__)
+            batch = [self._writes.get()]
+            while len(batch) < BATCH_WRITES and not self._writes.empty():
+                batch.append(self._writes.get_nowait())
+            if not (len(batch) > 1 and self._apply_together(batch)):
+                for function, args, _ in batch:  # in order, each retried until it works
+                    self._apply(function, args)
+            for function, _, after in batch:  # only once the writes are committed
+                if after is not None:
+                    try:
+                        after()
+                    except Exception:  # a receiver's bug must not stop the writes
+                        log.exception("after-commit action of %s failed", function.__name__)
             if self._writes.empty():
                 self._idle.set()
+
+    def _apply_together(self, batch):
+        """The writes of ``batch`` in one transaction; False (none applied: it rolled back)
+        when there is no transaction to use or one write failed, so each goes alone."""
+        if self._transaction is None:
+            return False
+        try:
+            self.call(_together, self._transaction, batch)
+        except RegistryError as exc:
+            log.debug("%d writes together failed, applying them one by one: %s", len(batch), exc)
+            return False
+        if self.failing is not None:
+            log.warning("registry writes work again")
+            self.failing = None
+        return True
 
     def _apply(self, function, args):
         delay = RETRY_FIRST
@@ -81,6 +107,14 @@ class DatabaseWorker:
                 log.warning("registry writes work again")
                 self.failing = None
             return
+
+
+def _together(transaction, batch):
+    """Runs on the database thread: every write of ``batch`` in one transaction (each
+    write's own becomes a savepoint in it); any failure rolls all of them back."""
+    with transaction():
+        for function, args, _ in batch:
+            function(*args)
 
 
 def _capture(function, args):

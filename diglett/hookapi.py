@@ -30,6 +30,10 @@ class Hook:
     timeout = DEFAULT_TIMEOUT
     #: a connect whose disconnect is already queued is skipped (publishing it is pointless).
     skip_ended_connects = False
+    #: the hook publishes the whole state at once (every active session, as Traefik's REST
+    #: provider takes it): the dispatcher then settles a burst of deliveries with ONE call of
+    #: ``sync(events)`` instead of one event method call per delivery.
+    mirrors_state = False
 
     def __init__(self, options, context):
         self.options = options
@@ -53,6 +57,13 @@ class Hook:
         """A live session's access policy (``event.policy``) changed; by default nothing
         to do. Raising is a failure, retried."""
 
+    def sync(self, events):
+        """Only with ``mirrors_state``, called instead of the event methods: publish the state
+        of every active session now (``context.active_sessions()``). ``events`` are the
+        deliveries this call settles, oldest first; raising fails all of them, and they are
+        retried together with backoff."""
+        raise NotImplementedError
+
     def metrics(self):
         """``[(name, "counter" | "gauge", documentation, value)]`` for /metrics."""
         return []
@@ -69,7 +80,7 @@ class Adapted(Hook):
 
     def __init__(self, inner):  # no super().__init__: the inner object keeps its own state
         self.inner = inner
-        for member in ("timeout", "skip_ended_connects"):
+        for member in ("timeout", "skip_ended_connects", "mirrors_state"):
             setattr(self, member, getattr(inner, member, getattr(Hook, member)))
 
     def start(self):
@@ -86,6 +97,9 @@ class Adapted(Hook):
 
     def session_updated(self, event):
         _call_if_present(self.inner, "session_updated", event)
+
+    def sync(self, events):
+        self.inner.sync(events)
 
     def metrics(self):
         return _call_if_present(self.inner, "metrics") or []

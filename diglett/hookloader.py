@@ -6,8 +6,10 @@ methods are named after the signals (``session_started``, ``session_ended``) and
 Hooks never run in the tunnel's greenlets: the server queues one outbox row per hook with each session change (same transaction), the
 blinker signals only wake the Dispatcher of each hook, and the Dispatcher calls the hook in its
 own guarded greenlet, per subdomain in order, retrying with backoff until it works or the
-delivery is declared dead. When several servers share the registry, each one's dispatchers
-deliver only the outbox rows of its own gateway.
+delivery is declared dead. A hook that mirrors the whole state (``mirrors_state``, the
+Traefik REST hook) gets one ``sync`` call for every delivery pending at once instead: a burst
+of N events costs one publication, not N. When several servers share the registry, each
+one's dispatchers deliver only the outbox rows of its own gateway.
 """
 
 import importlib
@@ -34,6 +36,9 @@ ENTRY_POINT_GROUP = "diglett.hooks"  # third-party hooks: name = "package.module
 POLL_INTERVAL = 1.0  # seconds between outbox scans when no signal wakes the dispatcher
 CALL_GRACE = 5.0  # seconds a hook call may overrun the hook's own timeout before it is killed
 PARALLEL_SUBDOMAINS = 16  # deliveries of one hook in flight at once (one per subdomain)
+OUTBOX_SCAN = 500  # pending rows one scan reads (per-event hooks)
+MIRROR_BATCH = 10000  # pending rows one sync of a mirrors_state hook settles at most
+RESCAN_MAX = 30.0  # seconds a mirrors_state hook waiting for a retry goes without a scan
 RETRY_FIRST = 1.0  # seconds before the first retry, then doubling up to [hooks] retry_max
 OUTBOX_KEEP = 7 * 86400  # seconds finished (done or dead) deliveries stay visible
 PRUNE_INTERVAL = 3600  # seconds between prunes of the outbox
@@ -201,12 +206,15 @@ class Dispatcher:
         self.dead = 0
         self._wake = gevent.event.Event()
         self._in_flight = {}  # subdomain -> greenlet
+        self._syncing = None  # the greenlet of a mirrors_state hook's sync in flight
+        self._rescan_at = 0.0  # a mirrors_state hook's rows all wait for their retry until then
+        self._sync_failures = 0  # a mirrors_state hook's syncs failed in a row
         self._pool = gevent.pool.Pool(PARALLEL_SUBDOMAINS)
         self._loop = None
 
     def has_work(self):
         """A delivery in flight or queued (read from the outbox, not from the last scan)."""
-        if self._in_flight:
+        if self._in_flight or self._syncing is not None:
             return True
         try:
             return bool(self.db.call(self.registry.pending_deliveries, self.name, 1,
@@ -228,16 +236,94 @@ class Dispatcher:
         self._wake.set()
 
     def _run(self):
+        mirror = self.hook.mirrors_state
         while True:
-            self._wake.wait(POLL_INTERVAL)
+            woken = self._wake.wait(POLL_INTERVAL)
             self._wake.clear()
+            if self._syncing is not None:
+                continue  # the sync in flight wakes us when it is done
+            if mirror and not woken and time.time() < self._rescan_at:
+                continue  # every pending row waits for its retry: no need to read them all
             try:
-                pending = self.db.call(self.registry.pending_deliveries, self.name, 500,
-                                       self.gateway)
+                pending = self.db.call(self.registry.pending_deliveries, self.name,
+                                       MIRROR_BATCH if mirror else OUTBOX_SCAN, self.gateway)
             except RegistryError as exc:
                 log.warning("hook=%s cannot read its outbox: %s", self.name, exc)
                 continue
-            self._start_due(pending, time.time())
+            if mirror:
+                self._start_sync(pending, time.time())
+            else:
+                self._start_due(pending, time.time())
+
+    # ----- a hook that mirrors the whole state: one sync for every pending delivery ---------
+    def _start_sync(self, pending, now):
+        """One sync settles every pending delivery (due or waiting for its retry: the state it
+        publishes covers them all), once one of them is due."""
+        self._rescan_at = 0.0
+        if self._syncing is not None or not pending:
+            return
+        if any(row.next_attempt <= now for row in pending):
+            self._syncing = self._pool.spawn(self._sync, pending)
+        else:  # a new event wakes us sooner
+            self._rescan_at = min(min(row.next_attempt for row in pending), now + RESCAN_MAX)
+
+    def _sync(self, rows):
+        try:
+            error = self._call_sync(rows)
+            if error is None:
+                self.delivered += len(rows)
+                self._sync_failures = 0
+                self.db.call(self.registry.settle_deliveries, [row.id for row in rows])
+            else:
+                self._sync_failed(rows, error)
+        except RegistryError as exc:
+            log.warning("hook=%s cannot update its outbox: %s", self.name, exc)
+        finally:
+            self._syncing = None
+            self.wake()
+
+    def _call_sync(self, rows):
+        """One ``sync`` for ``rows`` (oldest first); None when it worked, else why not."""
+        events = [signals.SessionEvent.from_json(row.payload) for row in rows]
+        limit = self.hook.timeout + CALL_GRACE
+        try:
+            with gevent.Timeout(limit, HookError("no answer after %.0f s" % limit)):
+                self.hook.sync(events)
+        except Exception as exc:  # the hook's failure is data here, not our crash
+            return str(exc) or type(exc).__name__
+        kinds = {}
+        for row in rows:
+            kinds[row.kind] = kinds.get(row.kind, 0) + 1
+        log.info("hook=%s synced: %d deliveries (%s), last event %s", self.name, len(rows),
+                 ", ".join("%d %s" % (n, kind) for kind, n in sorted(kinds.items())),
+                 rows[-1].event_id)
+        return None
+
+    def _sync_failed(self, rows, error):
+        """Every row of the sync failed together: retried together, after a backoff that
+        grows with the syncs failed in a row (a new event still syncs at once); each row
+        dies by its own attempts and age."""
+        self.failed += len(rows)
+        self._sync_failures += 1
+        now = time.time()
+        attempt = self._sync_failures
+        delay = min(self.retry_max, RETRY_FIRST * 2 ** min(attempt - 1, 20))
+        failed = []
+        for row in rows:
+            attempts = row.attempts + 1
+            dead = bool(self.max_attempts and attempts >= self.max_attempts
+                        or now - row.created >= self.max_age)
+            failed.append((row.id, attempts, dead))
+        dead = sum(1 for _, _, is_dead in failed if is_dead)
+        self.dead += dead
+        if dead:
+            log.error("hook=%s %d deliveries are dead after failed syncs: %s", self.name, dead,
+                      error)
+        log.warning("hook=%s sync of %d deliveries failed (attempt %d, retry in %.0f s): %s",
+                    self.name, len(rows), attempt, delay, error)
+        self.db.call(self.registry.settle_deliveries, (), failed, now + delay, error)
+
+    # ----- per-event hooks: in order per subdomain -------------------------------------------
 
     def _start_due(self, pending, now):
         heads = {}

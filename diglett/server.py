@@ -51,7 +51,7 @@ class Server:
         self.public_key = crypto.public_hex(self.keys[0])
         self.instance = uuid.uuid4().hex
         self.gateway_id = config.gateway_id
-        self.db = DatabaseWorker()
+        self.db = DatabaseWorker(getattr(registry, "write_batch", None))
         self.admission = admission.Admission(
             config.max_startups, config.per_source_startups, config.penalty_max)
         self.handshakes = Handshakes(self.keys, self.admission)

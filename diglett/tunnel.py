@@ -55,7 +55,8 @@ class Tunnel:
     """One authenticated agent connection after CONFIG/OK, until it closes."""
 
     def __init__(self, sock, session, *, label, ping_interval, dead_after,
-                 write_stall_timeout=30, stream_idle_timeout=0, on_event=None):
+                 write_stall_timeout=30, stream_idle_timeout=0, on_event=None,
+                 ping_when_silent=False):
         self.sock = sock
         self.session = session
         self.label = label  # "subdomain=foo session=ab12..." on every log line
@@ -63,6 +64,9 @@ class Tunnel:
         self.dead_after = dead_after
         self.write_stall_timeout = write_stall_timeout
         self.stream_idle_timeout = stream_idle_timeout  # 0: streams may idle for ever
+        # Ping only after ping_interval without a byte from the peer: the server's side, whose
+        # agents ping it as often (thousands of idle agents then cost half the records).
+        self.ping_when_silent = ping_when_silent
         self.buffered = 0  # bytes received for local sockets and not yet delivered to them
         self.on_event = on_event or (lambda event: None)  # role-specific events
         self.pumps = {}
@@ -266,8 +270,9 @@ class Tunnel:
                                    % (now - started))
             if now >= next_ping:
                 next_ping = now + self.ping_interval
-                self.session.ping(os.urandom(wire.PING_SIZE))
-                self.wake()
+                if not self.ping_when_silent or now - self.last_recv >= self.ping_interval:
+                    self.session.ping(os.urandom(wire.PING_SIZE))
+                    self.wake()
             if self.stream_idle_timeout and now >= next_sweep:
                 next_sweep = now + min(IDLE_SWEEP_MAX, self.stream_idle_timeout / 4.0)
                 self._reset_idle_streams(now)

@@ -1,10 +1,13 @@
 """[hook:traefik]: keep Traefik's REST provider in step with the active sessions.
 
 Traefik's REST provider takes the whole dynamic configuration at once and forgets it when
-Traefik restarts, so this hook never sends differences: on every event it renders all active
-sessions and PUTs them, then reads Traefik's routers back (a malformed rule is refused
-although the PUT answers 200), and every ``check_interval`` seconds it compares Traefik's
-routers with the sessions and pushes again when they differ (Traefik restarted).
+Traefik restarts, so this hook never sends differences: it mirrors the state
+(``mirrors_state``), so the dispatcher calls ``sync`` once for every event pending, which
+renders all active sessions and PUTs them, then reads Traefik's routers back (a malformed
+rule is refused although the PUT answers 200) once Traefik serves the PUT's anchor. Every
+``check_interval`` seconds it checks from the anchor alone that Traefik still serves the last
+PUT, every FULL_CHECK_EVERY checks it compares all of Traefik's routers with the sessions, and
+it pushes again when they differ (Traefik restarted).
 """
 
 import collections
@@ -13,6 +16,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import gevent
 import gevent.lock
@@ -23,7 +27,15 @@ log = logging.getLogger(__name__)
 
 ROUTER_PREFIX = "diglett-"  # routers and services are named diglett-NAME
 RESPONSE_LIMIT = 1 << 20  # bytes read from Traefik's API answers
-SETTLE_POLL = 0.2  # seconds between reads of Traefik's routers while a change settles
+SETTLE_POLL = 0.2  # seconds between reads of Traefik's routers while a change settles ...
+SETTLE_POLL_MAX = 1.0  # ... doubling up to this
+PAGE_SIZE = 1000  # routers per read of Traefik's API (its default page holds only 100)
+FULL_CHECK_EVERY = 12  # every 12th check compares all routers with the sessions
+# Every PUT carries a marker: an (unused) middleware whose header names the PUT. Reading it
+# back tells in one small request that Traefik applied that PUT, or that it restarted and
+# forgot it (the router list of thousands of agents is read once per change, not polled).
+ANCHOR = "diglett-anchor"
+ANCHOR_HEADER = "X-Diglett-Generation"
 MODES = ("http", "tcp")
 # A grant's own middlewares are named PREFIX + NAME: no prefix is a prefix of another, so no
 # two names (nor a router's name) ever produce the same middleware name.
@@ -155,8 +167,10 @@ def _http_middlewares(subdomain, policy):
 
 
 class TraefikHook(Hook):
-    # Traefik mirrors the active sessions: a connect whose disconnect is queued changes nothing.
+    # Traefik mirrors the active sessions: a connect whose disconnect is queued changes nothing,
+    # and one PUT of the whole state settles any number of events.
     skip_ended_connects = True
+    mirrors_state = True
     OPTIONS = {
         "api": ("string", None, "Traefik API base URL, e.g. http://127.0.0.1:8080"),
         **ROUTE_OPTIONS,
@@ -178,6 +192,11 @@ class TraefikHook(Hook):
         self.settle = options["settle"]
         self._checker = None
         self._lock = gevent.lock.Semaphore()  # one sync at a time: a PUT never goes back in time
+        self._published = None  # {mode: router names} of the last PUT Traefik answered
+        self._checks = 0
+        self._token = uuid.uuid4().hex[:12]  # this run's PUTs, told from another run's
+        self._generation = 0  # PUTs so far; the anchor of each names it
+        self._confirmed = 0  # the newest generation Traefik was seen serving
 
     # ----- hook interface -------------------------------------------------------------
     def start(self):
@@ -243,19 +262,60 @@ class TraefikHook(Hook):
         return desired
 
     # ----- talking to Traefik -----------------------------------------------------------
-    def sync(self):
-        """Push the active sessions, then check that Traefik took every router."""
+    def sync(self, events=()):
+        """Push the active sessions, then check that Traefik took every router. ``events``
+        (the deliveries this call settles) change nothing: the state is rendered afresh."""
         with self._lock:  # rendered inside the lock, so the last PUT holds the latest state
             desired = self.render(self.context.active_sessions())
-            self._call("PUT", "/api/providers/rest", desired)
+            self._generation += 1
+            generation = self._generation
+            self._call("PUT", "/api/providers/rest", self._anchored(desired, generation))
+            self._published = {mode: set(section["routers"]) for mode, section in desired.items()}
+        self._settle(desired, generation)
+
+    def _anchored(self, desired, generation):
+        """``desired`` plus the anchor naming this PUT (a copy: ``desired`` stays routes only)."""
+        body = {mode: dict(section) for mode, section in desired.items()}
+        http = body.setdefault("http", {"routers": {}, "services": {}})
+        http["middlewares"] = dict(http.get("middlewares", {}), **{ANCHOR: {"headers": {
+            "customResponseHeaders": {ANCHOR_HEADER: "%s.%d" % (self._token, generation)}}}})
+        return body
+
+    def _applied(self):
+        """The generation of our last PUT that Traefik serves now; None when it serves none
+        of this run's (restarted, or not applied yet after our first)."""
+        try:
+            anchor = self._call("GET", "/api/http/middlewares/%s@rest" % ANCHOR) or {}
+        except TraefikFailed as exc:
+            if " answered 404" in str(exc):
+                return None
+            raise
+        mark = anchor.get("headers", {}).get("customResponseHeaders", {}).get(ANCHOR_HEADER, "")
+        token, _, number = mark.partition(".")
+        return int(number) if token == self._token and number.isdigit() else None
+
+    def _settle(self, desired, generation):
+        """Wait (up to ``settle`` s) until Traefik applied PUT ``generation``, then until it
+        serves every router of ``desired``; raise TraefikFailed with what it refused."""
         deadline = time.monotonic() + self.settle
+        pause = SETTLE_POLL
+        refused = ["the configuration was not applied"]
         while True:  # Traefik applies provider changes asynchronously
-            refused = self._refused(desired)
-            if not refused or time.monotonic() > deadline:
+            applied = self._applied()
+            if applied is not None:
+                self._confirmed = max(self._confirmed, applied)
+            if applied is not None and applied > generation:
+                return  # a newer PUT replaced ours; that sync checks its own routers
+            if applied == generation:
+                refused = self._refused(desired)
+                if not refused:
+                    return
+            if time.monotonic() > deadline:
                 break
-            gevent.sleep(SETTLE_POLL)
-        if refused:
-            raise TraefikFailed("Traefik refused %s" % "; ".join(refused))
+            gevent.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(SETTLE_POLL_MAX, pause * 2)
+        shown = refused[:20] + (["and %d more" % (len(refused) - 20)] if refused[20:] else [])
+        raise TraefikFailed("Traefik refused %s" % "; ".join(shown))
 
     def _refused(self, desired):
         """Routers Traefik does not serve as we sent them, with Traefik's reason."""
@@ -278,10 +338,22 @@ class TraefikHook(Hook):
         return problems
 
     def _routers(self, mode=None):
-        return self._call("GET", "/api/%s/routers" % (mode or self.mode)) or []
+        """Every router Traefik serves in ``mode``, read page by page."""
+        path = "/api/%s/routers?per_page=%d" % (mode or self.mode, PAGE_SIZE)
+        routers, page = [], 1
+        while True:
+            batch, following = self._call("GET", "%s&page=%d" % (path, page), pages=True)
+            routers += batch or []
+            if len(batch or ()) < PAGE_SIZE or following <= page:
+                return routers
+            page = following
 
-    def out_of_step(self):
-        """True when Traefik's REST routers are not the ones the sessions call for."""
+    def out_of_step(self, full=True):
+        """True when Traefik's REST routers are not the ones the sessions call for. Not
+        ``full`` (and once something was PUT): only whether Traefik still holds the last PUT,
+        from its anchor."""
+        if not full and self._published is not None:
+            return self._lost_published()
         desired = self.render(self.context.active_sessions())
         for mode, section in desired.items():
             present = {r.get("name", "").rsplit("@", 1)[0] for r in self._routers(mode)
@@ -290,12 +362,19 @@ class TraefikHook(Hook):
                 return True
         return False
 
+    def _lost_published(self):
+        """Whether Traefik no longer serves the last PUT (restarted: it forgot the REST
+        configuration), read from its anchor alone."""
+        applied = self._applied()
+        return applied is None or applied < self._confirmed
+
     def _check_loop(self):
         failing = False
         while True:
             gevent.sleep(self.check_interval)
+            self._checks += 1
             try:
-                if self.out_of_step():
+                if self.out_of_step(full=self._checks % FULL_CHECK_EVERY == 0):
                     log.warning("hook=traefik Traefik's routes differ from the sessions "
                                 "(restarted?); pushing them again")
                     self.sync()
@@ -307,13 +386,16 @@ class TraefikHook(Hook):
                     log.warning("hook=traefik check failed: %s", exc)
                 failing = True
 
-    def _call(self, method, path, body=None):
+    def _call(self, method, path, body=None, pages=False):
+        """Traefik's JSON answer to a GET (None for other methods); with ``pages``, also the
+        number of the page after it (its X-Next-Page header; 1 after the last)."""
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.api + path, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as answer:
                 text = answer.read(RESPONSE_LIMIT)
+                following = int(answer.headers.get("X-Next-Page") or 1)
         except urllib.error.HTTPError as exc:
             detail = exc.read(4096).decode("utf-8", "replace").strip()
             raise TraefikFailed("%s %s answered %d: %s" % (method, path, exc.code,
@@ -321,7 +403,8 @@ class TraefikHook(Hook):
         except (urllib.error.URLError, OSError) as exc:
             raise TraefikFailed("%s %s%s: %s" % (method, self.api, path,
                                                  getattr(exc, "reason", exc))) from None
-        return json.loads(text) if text.strip() and method == "GET" else None
+        value = json.loads(text) if text.strip() and method == "GET" else None
+        return (value, following) if pages else value
 
 
 def _bracketed(host):

@@ -88,7 +88,7 @@ class AgentSession:
                              ping_interval=config.ping_interval, dead_after=config.dead_after,
                              write_stall_timeout=config.write_stall_timeout,
                              stream_idle_timeout=config.stream_idle_timeout,
-                             on_event=self._on_event)
+                             on_event=self._on_event, ping_when_silent=True)
         self.open_rate = TokenBucket(config.open_rate, config.open_burst)
         completed.session.accept({
             "subdomain": name, "host": server.events.host_of(name), "port": self.port,

@@ -2,9 +2,11 @@
 
 ``GrantCache`` holds the grants in memory (the handshake path never waits on the database
 for a known grant). ``RegistryPoller`` is how diglett-admin and other gateways reach a
-running server: every second it reloads the grants (a revoke bites within ~2 s), handles
-kicks addressed to this gateway, ends sessions that a newer session of the same name
-elsewhere replaced, and now and then prunes the audit trail. ``Heartbeat`` refreshes this
+running server: every second it reads the registry's change counters, reloads the grants
+when theirs moved (a revoke bites within ~2 s), handles kicks addressed to this gateway, ends
+sessions that a newer session of the same name elsewhere replaced (looked for only when the
+sessions' counter moved), and now and then prunes the audit trail. An idle gateway's poll
+reads a few integers, whatever the number of agents. ``Heartbeat`` refreshes this
 gateway's row so the others see it alive, and ends the sessions of gateways gone silent.
 Every registry failure is logged and waited out: the tunnels stay up.
 """
@@ -16,7 +18,7 @@ import gevent
 
 from diglett.gateway.siblings import MOVED_HOLD
 from diglett.reasons import CloseReason
-from diglett.registry import RegistryError
+from diglett.registry import RegistryError, changes
 from diglett.wire import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -31,14 +33,24 @@ class GrantCache:
         self.db = db
         self.registry = registry
         self.grants = None  # (subdomain, key) -> Grant; None until first loaded (fail closed)
+        self.version = None  # the grants' change counter when they were read (None: unknown)
 
-    def reload(self):
-        """Read every grant; False (the last ones kept) when the registry cannot answer."""
+    def current(self, version):
+        """Whether the grants held are those of the change counter ``version``."""
+        return version is not None and version == self.version and self.grants is not None
+
+    def reload(self, version=None):
+        """Read every grant, unless ``version`` (the grants' change counter, read before)
+        says they are the ones held. True when they were read; False when unchanged, or
+        when the registry cannot answer (the last ones kept)."""
+        if self.current(version):
+            return False
         try:
             self.grants = self.db.call(self.registry.grant_snapshot)
         except RegistryError as exc:
             log.warning("cannot read grants (keeping the last ones): %s", exc)
             return False
+        self.version = version
         return True
 
     def with_fresh(self, name, key):
@@ -69,30 +81,48 @@ class GrantCache:
 class RegistryPoller:
     def __init__(self, server):
         self.server = server  # reads its sessions, config, db and registry; ends sessions
+        self._sessions_seen = None  # the sessions' change counter at the last takeover check
+        self._checked = frozenset()  # ids of the sessions that check looked at
 
     def run(self):
         pruned = 0.0
         while True:
             gevent.sleep(GRANT_POLL_INTERVAL)
-            self.revoke_ungranted()
+            versions = self.change_versions()
+            self.revoke_ungranted(versions.get(changes.GRANTS))
             self.handle_kicks()
-            self.check_takeovers()
+            self.check_takeovers(versions.get(changes.SESSIONS))
             if time.monotonic() - pruned > AUDIT_PRUNE_INTERVAL:
                 pruned = time.monotonic()
                 self.prune_audit()
 
-    def revoke_ungranted(self):
-        """Reload the grants: end the sessions whose grant went, and tell the hooks of those
-        whose grant changed its policy (the route changes, the agent stays connected)."""
+    def change_versions(self):
+        """{table: version} of the registry's change counters; {} when unknown (every check
+        then reads everything)."""
+        try:
+            return self.server.db.call(self.server.registry.change_versions)
+        except RegistryError as exc:
+            log.warning("cannot read the registry's change counters: %s", exc)
+            return {}
+
+    def revoke_ungranted(self, version=None):
+        """Reload the grants if their change counter ``version`` moved (None: unknown, so
+        always): end the sessions whose grant went, and tell the hooks of those whose grant
+        changed its policy (the route changes, the agent stays connected)."""
         cache = self.server.grants
-        before = {id(s): cache.policy_of(s.subdomain, s.key)
-                  for s in self.server.sessions.values()}
-        if not cache.reload():
+        if cache.current(version):
+            return
+        # The grants as they were: a session admitted while the reload runs was admitted
+        # (and its route rendered) with these too, so it is compared like the others.
+        old = GrantCache(None, None)
+        old.grants = cache.grants
+        if not cache.reload(version):
             return
         for session in list(self.server.sessions.values()):
             if (session.subdomain, session.key) not in cache.grants:
                 session.terminate(CloseReason.REVOKED, ErrorCode.REVOKED, "grant revoked")
-            elif before.get(id(session), {}) != cache.policy_of(
+            elif old.grants is not None and old.policy_of(
+                    session.subdomain, session.key) != cache.policy_of(
                     session.subdomain, session.key):
                 log.info("%s policy changed: updating its routes", session.label)
                 self.server.events.updated(session.row())
@@ -118,21 +148,35 @@ class RegistryPoller:
             except RegistryError as exc:
                 log.warning("cannot record a kick: %s", exc)
 
-    def check_takeovers(self):
+    def check_takeovers(self, version=None):
         """End our session of a name that has a newer session on another gateway (the same
-        agent key reconnected there), or whose row another gateway ended as stale."""
+        agent key reconnected there), or whose row another gateway ended as stale.
+
+        Only when the sessions' change counter ``version`` moved since the last check (None:
+        unknown, so always) or a session is ours that it did not look at: every such change
+        is a write to the sessions table."""
         server = self.server
         mine = {name: s for name, s in server.sessions.items() if s.recorded}
+        ids = frozenset(s.session_id for s in mine.values())
+        if (version is not None and version == self._sessions_seen and ids <= self._checked
+                and not server.moved_away  # a moved port's hold also ends by time
+                and not any(s.door.moved for s in mine.values())):
+            return
         if not mine and not server.moved_away:
+            self._sessions_seen, self._checked = version, ids
             return
         try:
-            rows = server.db.call(server.registry.active_sessions_of,
+            rows = server.db.call(server.registry.active_session_heads,
                                   list(mine) + list(server.moved_away))
         except RegistryError as exc:
             log.warning("cannot check for takeovers: %s", exc)
             return
+        self._sessions_seen, self._checked = version, ids
         self.report_moved_away(rows)
         active = {row.id for row in rows}
+        by_name = {}
+        for row in rows:  # oldest first
+            by_name.setdefault(row.subdomain, []).append(row)
         for name, session in mine.items():
             if server.sessions.get(name) is not session:
                 continue  # ended meanwhile
@@ -144,8 +188,8 @@ class RegistryPoller:
                             "there took over: ending it", session.label, MOVED_HOLD)
                 session.hand_over()
                 continue
-            newer = [row for row in rows if row.subdomain == name
-                     and (row.started, row.id) > (session.started, session.session_id)]
+            newer = [row for row in by_name.get(name, ())
+                     if (row.started, row.id) > (session.started, session.session_id)]
             if newer:
                 log.info("%s replaced by session %s on gateway %s", session.label,
                          newer[-1].id, newer[-1].gateway)

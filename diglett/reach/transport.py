@@ -22,11 +22,13 @@ __all__ = ["ProxyFailed", "ProxyRefused", "WebSocketRefused", "dial"]
 DEFAULT_PORTS = {"ws": 80, "wss": 443}  # left out of the Host header, as browsers do
 
 
-def dial(gateway, proxy, timeout):
-    """A connected socket to ``gateway`` (a GatewayUrl) through ``proxy`` (a Proxy or None).
-    OSError (ProxyFailed, WebSocketRefused and ssl errors among them) or ProxyRefused."""
+def dial(gateway, proxy, timeout, source=None):
+    """A connected socket to ``gateway`` (a GatewayUrl) through ``proxy`` (a Proxy or None),
+    from the local address ``source`` (an IP, or None: the kernel's choice). OSError
+    (ProxyFailed, WebSocketRefused and ssl errors among them) or ProxyRefused."""
     sock = socket.create_connection(proxy and (proxy.host, proxy.port) or gateway.address,
-                                    timeout=timeout)
+                                    timeout=timeout,
+                                    source_address=None if source is None else (source, 0))
     base = sock  # the socket object that owns the file descriptor (the TLS one, once wrapped)
     # On the TCP socket itself: behind a splice the tunnel's own calls reach only a socketpair
     # (without NODELAY, Nagle and delayed ACKs cost fresh streams 40 ms).

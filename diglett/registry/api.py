@@ -15,6 +15,7 @@ forwarding method per public method or every caller rewritten.
 import threading
 
 from diglett.registry.audit import AuditTable
+from diglett.registry.changes import ChangeTable
 from diglett.registry.database import Connection
 from diglett.registry.gateways import GatewayTable
 from diglett.registry.grants import GrantTable
@@ -22,7 +23,7 @@ from diglett.registry.invites import InviteTable
 from diglett.registry.kicks import KickTable
 from diglett.registry.migrate import Migrations
 from diglett.registry.models import (
-    AuditLogModel, GatewayModel, GrantModel, InviteModel, KickModel, OutboxModel,
+    AuditLogModel, ChangeModel, GatewayModel, GrantModel, InviteModel, KickModel, OutboxModel,
     SchemaVersionModel, SessionModel, bind,
 )
 from diglett.registry.outbox import OutboxTable
@@ -30,7 +31,7 @@ from diglett.registry.sessions import SessionTable
 
 
 class Registry(GrantTable, InviteTable, SessionTable, GatewayTable, KickTable, AuditTable,
-               OutboxTable, Migrations, Connection):
+               OutboxTable, ChangeTable, Migrations, Connection):
     """Grants, sessions, gateways, kicks, the audit trail and the hook outbox in one database.
 
     Every method is synchronous and thread-agnostic; ``Connection`` says how threads, locks
@@ -47,6 +48,7 @@ class Registry(GrantTable, InviteTable, SessionTable, GatewayTable, KickTable, A
         self._kicks = bind(KickModel, self.db)
         self._gateways = bind(GatewayModel, self.db)
         self._invites = bind(InviteModel, self.db)
+        self._changes = bind(ChangeModel, self.db)
         self._writes = 0  # bumped after each own commit: invalidates the grant snapshot cache
         self._local = threading.local()  # per-connection snapshot cache (like peewee's state)
         if migrate:

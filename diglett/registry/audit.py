@@ -42,3 +42,12 @@ class AuditTable:
             time=time.time(), actor=actor, action=action, subdomain=subdomain, key=key,
             detail=detail,
         )
+
+    def _log_many(self, entries):
+        """``_log`` for many (actor, action, subdomain, key, detail) at once, in one prepared
+        INSERT (thousands of stale sessions ended at start-up)."""
+        now = time.time()
+        rows = [{"time": now, "actor": actor, "action": action, "subdomain": subdomain,
+                 "key": key, "detail": detail}
+                for actor, action, subdomain, key, detail in entries]
+        self._insert_rows(self._audit, rows)

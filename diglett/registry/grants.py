@@ -11,6 +11,7 @@ import time
 
 from diglett import crypto, names
 from diglett.policy import OPTION_NAMES, Policy
+from diglett.registry.changes import GRANTS
 from diglett.registry.records import Grant, RegistryError, default_actor
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,10 @@ class GrantTable:
     def grant_snapshot(self):
         """{(subdomain, key): Grant} of every grant; cheap enough to call every second.
 
-        With SQLite, ``PRAGMA data_version`` tells whether another connection committed since
-        the last call; if not (and we wrote nothing), the cached snapshot is returned.
+        The grants' change counter (diglett.registry.changes) tells whether anyone wrote a
+        grant since the last call; if not, the cached snapshot is returned. A database
+        without the counters falls back, with SQLite, to ``PRAGMA data_version`` (whether
+        another connection committed) and to our own writes.
         """
         return dict(self._call(self._snapshot))
 
@@ -165,6 +168,9 @@ class GrantTable:
 
     def _stamp(self):
         """What changes whenever the grants may have changed; None when unknown."""
+        version = self._version_of(GRANTS)
+        if version is not None:
+            return ("changes", version)
         if not self._is_sqlite:
             return None
         # data_version is per connection: a new connection (after close()) may restart its

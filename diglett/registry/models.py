@@ -138,8 +138,19 @@ class InviteModel(_Base):
         table_name = "invites"
 
 
+class ChangeModel(_Base):
+    """A counter per watched table (grants, sessions), bumped by triggers on every write of
+    it: the server's polls read these instead of every row (migrations/0007_changes.py)."""
+
+    name = peewee.CharField(max_length=32, primary_key=True)
+    version = peewee.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "changes"
+
+
 MODELS = (GrantModel, SessionModel, AuditLogModel, OutboxModel, KickModel,
-          GatewayModel, InviteModel)  # the migrations
+          GatewayModel, InviteModel, ChangeModel)  # the migrations
 
 
 def bind(model, db):

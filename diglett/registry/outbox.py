@@ -58,6 +58,42 @@ class OutboxTable:
         action = "hook-dead" if dead else "hook-failed" if attempts == 1 else None
         self._call(self._settle, delivery_id, changes, action, error)
 
+    def settle_deliveries(self, done=(), failed=(), next_attempt=0.0, error=""):
+        """Settle many deliveries in one transaction (one call of a hook that mirrors the
+        whole state covered them all): ``done`` are ids it handled; ``failed`` are
+        (id, attempts, dead) of those tried and failed with ``error``, retried at
+        ``next_attempt`` unless dead. The audit trail gets what delivery_done and
+        delivery_failed would write for each."""
+        self._call(self._settle_many, list(done), list(failed), next_attempt, error)
+
+    def _settle_many(self, done, failed, next_attempt, error):
+        model = self._outbox
+        groups = {}  # (attempts, dead) -> ids: one UPDATE per group and chunk
+        for delivery_id, attempts, dead in failed:
+            groups.setdefault((attempts, bool(dead)), []).append(delivery_id)
+        actions = {delivery_id: "hook-done" for delivery_id in done}
+        with self._write():
+            for ids in _chunks(done):
+                model.update(state=DELIVERY_DONE).where(model.id.in_(ids)).execute()
+            for (attempts, dead), ids in groups.items():
+                action = "hook-dead" if dead else "hook-failed" if attempts == 1 else None
+                for chunk in _chunks(ids):
+                    model.update(attempts=attempts, next_attempt=next_attempt,
+                                 last_error=error[:2000],
+                                 state=DELIVERY_DEAD if dead else DELIVERY_PENDING).where(
+                        model.id.in_(chunk)).execute()
+                if action is not None:
+                    actions.update(dict.fromkeys(ids, action))
+            entries = []
+            for ids in _chunks(sorted(actions)):
+                for row in model.select().where(model.id.in_(ids)).order_by(model.id):
+                    detail = "hook=%s event=%s event_id=%s attempts=%d" % (
+                        row.hook, row.kind, row.event_id, row.attempts)
+                    failure = actions[row.id] != "hook-done" and error
+                    entries.append(("server", actions[row.id], row.subdomain, None,
+                                    detail + (" error=%s" % error[:300] if failure else "")))
+            self._log_many(entries)
+
     def _settle(self, delivery_id, changes, action, error=""):
         model = self._outbox
         with self._write():
@@ -99,6 +135,23 @@ class OutboxTable:
                 kind=event["kind"], payload=json.dumps(event), state=DELIVERY_PENDING,
                 next_attempt=now, created=now, gateway=row.gateway if gateway is None else gateway,
             ).execute()
+
+    def _queue_many(self, items):
+        """``_queue`` for many (row, deliveries, gateway) at once, in one prepared INSERT
+        (the stale sessions of a crashed run, thousands at once)."""
+        now = time.time()
+        values = [{"hook": hook, "event_id": event["event_id"], "subdomain": row.subdomain,
+                   "session": row.id, "kind": event["kind"], "payload": json.dumps(event),
+                   "state": DELIVERY_PENDING, "next_attempt": now, "created": now,
+                   "gateway": row.gateway if gateway is None else gateway}
+                  for row, deliveries, gateway in items for hook, event in deliveries]
+        self._insert_rows(self._outbox, values)
+
+
+def _chunks(values, size=500):
+    """``values`` in slices short enough for one SQL IN (...) list."""
+    values = list(values)
+    return [values[start:start + size] for start in range(0, len(values), size)]
 
 
 def _delivery_of(row):

@@ -6,6 +6,7 @@ last ports a restarted server hands back. It must not deliver hooks or send sign
 queues outbox rows, which the server's hook runner reads after the commit.
 """
 
+import collections
 import logging
 import time
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from diglett.registry.records import (
 log = logging.getLogger(__name__)
 
 IN_CHUNK = 500  # values in one SQL IN (...) list; old SQLite allows 999 parameters
+SessionHead = collections.namedtuple("SessionHead", "id subdomain started gateway")
 
 
 class SessionTable:
@@ -99,6 +101,24 @@ class SessionTable:
 
         return self._call(select)
 
+    def active_session_heads(self, subdomains):
+        """SessionHead (id, subdomain, started, gateway) of the active sessions of these names
+        on any gateway, oldest first: the takeover check's question, read as plain tuples
+        (thousands of names each time their sessions change)."""
+        names_ = sorted(set(subdomains))
+        model = self._sessions
+        fields = (model.id, model.subdomain, model.started, model.gateway)
+
+        def select():
+            found = []
+            for start in range(0, len(names_), IN_CHUNK):
+                where = (model.state == STATE_ACTIVE) & model.subdomain.in_(
+                    names_[start:start + IN_CHUNK])
+                found.extend(list(model.select(*fields).where(where).tuples()))
+            return sorted(map(SessionHead._make, found), key=lambda head: (head.started, head.id))
+
+        return self._call(select)
+
     def end_stale_sessions(self, instance, deliveries_of=None, gateway=LEGACY_GATEWAY,
                            keep=()):
         """End (reason 'stale') active sessions of ``gateway`` owned by another server
@@ -134,15 +154,16 @@ class SessionTable:
         with self._write():
             rows = [_ended(_session_of(row), now) for row in model.select().where(where)]
             ids = [row.id for row in rows]
-            if ids:
+            for start in range(0, len(ids), IN_CHUNK):
                 model.update(state=STATE_ENDED, reason=REASON_STALE, ended=now).where(
-                    model.id.in_(ids)
+                    model.id.in_(ids[start:start + IN_CHUNK])
                 ).execute()
-            for row in rows:
-                self._queue(row, deliveries_of(row), gateway)
-                self._log("server", "session-end", row.subdomain, row.key,
-                          "session=%s remote=%s reason=%s gateway=%s"
-                          % (row.id, row.remote, REASON_STALE, row.gateway))
+            # in bulk: a crashed gateway of thousands of agents leaves thousands of rows
+            self._queue_many([(row, deliveries_of(row), gateway) for row in rows])
+            self._log_many([("server", "session-end", row.subdomain, row.key,
+                             "session=%s remote=%s reason=%s gateway=%s"
+                             % (row.id, row.remote, REASON_STALE, row.gateway))
+                            for row in rows])
         return rows
 
     def last_port(self, subdomain):
@@ -183,6 +204,5 @@ def _session_of(row):
 
 
 def _ended(row, now):
-    values = asdict(row)
-    values.update(state=STATE_ENDED, reason=REASON_STALE, ended=now)
-    return SessionRow(**values)
+    return SessionRow(row.id, row.subdomain, row.key, row.host, row.port, row.remote,
+                      row.started, now, STATE_ENDED, REASON_STALE, row.instance, row.gateway)
