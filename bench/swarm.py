@@ -20,7 +20,7 @@ the server's default admission limits). A few requests through Traefik check tha
 really leads to its agent.
 
 The module is also a library (``Swarm``, ``Backend``, ``make_members``, ``grant_all``,
-``traefik_routes``): tests/test_e2e_swarm.py runs 50 agents with it. Nothing in it depends
+``traefik_routes``): tests/e2e/test_swarm.py runs 50 agents with it. Nothing in it depends
 on gevent's monkey patching (only ``main`` patches), so it runs inside pytest as well.
 """
 

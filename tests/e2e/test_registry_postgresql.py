@@ -11,6 +11,7 @@ from diglett import registry
 from diglett.registry import Registry, RegistryError
 from tests.support import harness
 from tests.support.records import K1
+from tests.support.records import session as session_row
 from tests.unit import test_registry as on_sqlite
 from tests.unit.test_registry import reg  # noqa: F401  (a fixture, reading db_url below)
 
@@ -67,3 +68,18 @@ def test_postgresql_gateways_migrating_at_once_take_turns(pg_url):
         thread.join(15)
     assert errors == []
     assert done == [registry.migration_names()[-1][0]] * 4
+
+
+def test_the_counters_work_on_postgresql(pg_url):
+    registry = Registry(pg_url)
+    try:
+        before = registry.change_versions()
+        registry.grant("pgfoo", K1)
+        registry.revoke("pgfoo")
+        registry.record_session_start(session_row("%016x" % 7, subdomain="pgfoo", key=K1))
+        after = registry.change_versions()
+        assert after["grants"] == before["grants"] + 2
+        assert after["sessions"] == before["sessions"] + 1
+        assert list(registry.grant_snapshot()) == []
+    finally:
+        registry.close()

@@ -1,10 +1,10 @@
 """Cost per event independent of the number of agents (issue 14), in process: a hook that
 mirrors the state gets one sync for a burst of deliveries (settled, failed and retried
 together, events in order); the Traefik hook reads every page of Traefik's routers and knows
-from its anchor when a PUT was applied; the registry's change counters move with every
-write of grants and sessions, and the server's once-a-second poll reads the grants, or looks
-for takeovers, only when they moved; queued writes go in one transaction, and one by one
-again (in order) when that fails."""
+from its anchor when a PUT was applied; the registry's change counters move with every write
+of grants and sessions (on PostgreSQL too: tests/e2e/test_registry_postgresql.py), and the
+server's once-a-second poll reads the grants, or looks for takeovers, only when they moved;
+queued writes go in one transaction, and one by one again (in order) when that fails."""
 
 import http.server
 import json
@@ -16,13 +16,13 @@ import urllib.parse
 
 import pytest
 
-from diglett import crypto, hookapi, hookloader, signals
+from diglett import crypto, hookapi, hookloader
 from diglett.dbworker import DatabaseWorker
 from diglett.gateway.fleet import GrantCache, RegistryPoller
 from diglett.registry import Registry, RegistryError
 from diglett.signals import EventKind, SessionEvent
-from tests.test_policy_enrol import FakeDb
-from tests.test_registry import session as session_row
+from tests.support.records import InlineDb
+from tests.support.records import session as session_row
 
 pytestmark = pytest.mark.timeout(30)
 K1 = crypto.public_hex(crypto.generate_private_key())
@@ -89,7 +89,7 @@ def dispatch_once(dispatcher, registry, now=None):
 def test_a_burst_of_50_deliveries_is_one_sync_and_all_are_done(registry):
     hook = Mirror()
     queue(registry, "mirror", rows(50))
-    dispatcher = hookloader.Dispatcher("mirror", hook, registry, FakeDb(), SETTINGS)
+    dispatcher = hookloader.Dispatcher("mirror", hook, registry, InlineDb(), SETTINGS)
     dispatch_once(dispatcher, registry)
     assert len(hook.syncs) == 1 and len(hook.syncs[0]) == 50
     assert registry.pending_deliveries("mirror") == []
@@ -101,7 +101,7 @@ def test_a_burst_of_50_deliveries_is_one_sync_and_all_are_done(registry):
 def test_a_failed_sync_fails_every_row_and_they_are_retried_together(registry):
     hook = Mirror(fail=1)
     queue(registry, "mirror", rows(50))
-    dispatcher = hookloader.Dispatcher("mirror", hook, registry, FakeDb(), SETTINGS)
+    dispatcher = hookloader.Dispatcher("mirror", hook, registry, InlineDb(), SETTINGS)
     dispatch_once(dispatcher, registry)
     pending = registry.pending_deliveries("mirror")
     assert len(pending) == 50 and {row.attempts for row in pending} == {1}
@@ -119,7 +119,7 @@ def test_a_failed_sync_fails_every_row_and_they_are_retried_together(registry):
 def test_a_new_event_syncs_at_once_and_settles_the_rows_waiting_for_their_retry(registry):
     hook = Mirror(fail=1)
     queue(registry, "mirror", rows(5))
-    dispatcher = hookloader.Dispatcher("mirror", hook, registry, FakeDb(), SETTINGS)
+    dispatcher = hookloader.Dispatcher("mirror", hook, registry, InlineDb(), SETTINGS)
     dispatch_once(dispatcher, registry)
     queue(registry, "mirror", rows(1, prefix="late", start=100))  # due now
     dispatch_once(dispatcher, registry)
@@ -134,7 +134,7 @@ def test_a_sync_gets_the_events_in_order_per_subdomain(registry):
     queue(registry, "mirror", [first], kind=EventKind.DISCONNECT)
     second = session_row("%016x" % 99, subdomain="foo0", key=K1, port=30099, started=2000.0)
     queue(registry, "mirror", [second] + rows(1, prefix="bar", start=50))
-    dispatcher = hookloader.Dispatcher("mirror", hook, registry, FakeDb(), SETTINGS)
+    dispatcher = hookloader.Dispatcher("mirror", hook, registry, InlineDb(), SETTINGS)
     dispatch_once(dispatcher, registry)
     foo = [(kind, session) for name, kind, session in hook.syncs[0] if name == "foo0"]
     assert foo == [("connect", first.id), ("disconnect", first.id), ("connect", second.id)]
@@ -144,7 +144,7 @@ def test_rows_die_by_their_own_attempts_when_syncs_keep_failing(registry):
     hook = Mirror(fail=5)
     queue(registry, "mirror", rows(3))
     settings = dict(SETTINGS, max_attempts=2)
-    dispatcher = hookloader.Dispatcher("mirror", hook, registry, FakeDb(), settings)
+    dispatcher = hookloader.Dispatcher("mirror", hook, registry, InlineDb(), settings)
     dispatch_once(dispatcher, registry)
     queue(registry, "mirror", rows(1, prefix="new", start=10))
     later = registry.pending_deliveries("mirror")[0].next_attempt + 0.01
@@ -167,7 +167,7 @@ def test_a_per_event_hook_still_gets_one_call_per_delivery(registry):
             calls.append(event.subdomain)
 
     queue(registry, "script", rows(3))
-    dispatcher = hookloader.Dispatcher("script", PerEvent({}, None), registry, FakeDb(),
+    dispatcher = hookloader.Dispatcher("script", PerEvent({}, None), registry, InlineDb(),
                                        SETTINGS)
     dispatcher._start_due(registry.pending_deliveries("script"), time.time())
     dispatcher._pool.join(timeout=10)
@@ -323,22 +323,7 @@ def test_the_counters_move_with_every_write_of_their_table(registry, tmp_path):
     assert registry.change_versions()["grants"] == after["grants"] + 1
 
 
-def test_the_counters_work_on_postgresql(pg_url):
-    registry = Registry(pg_url)
-    try:
-        before = registry.change_versions()
-        registry.grant("pgfoo", K1)
-        registry.revoke("pgfoo")
-        registry.record_session_start(session_row("%016x" % 7, subdomain="pgfoo", key=K1))
-        after = registry.change_versions()
-        assert after["grants"] == before["grants"] + 2
-        assert after["sessions"] == before["sessions"] + 1
-        assert list(registry.grant_snapshot()) == []
-    finally:
-        registry.close()
-
-
-class CountingDb(FakeDb):
+class CountingDb(InlineDb):
     def __init__(self):
         self.calls = []
 
@@ -351,6 +336,7 @@ class FakeSession:
     def __init__(self, row):
         self.subdomain, self.key, self.session_id = row.subdomain, row.key, row.id
         self.started, self.recorded, self.label = row.started, True, row.subdomain
+        self.door = types.SimpleNamespace(moved=False)  # its port stays on this worker
         self.terminated = []
 
     def terminate(self, *args, **kwargs):
@@ -360,7 +346,8 @@ class FakeSession:
 @pytest.fixture
 def poller(registry):
     db = CountingDb()
-    server = types.SimpleNamespace(registry=registry, db=db, gateway_id="", sessions={})
+    server = types.SimpleNamespace(registry=registry, db=db, gateway_id="", sessions={},
+                                   moved_away={})
     server.grants = GrantCache(db, registry)
     server.events = types.SimpleNamespace(updated=lambda row: None)
     registry.grant("foo", K1)

@@ -11,8 +11,8 @@ from pathlib import Path
 import gevent
 import pytest
 
-from tests import harness
-from tests.hookfixtures import Traefik
+from tests.support import harness
+from tests.support.hookfixtures import Traefik
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import swarm  # noqa: E402
