@@ -14,7 +14,7 @@ import pytest
 from tests.support import harness
 from tests.support.hookfixtures import Traefik
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import swarm  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
