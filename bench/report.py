@@ -587,7 +587,153 @@ def write(results, docs):
 
         parts += ["\n%s\n\n" % TRANSPORTS_HEADING,
                   transports_section(json.loads(transports.read_text()))]
+    swarm = Path(__file__).resolve().parent / "swarm.json"
+    if swarm.exists():
+        import json
+
+        before = Path(__file__).resolve().parent / "swarm-before.json"
+        parts += ["\n%s\n\n" % SWARM_HEADING, swarm_section(
+            json.loads(swarm.read_text()),
+            json.loads(before.read_text()) if before.exists() else None)]
     parts += [
         "\n", METHOD,
     ]
     (docs / "benchmarks.md").write_text("".join(parts))
+
+
+# ----- many agents (bench/swarm.py, issue 14) ------------------------------------------------
+SWARM_HEADING = "## Many agents on one gateway (issue 14)"
+SWARM_NOTE = """\
+`python bench/swarm.py` (`--quick`: N = 100 and 1000; results in `bench/swarm.json`, %(date)s):
+N agents in **one** process, each diglett's own `Agent` (diglett/agent.py) in a greenlet with its
+own key and grant, dialling from its own loopback address (127.1.x.y, so admission counts N
+sources, as on the internet), all in front of one shared HTTP backend; a real `diglett-server`
+(SQLite registry, the Traefik REST hook, every [server] option at its default) and a real
+Traefik (REST provider, its default `providersThrottleDuration` of 2 s). The grants are written
+before the server starts, in one transaction (`diglett.registry` in-process). Per N:
+
+* **start**: all agents start at once; seconds until every session is up (each agent got its
+  OK) and until every route is live (Traefik lists each router enabled and its service points at
+  the port that agent was given); the server's CPU seconds and peak RSS meanwhile.
+* **idle**: the server's CPU over %(idle)d s with all N connected and idle (keepalives, the 1 s
+  registry poll; a minute, because a full garbage collection and a full comparison of Traefik's
+  routers run once a minute), and memory per idle agent: (server RSS with N connected − RSS
+  before the first agent) / N, and the same for the swarm's own process.
+* **restart**: `kill -9` of the server and a restart on the same ports at once: seconds from
+  the kill until the server is ready, until every agent is up again (a new session each) and
+  until every route is live again; the agents come back through the server's default admission
+  limits (`max_startups` 16:30:64, `per_source_startups` 8) and their own backoff.
+
+After each phase %(checked)d requests through Traefik to random agents check that a route leads
+to its own agent (the backend answers with the Host it was asked for): %(checks)s.
+The machine (2 cores) is shared with other work: it was %(busy)s busy on average during the
+runs, and the swarm process, Traefik and the server compete for the two cores, so the times are
+upper bounds of what the server alone needs.
+
+"""
+
+
+def swarm_section(results, before=None):
+    """The "Many agents" section: method, the table per N, targets, before/after."""
+    runs = sorted(results["runs"], key=lambda run: run["agents"])
+    checks = ", ".join("%d/%d" % (sum(run[p].get("checked", 0) for p in ("start", "restart")
+                                      if p in run),
+                                  CHECKS_PER_PHASE * sum(1 for p in ("start", "restart")
+                                                         if p in run)) for run in runs)
+    out = [SWARM_NOTE % {
+        "date": results["date"][:10], "idle": runs[0]["idle"]["seconds"],
+        "checked": CHECKS_PER_PHASE, "checks": "%s (N = %s)" % (
+            checks, ", ".join(str(run["agents"]) for run in runs)),
+        "busy": ", ".join("%.0f%%" % run["machine_busy_pct"] for run in runs)}]
+    out.append("![sessions and routes over time, idle CPU and memory per agent](swarm.png)\n\n")
+    rows = []
+    for run in runs:
+        start, idle = run["start"], run["idle"]
+        restart = run.get("restart", {})
+        rows.append([run["agents"], "%.1f" % start["sessions_up_s"],
+                     "%.1f" % start["routes_live_s"], "%.1f" % start["server_cpu_s"],
+                     "%.0f" % start["server_peak_rss_mib"], "%.2f" % idle["server_cpu_pct"],
+                     "%.1f" % idle["server_kib_per_agent"], "%.1f" % idle["swarm_kib_per_agent"],
+                     "%.1f" % restart["server_ready_s"] if restart else "—",
+                     "%.1f" % restart["sessions_up_s"] if restart else "—",
+                     "%.1f" % restart["routes_live_s"] if restart else "—"])
+    out.append(table(["N", "start: sessions up s", "routes live s", "server CPU-s",
+                      "peak RSS MiB", "idle CPU % of a core", "server KiB/agent",
+                      "swarm KiB/agent", "restart: ready s", "sessions up s", "routes live s"],
+                     rows))
+    largest = runs[-1]
+    target_rows = [["idle server CPU, %d connected" % largest["agents"],
+                    "< %.0f%% of a core" % results["targets"]["idle_cpu_pct"],
+                    "%.2f%%" % largest["idle"]["server_cpu_pct"],
+                    verdict(largest["idle"]["server_cpu_pct"],
+                            results["targets"]["idle_cpu_pct"], False)],
+                   ["every route live after the start", "≤ %.0f s"
+                    % results["targets"]["routes_live_s"],
+                    "%.1f s" % largest["start"]["routes_live_s"],
+                    verdict(largest["start"]["routes_live_s"],
+                            results["targets"]["routes_live_s"], False)]]
+    if "restart" in largest:
+        target_rows.append(["every route live after kill -9 and restart", "≤ %.0f s"
+                            % results["targets"]["restart_routes_live_s"],
+                            "%.1f s" % largest["restart"]["routes_live_s"],
+                            verdict(largest["restart"]["routes_live_s"],
+                                    results["targets"]["restart_routes_live_s"], False)])
+    per_agent = [run["idle"]["server_kib_per_agent"] for run in runs if run["agents"] >= 1000]
+    target_rows.append(["memory per idle agent, flat", "stated",
+                        "%s KiB (server), %s KiB (agent side) at N = %s" % (
+                            " / ".join("%.0f" % run["idle"]["server_kib_per_agent"]
+                                       for run in runs),
+                            " / ".join("%.0f" % run["idle"]["swarm_kib_per_agent"]
+                                       for run in runs),
+                            " / ".join(str(run["agents"]) for run in runs)),
+                        "**met**" if per_agent and max(per_agent) <= 1.2 * min(per_agent)
+                        else "not flat"])
+    out.append("\nTargets at N = %d (within 10%% counts as met, as above):\n\n"
+               % largest["agents"])
+    out.append(table(["metric", "target", "measured", "verdict"], target_rows))
+    if before:
+        out.append(before_after(before, results))
+    return "".join(out)
+
+
+CHECKS_PER_PHASE = 20  # bench/swarm.py CHECK_REQUESTS
+
+
+def before_after(before, results):
+    """N = 1000 on the code before issue 14, after the coalescing, and now."""
+    now = next((run for run in results["runs"] if run["agents"] == 1000), None)
+    steps = [(step["label"], step["run"]) for step in before["steps"]]
+    if now is not None:
+        steps.append(("now (%s)" % results["date"][:10], now))
+    rows = []
+    for label, run in steps:
+        restart = run.get("restart", {})
+        rows.append([label, "%.1f" % run["start"]["routes_live_s"],
+                     "%.1f" % run["start"]["server_cpu_s"],
+                     "%.2f" % run["idle"]["server_cpu_pct"],
+                     "%.1f" % restart["routes_live_s"] if restart else "—",
+                     "%.1f" % restart["server_cpu_s"] if restart else "—"])
+    return ("\n**Before and after, N = 1000** (`bench/swarm-before.json`: the same bench on "
+            "earlier commits; %s):\n\n" % before["note"].split("; ", 1)[-1]
+            + table(["code", "start: routes live s", "server CPU-s", "idle CPU %",
+                     "restart: routes live s", "server CPU-s"], rows))
+
+
+def write_swarm(results, docs):
+    """Put the many-agents section into docs/benchmarks.md (replacing an older one), before
+    "How it is measured", leaving the rest of the page as the last full run wrote it."""
+    import json
+
+    path = Path(docs) / "benchmarks.md"
+    before_path = Path(__file__).resolve().parent / "swarm-before.json"
+    before = json.loads(before_path.read_text()) if before_path.exists() else None
+    text = path.read_text()
+    section = "\n%s\n\n%s" % (SWARM_HEADING, swarm_section(results, before))
+    if SWARM_HEADING in text:
+        head, rest = text.split("\n" + SWARM_HEADING, 1)
+        after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
+        text = head + section + ("\n## " + after if after else "")
+    else:
+        head, after = text.split("\n## How it is measured", 1)
+        text = head + section + "\n## How it is measured" + after
+    path.write_text(text)

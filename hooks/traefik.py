@@ -4,7 +4,8 @@ Traefik's REST provider takes the whole dynamic configuration at once and forget
 Traefik restarts, so this hook never sends differences: it mirrors the state
 (``mirrors_state``), so the dispatcher calls ``sync`` once for every event pending, which
 renders all active sessions and PUTs them, then reads Traefik's routers back (a malformed
-rule is refused although the PUT answers 200) once Traefik serves the PUT's anchor. Every
+rule is refused although the PUT answers 200) once Traefik serves the PUT's anchor (its
+overview's router counts first; the whole list only when they show an error). Every
 ``check_interval`` seconds it checks from the anchor alone that Traefik still serves the last
 PUT, every FULL_CHECK_EVERY checks it compares all of Traefik's routers with the sessions, and
 it pushes again when they differ (Traefik restarted).
@@ -307,6 +308,8 @@ class TraefikHook(Hook):
             if applied is not None and applied > generation:
                 return  # a newer PUT replaced ours; that sync checks its own routers
             if applied == generation:
+                if self._clean(desired):
+                    return
                 refused = self._refused(desired)
                 if not refused:
                     return
@@ -316,6 +319,20 @@ class TraefikHook(Hook):
             pause = min(SETTLE_POLL_MAX, pause * 2)
         shown = refused[:20] + (["and %d more" % (len(refused) - 20)] if refused[20:] else [])
         raise TraefikFailed("Traefik refused %s" % "; ".join(shown))
+
+    def _clean(self, desired):
+        """Traefik, serving our PUT, counts no router in error and at least as many as we
+        sent: nothing was refused. One small read (its overview); the list of every router is
+        read only when this cannot tell."""
+        try:
+            overview = self._call("GET", "/api/overview") or {}
+        except TraefikFailed:
+            return False
+        for mode, section in desired.items():
+            counts = overview.get(mode, {}).get("routers", {})
+            if counts.get("errors", 1) or counts.get("total", 0) < len(section["routers"]):
+                return False
+        return True
 
     def _refused(self, desired):
         """Routers Traefik does not serve as we sent them, with Traefik's reason."""

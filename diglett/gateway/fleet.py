@@ -82,6 +82,7 @@ class RegistryPoller:
         self.server = server  # reads its sessions, config, db and registry; ends sessions
         self._sessions_seen = None  # the sessions' change counter at the last takeover check
         self._checked = frozenset()  # ids of the sessions that check looked at
+        self._recorded_seen = None  # the server's count of recorded sessions at that check
 
     def run(self):
         pruned = 0.0
@@ -155,19 +156,24 @@ class RegistryPoller:
         unknown, so always) or a session is ours that it did not look at: every such change
         is a write to the sessions table."""
         server = self.server
+        unchanged = version is not None and version == self._sessions_seen
+        recorded = getattr(server, "recorded_sessions", None)  # counts our commits
+        if unchanged and recorded is not None and recorded == self._recorded_seen:
+            return  # no write anywhere, no new session of ours: nothing to look at
         mine = {name: s for name, s in server.sessions.items() if s.recorded}
         ids = frozenset(s.session_id for s in mine.values())
-        if version is not None and version == self._sessions_seen and ids <= self._checked:
+        if unchanged and ids <= self._checked:
+            self._recorded_seen = recorded
             return
         if not mine:
-            self._sessions_seen, self._checked = version, ids
+            self._sessions_seen, self._checked, self._recorded_seen = version, ids, recorded
             return
         try:
             rows = server.db.call(server.registry.active_session_heads, list(mine))
         except RegistryError as exc:
             log.warning("cannot check for takeovers: %s", exc)
             return
-        self._sessions_seen, self._checked = version, ids
+        self._sessions_seen, self._checked, self._recorded_seen = version, ids, recorded
         active = {row.id for row in rows}
         by_name = {}
         for row in rows:  # oldest first
