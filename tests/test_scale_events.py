@@ -16,7 +16,7 @@ import urllib.parse
 
 import pytest
 
-from diglett import crypto, hookapi, hookloader, signals
+from diglett import crypto, hookapi, hookloader
 from diglett.dbworker import DatabaseWorker
 from diglett.gateway.fleet import GrantCache, RegistryPoller
 from diglett.registry import Registry, RegistryError
