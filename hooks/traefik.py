@@ -300,7 +300,7 @@ class TraefikHook(Hook):
         serves every router of ``desired``; raise TraefikFailed with what it refused."""
         deadline = time.monotonic() + self.settle
         pause = SETTLE_POLL
-        refused = ["the configuration was not applied"]
+        refused = None  # None until Traefik serves this PUT
         while True:  # Traefik applies provider changes asynchronously
             applied = self._applied()
             if applied is not None:
@@ -317,6 +317,9 @@ class TraefikHook(Hook):
                 break
             gevent.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(SETTLE_POLL_MAX, pause * 2)
+        if refused is None:
+            raise TraefikFailed("Traefik did not apply the configuration within %s s (settle)"
+                                % self.settle)
         shown = refused[:20] + (["and %d more" % (len(refused) - 20)] if refused[20:] else [])
         raise TraefikFailed("Traefik refused %s" % "; ".join(shown))
 
