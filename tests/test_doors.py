@@ -145,6 +145,7 @@ def test_visitors_wait_while_the_agent_reconnects_and_the_route_stays(gateway, b
     second, second_run = agent(gateway, backends[b"B"], key)
     assert waiting.recv(1) == b"B"  # served by the next session
     assert echo_intact(waiting)
+    wait(lambda: serving(gateway), "the next session's row")  # committed on the db thread
     new = serving(gateway)
     assert new.port == old.port
     wait(lambda: active_ids(gateway) == {new.session_id}, "the held row to end")
