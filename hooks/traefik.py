@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 
 ROUTER_PREFIX = "diglett-"  # routers and services are named diglett-NAME
 RESPONSE_LIMIT = 1 << 20  # bytes read from Traefik's API answers
-SETTLE_POLL = 0.2  # seconds between reads of Traefik's routers while a change settles ...
-SETTLE_POLL_MAX = 1.0  # ... doubling up to this
+SETTLE_POLL = 0.2  # seconds between reads of the anchor until Traefik applied a PUT, and ...
+SETTLE_POLL_MAX = 1.0  # ... then of its routers, doubling up to this, while the change settles
 PAGE_SIZE = 1000  # routers per read of Traefik's API (its default page holds only 100)
 FULL_CHECK_EVERY = 12  # every 12th check compares all routers with the sessions
 # Every PUT carries a marker: an (unused) middleware whose header names the PUT. Reading it
@@ -316,7 +316,8 @@ class TraefikHook(Hook):
             if time.monotonic() > deadline:
                 break
             gevent.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(SETTLE_POLL_MAX, pause * 2)
+            if refused is not None:  # the anchor is cheap to read; the router list is not
+                pause = min(SETTLE_POLL_MAX, pause * 2)
         if refused is None:
             raise TraefikFailed("Traefik did not apply the configuration within %s s (settle)"
                                 % self.settle)
