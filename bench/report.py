@@ -601,6 +601,16 @@ def write(results, docs):
 
         parts += ["\n%s\n\n" % aggregate.HEADING,
                   aggregate.section(json.loads(all_cores.read_text()))]
+    swarm = Path(__file__).resolve().parent / "swarm.json"
+    if swarm.exists():  # bench/swarm.py's section, kept across full runs
+        import json
+
+        import swarm_report
+
+        before = Path(__file__).resolve().parent / "swarm-before.json"
+        parts += ["\n%s\n\n" % swarm_report.HEADING, swarm_report.section(
+            json.loads(swarm.read_text()),
+            json.loads(before.read_text()) if before.exists() else None)]
     import rtt_report  # the kept round trip's own run (bench/rtt.py), kept across full runs
 
     parts += [rtt_report.saved_section(), "\n", METHOD]

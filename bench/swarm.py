@@ -5,6 +5,7 @@
                                        # and the "Many agents" section of docs/benchmarks.md
     python bench/swarm.py --quick      # N = 100, 1000
     python bench/swarm.py --n 5000 --json /tmp/x.json --no-docs
+    python bench/swarm.py --report     # only redraw the chart and the section from the results
 
 Each agent is diglett's own ``Agent`` (diglett/agent.py) in a greenlet, with its own key and
 grant, dialling from its own loopback source address (127.1.x.y: admission counts per source,
@@ -662,6 +663,9 @@ def chart(results, path):
     twin.bar([i + 0.2 for i in x], [run["idle"]["server_kib_per_agent"] for run in runs], 0.4,
              color="#fd8d3c", edgecolor="black", linewidth=0.5, label="server KiB per agent")
     twin.set_ylabel("KiB per idle agent (server RSS)", fontsize=9)
+    ax.set_ylim(0, 1.45 * max([TARGETS["idle_cpu_pct"]] + [run["idle"]["server_cpu_pct"]
+                                                           for run in runs]))
+    twin.set_ylim(0, 1.45 * max(run["idle"]["server_kib_per_agent"] for run in runs))
     ax.set_xticks(list(x))
     ax.set_xticklabels(["N=%d" % run["agents"] for run in runs])
     ax.set_title("idle: server CPU and memory per agent", fontsize=10)
@@ -673,6 +677,15 @@ def chart(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_docs(results):
+    """docs/swarm.png and the "Many agents" section of docs/benchmarks.md (bench/report.py)."""
+    chart(results, ROOT / "docs" / "swarm.png")
+    sys.path.insert(0, str(BENCH))
+    import swarm_report
+
+    swarm_report.write(results, ROOT / "docs")
 
 
 def machine():
@@ -702,9 +715,14 @@ def main(argv=None):
     parser.add_argument("--no-docs", action="store_true",
                         help="do not rewrite docs/swarm.png and docs/benchmarks.md")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--report", action="store_true", help="only redraw docs/swarm.png and "
+                        "the section of docs/benchmarks.md from the results file")
     parser.add_argument("--profile", action="store_true", help="py-spy the server during "
                         "the start and (after the idle measurement) while idle")
     args = parser.parse_args(argv)
+    if args.report:
+        write_docs(json.loads(Path(args.json).read_text()))
+        return 0
     sizes = tuple(args.n or (QUICK_SIZES if args.quick else SIZES))
     options = dict(item.split("=", 1) for item in args.set)
     limit = raise_fd_limit(FDS_PER_AGENT_SERVER * max(sizes) + FD_MARGIN)
@@ -725,11 +743,7 @@ def main(argv=None):
             print("kept %s" % folder)
     Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     if not args.no_docs:
-        chart(results, ROOT / "docs" / "swarm.png")
-        sys.path.insert(0, str(BENCH))
-        import report
-
-        report.write_swarm(results, ROOT / "docs")
+        write_docs(results)
     for row in verdicts(results):
         print("%s: %s (target %s): %s" % (row[0], row[2], row[1], row[3]))
     return 0

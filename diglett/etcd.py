@@ -136,6 +136,13 @@ class Client:
         return [(_unb64(kv["key"]), _unb64(kv.get("value")), int(kv.get("mod_revision", 0)))
                 for kv in answer.get("kvs", [])]
 
+    def revision(self, key):
+        """(whether ``key`` exists, etcd's current revision): one small read, e.g. to tell
+        that etcd was restored from an older backup (the revision went back) or wiped."""
+        answer = self._call("/v3/kv/range", {"key": _b64(key), "count_only": True})
+        return (int(answer.get("count", 0)) > 0,
+                int(answer.get("header", {}).get("revision", 0)))
+
     def put(self, key, value, lease=0):
         self._call("/v3/kv/put", put(key, value, lease)["request_put"])
 

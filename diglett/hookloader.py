@@ -39,6 +39,7 @@ PARALLEL_SUBDOMAINS = 16  # deliveries of one hook in flight at once (one per su
 OUTBOX_SCAN = 500  # pending rows one scan reads (per-event hooks)
 MIRROR_BATCH = 10000  # pending rows one sync of a mirrors_state hook settles at most
 RESCAN_MAX = 30.0  # seconds a mirrors_state hook waiting for a retry goes without a scan
+LOG_EACH = 10  # a failed sync of at most this many deliveries logs a line for each
 RETRY_FIRST = 1.0  # seconds before the first retry, then doubling up to [hooks] retry_max
 OUTBOX_KEEP = 7 * 86400  # seconds finished (done or dead) deliveries stay visible
 PRUNE_INTERVAL = 3600  # seconds between prunes of the outbox
@@ -316,11 +317,20 @@ class Dispatcher:
             failed.append((row.id, attempts, dead))
         dead = sum(1 for _, _, is_dead in failed if is_dead)
         self.dead += dead
-        if dead:
-            log.error("hook=%s %d deliveries are dead after failed syncs: %s", self.name, dead,
-                      error)
-        log.warning("hook=%s sync of %d deliveries failed (attempt %d, retry in %.0f s): %s",
-                    self.name, len(rows), attempt, delay, error)
+        if len(rows) <= LOG_EACH:  # the per-delivery lines an operator greps for a name
+            for row, (_, attempts, is_dead) in zip(rows, failed):
+                if is_dead:
+                    log.error("hook=%s subdomain=%s %s is dead after %d attempts: %s",
+                              self.name, row.subdomain, row.kind, attempts, error)
+                else:
+                    log.warning("hook=%s subdomain=%s %s failed (attempt %d, retry in %.0f s): "
+                                "%s", self.name, row.subdomain, row.kind, attempts, delay, error)
+        else:
+            if dead:
+                log.error("hook=%s %d deliveries are dead after failed syncs: %s", self.name,
+                          dead, error)
+            log.warning("hook=%s sync of %d deliveries failed (attempt %d, retry in %.0f s): "
+                        "%s", self.name, len(rows), attempt, delay, error)
         self.db.call(self.registry.settle_deliveries, (), failed, now + delay, error)
 
     # ----- per-event hooks: in order per subdomain -------------------------------------------

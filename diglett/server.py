@@ -65,6 +65,7 @@ class Server:
         self.sessions = {}  # subdomain -> the AgentSession serving it
         self.doors = {}  # subdomain -> its Door (tunnel port), which may outlive sessions
         self.draining = set()  # AgentSessions handed over to a newer one, finishing streams
+        self.recorded_sessions = 0  # sessions whose start row was committed, ever
         self.hold_counters = HoldCounters()
         self.listener = None
         self.transports = []  # the tls:// and wss:// listeners (diglett.gateway.transports)

@@ -4,7 +4,8 @@ Traefik's REST provider takes the whole dynamic configuration at once and forget
 Traefik restarts, so this hook never sends differences: it mirrors the state
 (``mirrors_state``), so the dispatcher calls ``sync`` once for every event pending, which
 renders all active sessions and PUTs them, then reads Traefik's routers back (a malformed
-rule is refused although the PUT answers 200) once Traefik serves the PUT's anchor. Every
+rule is refused although the PUT answers 200) once Traefik serves the PUT's anchor (its
+overview's router counts first; the whole list only when they show an error). Every
 ``check_interval`` seconds it checks from the anchor alone that Traefik still serves the last
 PUT, every FULL_CHECK_EVERY checks it compares all of Traefik's routers with the sessions, and
 it pushes again when they differ (Traefik restarted).
@@ -27,8 +28,8 @@ log = logging.getLogger(__name__)
 
 ROUTER_PREFIX = "diglett-"  # routers and services are named diglett-NAME
 RESPONSE_LIMIT = 1 << 20  # bytes read from Traefik's API answers
-SETTLE_POLL = 0.2  # seconds between reads of Traefik's routers while a change settles ...
-SETTLE_POLL_MAX = 1.0  # ... doubling up to this
+SETTLE_POLL = 0.2  # seconds between reads of the anchor until Traefik applied a PUT, and ...
+SETTLE_POLL_MAX = 1.0  # ... then of its routers, doubling up to this, while the change settles
 PAGE_SIZE = 1000  # routers per read of Traefik's API (its default page holds only 100)
 FULL_CHECK_EVERY = 12  # every 12th check compares all routers with the sessions
 # Every PUT carries a marker: an (unused) middleware whose header names the PUT. Reading it
@@ -299,7 +300,7 @@ class TraefikHook(Hook):
         serves every router of ``desired``; raise TraefikFailed with what it refused."""
         deadline = time.monotonic() + self.settle
         pause = SETTLE_POLL
-        refused = ["the configuration was not applied"]
+        refused = None  # None until Traefik serves this PUT
         while True:  # Traefik applies provider changes asynchronously
             applied = self._applied()
             if applied is not None:
@@ -307,15 +308,35 @@ class TraefikHook(Hook):
             if applied is not None and applied > generation:
                 return  # a newer PUT replaced ours; that sync checks its own routers
             if applied == generation:
+                if self._clean(desired):
+                    return
                 refused = self._refused(desired)
                 if not refused:
                     return
             if time.monotonic() > deadline:
                 break
             gevent.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-            pause = min(SETTLE_POLL_MAX, pause * 2)
+            if refused is not None:  # the anchor is cheap to read; the router list is not
+                pause = min(SETTLE_POLL_MAX, pause * 2)
+        if refused is None:
+            raise TraefikFailed("Traefik did not apply the configuration within %s s (settle)"
+                                % self.settle)
         shown = refused[:20] + (["and %d more" % (len(refused) - 20)] if refused[20:] else [])
         raise TraefikFailed("Traefik refused %s" % "; ".join(shown))
+
+    def _clean(self, desired):
+        """Traefik, serving our PUT, counts no router in error and at least as many as we
+        sent: nothing was refused. One small read (its overview); the list of every router is
+        read only when this cannot tell."""
+        try:
+            overview = self._call("GET", "/api/overview") or {}
+        except TraefikFailed:
+            return False
+        for mode, section in desired.items():
+            counts = overview.get(mode, {}).get("routers", {})
+            if counts.get("errors", 1) or counts.get("total", 0) < len(section["routers"]):
+                return False
+        return True
 
     def _refused(self, desired):
         """Routers Traefik does not serve as we sent them, with Traefik's reason."""

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 ANCHOR = "http/middlewares/diglett-anchor/headers/customResponseHeaders/X-Diglett"
 CLAIM_ATTEMPTS = 5  # compare-and-swap rounds before a claim gives up (and the outbox retries)
+FULL_CHECK_EVERY = 12  # every 12th check reads every owner key; the others only the anchor
 
 
 class TraefikEtcdHook(Hook):
@@ -83,6 +84,8 @@ class TraefikEtcdHook(Hook):
         self._lease_ready = gevent.event.Event()
         self._loop = None
         self.counts = {"claims_won": 0, "claims_lost": 0, "releases": 0, "lease_losses": 0}
+        self._checks = 0
+        self._revision = 0  # etcd's revision at the last check
 
     # ----- hook interface -------------------------------------------------------------------
     def start(self):
@@ -289,7 +292,16 @@ class TraefikEtcdHook(Hook):
         log.warning("hook=traefik-etcd lost its lease: %s; claiming every route again", why)
 
     def _check(self):
-        """Claim again what etcd lost (restored from an old backup, or wiped)."""
+        """Claim again what etcd lost (restored from an old backup, or wiped). Most checks
+        only read the anchor and etcd's revision (one small request, whatever the number of
+        agents): a wiped etcd lacks the anchor, a restored one went back in revision. Every
+        FULL_CHECK_EVERY-th check reads every owner key."""
+        self._checks += 1
+        anchored, revision = self.client.revision("%s/%s" % (self.root, ANCHOR))
+        intact = anchored and revision >= self._revision
+        self._revision = revision
+        if intact and self._checks % FULL_CHECK_EVERY != 1:
+            return
         owned = {key.decode() for key, _, _ in self.client.range(
             "%s/owner/" % self.namespace, prefix=True)}
         missing = [event for event in self._active()

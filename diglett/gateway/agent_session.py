@@ -150,6 +150,7 @@ class AgentSession:
 
     def _recorded(self):
         self.recorded = True  # from now on the takeover check may look for it
+        self.server.recorded_sessions += 1  # ... and knows it has one more to look at
 
     def report_end(self, reason, traffic):
         """Record the end (row, hook deliveries, signal) once; the door decides when."""

@@ -83,6 +83,7 @@ class RegistryPoller:
         self.server = server  # reads its sessions, config, db and registry; ends sessions
         self._sessions_seen = None  # the sessions' change counter at the last takeover check
         self._checked = frozenset()  # ids of the sessions that check looked at
+        self._recorded_seen = None  # the server's count of recorded sessions at that check
 
     def run(self):
         pruned = 0.0
@@ -156,14 +157,19 @@ class RegistryPoller:
         unknown, so always) or a session is ours that it did not look at: every such change
         is a write to the sessions table."""
         server = self.server
+        unchanged = version is not None and version == self._sessions_seen
+        recorded = getattr(server, "recorded_sessions", None)  # counts our commits
+        # a port moved to another worker: its hold also ends by time, not only by a write
+        waiting = server.moved_away or any(s.door.moved for s in server.sessions.values())
+        if unchanged and recorded is not None and recorded == self._recorded_seen and not waiting:
+            return  # no write anywhere, no new session of ours: nothing to look at
         mine = {name: s for name, s in server.sessions.items() if s.recorded}
         ids = frozenset(s.session_id for s in mine.values())
-        if (version is not None and version == self._sessions_seen and ids <= self._checked
-                and not server.moved_away  # a moved port's hold also ends by time
-                and not any(s.door.moved for s in mine.values())):
+        if unchanged and ids <= self._checked and not waiting:
+            self._recorded_seen = recorded
             return
         if not mine and not server.moved_away:
-            self._sessions_seen, self._checked = version, ids
+            self._sessions_seen, self._checked, self._recorded_seen = version, ids, recorded
             return
         try:
             rows = server.db.call(server.registry.active_session_heads,
@@ -171,7 +177,7 @@ class RegistryPoller:
         except RegistryError as exc:
             log.warning("cannot check for takeovers: %s", exc)
             return
-        self._sessions_seen, self._checked = version, ids
+        self._sessions_seen, self._checked, self._recorded_seen = version, ids, recorded
         self.report_moved_away(rows)
         active = {row.id for row in rows}
         by_name = {}

@@ -557,7 +557,7 @@ def test_route_appears_when_traefik_comes_up_after_the_agent(tmp_path):
     backend = HttpBackend("foo")
     try:
         agent = gw.agent("foo", backend.address)
-        gw.proc.wait_for(r"hook=traefik sync of 1 deliveries failed", 10)  # foo's connect
+        gw.proc.wait_for(r"hook=traefik subdomain=foo connect failed", 10)
         gw.proc.wait_for(r"hook=traefik check failed", 10)
         time.sleep(2)  # Traefik stays down a while: several failed pushes and checks
         tf.start()

@@ -391,10 +391,17 @@ def test_a_newer_session_elsewhere_is_seen_on_the_next_poll(poller):
     assert poller.server.sessions["foo"].terminated  # replaced by the newer session
 
 
-def test_a_session_the_check_never_saw_is_checked_even_without_a_change(poller):
+@pytest.mark.parametrize("counted", [False, True])
+def test_a_session_the_check_never_saw_is_checked_even_without_a_change(poller, counted):
+    if counted:  # the server counts its recorded sessions: idle polls skip even the dict
+        poller.server.recorded_sessions = 1
     poll(poller)
+    poller.check_takeovers(poller._sessions_seen)
+    assert poller.server.db.calls.count("active_session_heads") == 1
     row = session_row("%016x" % 6, subdomain="bar", key=K1, started=3000.0)
     poller.server.sessions["bar"] = FakeSession(row)  # recorded, but the counter was read
+    if counted:
+        poller.server.recorded_sessions += 1
     poller.check_takeovers(poller._sessions_seen)  # after its commit: same version
     assert poller.server.db.calls.count("active_session_heads") == 2
 
