@@ -136,8 +136,10 @@ profiling runs):
   4 s at most.
 
 **What bounds it now.** Idle at N = 5000 the server still uses more than 5% of a core, and the
-figure moves between runs (5.6 to 8.5% in six runs of this code and its last steps, on a
-machine shared with other work). A profile of it: the event loop's own C code (watchers, timers, greenlet
+figure moves between runs (5.6 to 8.5% in seven runs of this code and its last steps, on a
+machine shared with other work; in the same runs every route was live 27 to 39 s after the
+start, so the 30 s target is met in some runs and missed in others, and 28 to 66 s after a
+restart). A profile of it: the event loop's own C code (watchers, timers, greenlet
 switches) about half of the samples, reading and answering the agents' PINGs about a quarter,
 the registry thread, the once-a-minute garbage collection and the once-a-minute full
 comparison with Traefik a few percent each. It is not the keepalive rate alone: with
