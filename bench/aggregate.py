@@ -299,17 +299,9 @@ def _ratios(row, ssh, direction):
 def write_section(results, docs):
     """Put the section into docs/benchmarks.md (replacing an older one) before "How it is
     measured", leaving the rest of the page as it is (as bench/run.py --transports does)."""
-    path = Path(docs) / "benchmarks.md"
-    text = path.read_text()
-    block = "\n%s\n\n%s" % (HEADING, section(results))
-    if HEADING in text:
-        before, rest = text.split("\n" + HEADING, 1)
-        after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
-        text = before + block + ("\n## " + after if after else "")
-    else:
-        before, after = text.split("\n## How it is measured", 1)
-        text = before + block + "\n## How it is measured" + after
-    path.write_text(text)
+    import report
+
+    report.write_section(docs, HEADING, section(results))
 
 
 def main(argv=None):

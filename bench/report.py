@@ -197,20 +197,25 @@ def median_of(values):
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def write_transports(results, docs):
-    """Put the transports section into docs/benchmarks.md (replacing an older one), before
-    "How it is measured", leaving the rest of the page as the last full run wrote it."""
+def write_section(docs, heading, body):
+    """Put one section into docs/benchmarks.md (replacing an older one of that heading),
+    before "How it is measured", leaving the rest of the page as the last full run wrote it:
+    how the benches that run on their own (transports, aggregate, swarm, rtt) update it."""
     path = Path(docs) / "benchmarks.md"
     text = path.read_text()
-    section = "\n%s\n\n%s" % (TRANSPORTS_HEADING, transports_section(results))
-    if TRANSPORTS_HEADING in text:
-        before, rest = text.split("\n" + TRANSPORTS_HEADING, 1)
+    block = "\n%s\n\n%s" % (heading, body)
+    if heading in text:
+        before, rest = text.split("\n" + heading, 1)
         after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
-        text = before + section + ("\n## " + after if after else "")
+        text = before + block + ("\n## " + after if after else "")
     else:
         before, after = text.split("\n## How it is measured", 1)
-        text = before + section + "\n## How it is measured" + after
+        text = before + block + "\n## How it is measured" + after
     path.write_text(text)
+
+
+def write_transports(results, docs):
+    write_section(docs, TRANSPORTS_HEADING, transports_section(results))
 
 
 def machine_section(results):

@@ -129,17 +129,9 @@ def hop_table(perf):
 
 
 def write(results, docs):
-    path = Path(docs) / "benchmarks.md"
-    text = path.read_text()
-    block = "\n%s\n\n%s" % (HEADING, section(results))
-    if HEADING in text:
-        before, rest = text.split("\n" + HEADING, 1)
-        after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
-        text = before + block + ("\n## " + after if after else "")
-    else:
-        before, after = text.split("\n## How it is measured", 1)
-        text = before + block + "\n## How it is measured" + after
-    path.write_text(text)
+    import report
+
+    report.write_section(docs, HEADING, section(results))
 
 
 def saved_section():

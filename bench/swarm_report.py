@@ -4,7 +4,7 @@ bench/report.py keeps it when a full run rewrites the page."""
 
 from pathlib import Path
 
-from report import table, verdict
+from report import table, verdict, write_section
 
 # ----- many agents (bench/swarm.py, issue 14) ------------------------------------------------
 HEADING = "## Many agents on one gateway (issue 14)"
@@ -181,16 +181,6 @@ def write(results, docs):
     "How it is measured", leaving the rest of the page as the last full run wrote it."""
     import json
 
-    path = Path(docs) / "benchmarks.md"
     before_path = Path(__file__).resolve().parent / "swarm-before.json"
     before = json.loads(before_path.read_text()) if before_path.exists() else None
-    text = path.read_text()
-    new = "\n%s\n\n%s" % (HEADING, section(results, before))
-    if HEADING in text:
-        head, rest = text.split("\n" + HEADING, 1)
-        after = rest.split("\n## ", 1)[1] if "\n## " in rest else ""
-        text = head + new + ("\n## " + after if after else "")
-    else:
-        head, after = text.split("\n## How it is measured", 1)
-        text = head + new + "\n## How it is measured" + after
-    path.write_text(text)
+    write_section(docs, HEADING, section(results, before))
